@@ -1,0 +1,93 @@
+"""Decoding, recorded views and exact replay: the one place pixels are made.
+
+A view is recorded as its crop box in source pixels and its flip, `[top, left, height,
+width, flip]` (int32), not as an RNG state: the record survives library upgrades, and
+`replay(image, record, size)` rebuilds the exact uint8 pixels the teacher saw.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+VIEW_FIELDS = ("top", "left", "height", "width", "flip")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Image bytes -> fully loaded RGB image. Grayscale, 16-bit, CMYK, palette and alpha become RGB
+    (alpha is composited on white). Raises on undecodable or truncated data."""
+    if not data:
+        raise ValueError("empty image entry (0 bytes)")
+    img = Image.open(io.BytesIO(data))
+    img.load()  # truncated files raise here, not later in a worker's resize
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I") else max(float(arr.max()), 1e-12)
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _rng(seed: int, key: str, view: int) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}/{key}/{view}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
+                            scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawn from `rng`: (top, left, h, w)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height  # fallback: central crop with the ratio clamped into range
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    h, w = max(1, min(h, height)), max(1, min(w, width))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_views(seed: int, key: str, height: int, width: int, views: int,
+                 scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.5) -> np.ndarray:
+    """The `views` recorded views of one image, deterministic in (seed, key, view index): [V, 5] int32."""
+    out = np.zeros((views, 5), np.int32)
+    for v in range(views):
+        rng = _rng(seed, key, v)
+        out[v, :4] = random_resized_crop_box(rng, height, width, tuple(scale), tuple(ratio))
+        out[v, 4] = rng.uniform() < flip
+    return out
+
+
+def replay(img: Image.Image, record, size: int) -> torch.Tensor:
+    """(decoded image, view record) -> the view's pixels, uint8 [3, size, size] (bicubic, as MAE)."""
+    top, left, h, w, flip = (int(v) for v in record)
+    out = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def replay_views(img: Image.Image, records: np.ndarray, size: int) -> torch.Tensor:
+    """All recorded views of one decoded image: uint8 [V, 3, size, size]."""
+    return torch.stack([replay(img, r, size) for r in records])
+
+
+def view_order(seed: int, key: str, views: int) -> np.ndarray:
+    """Which cached view each epoch uses: epoch e takes view_order(...)[e % V], so every view is seen
+    once before any repeats."""
+    return _rng(seed, key, -1).permutation(views)

@@ -1,0 +1,1 @@
+"""Stage one: extract-features."""

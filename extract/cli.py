@@ -1,0 +1,47 @@
+"""`extract-features --config pipeline.toml [--set section.key=value ...] [--rank R --world-size W]`"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import sys
+
+from common.config import ConfigError, add_config_args, load_config
+from shards.features import CacheError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="extract-features", description=__doc__.split("`")[0] or None,
+                                epilog="Rank and world size come from flags, else RANK/WORLD_SIZE (torchrun, "
+                                       "accelerate), else SLURM_PROCID/SLURM_NTASKS, else 0/1.")
+    add_config_args(p)
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--world-size", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.rank is not None:
+            cfg.extract.rank = args.rank
+        if args.world_size is not None:
+            cfg.extract.world_size = args.world_size
+        from extract.pipeline import run_extraction
+
+        summary = run_extraction(cfg, progress=not args.no_progress)
+    except (ConfigError, CacheError) as e:
+        print(f"extract-features: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"extract-features: error: no space left on the device while writing ({e.filename or ''}). "
+                  "Nothing partial was recorded as complete; free space and rerun the same command to finish.",
+                  file=sys.stderr)
+            return 3
+        raise
+    print(json.dumps(summary, indent=1))
+    if summary["shards_failed"]:
+        print("extract-features: error: these source shards could not be read and were not written:\n  "
+              + "\n  ".join(summary["shards_failed"]) + "\nFix or replace them and rerun: complete shards are "
+              "skipped.", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,192 @@
+"""Stage one: source shards -> recorded views -> frozen teacher -> compressed feature shards.
+
+DataLoader workers read a shard, decode each image once and cut its V views; the main process
+runs the teacher; one writer thread encodes and writes while the next batch runs. Each shard has
+one writer, is committed atomically and then recorded, so a rerun skips what is complete.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from common.augment import decode_image, replay_views, sample_views
+from common.codecs import get_codec
+from common.config import Config, ConfigError
+from common.stats import TokenStats
+from common.teacher import build_teacher
+from shards.features import (CacheError, FeatureShardWriter, finalize_manifest, make_manifest,
+                             manifest_differences, read_manifest, read_record, remove_partial,
+                             write_json_atomic)
+from shards.source import ShardError, expand_shards, iter_samples, rank_and_world, rank_shards, shard_name
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ViewBatches(IterableDataset):
+    """Batches of up to `batch_size` images of one shard, each image decoded once and cut into its
+    recorded views. Every shard ends with an item whose `last` is True (and `error` if it broke)."""
+
+    def __init__(self, urls: list[str], cfg: Config):
+        self.urls, self.a, self.batch_size = urls, cfg.augment, cfg.extract.batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for url in self.urls[wid::nw]:
+            yield from self.shard_batches(url)
+
+    def _batch(self, url, rows, skipped, last, error=None):
+        a = self.a
+        return {"shard": shard_name(url), "source": url, "keys": [r[0] for r in rows],
+                "records": np.stack([r[1] for r in rows]) if rows else np.zeros((0, a.views, 5), np.int32),
+                "views": torch.stack([r[2] for r in rows]) if rows else torch.zeros(0, a.views, 3, a.size, a.size,
+                                                                                    dtype=torch.uint8),
+                "src_hw": [r[3] for r in rows], "cls": [r[4] for r in rows],
+                "skipped": skipped, "last": last, "error": error}
+
+    def shard_batches(self, url: str):
+        a = self.a
+        rows, skipped = [], []
+        try:
+            for s in iter_samples(url):
+                if s["image"] is None:
+                    skipped.append({"key": s["key"], "reason": "no image entry (.jpg/.jpeg/.png/.webp)"})
+                    continue
+                try:
+                    img = decode_image(s["image"])
+                except Exception as e:  # noqa: BLE001 - a bad sample is data, not a crash
+                    skipped.append({"key": s["key"], "reason": f"{type(e).__name__}: {e}"[:300]})
+                    continue
+                records = sample_views(a.seed, s["key"], img.height, img.width, a.views, a.scale, a.ratio, a.flip)
+                rows.append((s["key"], records, replay_views(img, records, a.size), (img.height, img.width), s["cls"]))
+                if len(rows) == self.batch_size:
+                    yield self._batch(url, rows, skipped, last=False)
+                    rows, skipped = [], []
+        except ShardError as e:
+            yield self._batch(url, [], skipped, last=True, error=e.reason)
+            return
+        yield self._batch(url, rows, skipped, last=True)
+
+
+class ShardJob:
+    """Writer-thread side of one shard: open lazily, add batches, commit."""
+
+    def __init__(self, cache: Path, cfg: Config, name: str, source: str, token_shape):
+        self.args = (cache, name, cfg.cache.format, get_codec(cfg.cache.codec), cfg.augment.views, *token_shape)
+        self.source, self.writer = source, None
+        self.skipped: list[dict] = []
+        self.stats = TokenStats()
+
+    def add(self, keys, records, src_hw, cls, tokens: np.ndarray, skipped) -> None:
+        if self.writer is None:
+            self.writer = FeatureShardWriter(*self.args)
+        for i, key in enumerate(keys):
+            self.writer.add(key, records[i], src_hw[i], cls[i], tokens[i])
+        self.skipped += skipped
+
+    def commit(self) -> dict:
+        if self.writer is None:
+            self.writer = FeatureShardWriter(*self.args)
+        return self.writer.commit(self.skipped, self.source, self.stats)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def prepare_cache(cfg: Config, teacher, token_shape, urls: list[str]) -> Path:
+    """Create the cache and its manifest, or check that an existing one matches this config."""
+    cache = Path(cfg.cache.path)
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest = make_manifest(cfg, teacher.fingerprint, token_shape, urls)
+    if (cache / "manifest.json").exists():
+        diffs = manifest_differences(read_manifest(cache), manifest)
+        if diffs:
+            raise CacheError(f"cache {cache} was made with another recipe; refusing to mix features:\n  "
+                             + "\n  ".join(diffs) + "\nUse another cache.path, or delete the cache to redo it.")
+    else:
+        write_json_atomic(cache / "manifest.json", manifest)
+    return cache
+
+
+def run_extraction(cfg: Config, progress: bool = True) -> dict:
+    get_codec(cfg.cache.codec)  # config errors before any work
+    if cfg.augment.views < 1 or cfg.extract.batch_size < 1:
+        raise ConfigError("augment.views and extract.batch_size must be >= 1")
+    urls = expand_shards(cfg.data.shards)
+    rank, world = rank_and_world(cfg.extract.rank, cfg.extract.world_size)
+    device = pick_device(cfg.extract.device)
+    teacher = build_teacher(cfg.teacher, device)
+    with torch.no_grad():
+        token_shape = tuple(teacher(torch.zeros(1, 3, cfg.augment.size, cfg.augment.size, dtype=torch.uint8,
+                                                device=device)).shape[1:])
+    cache = prepare_cache(cfg, teacher, token_shape, urls)
+
+    mine = rank_shards(urls, rank, world)
+    pending = [u for u in mine if read_record(cache, shard_name(u)) is None]
+    already = len(mine) - len(pending)
+    if cfg.extract.limit:
+        pending = pending[:cfg.extract.limit]
+    for u in pending:
+        remove_partial(cache, shard_name(u), cfg.cache.format)
+
+    loader = DataLoader(ViewBatches(pending, cfg), batch_size=None, num_workers=min(cfg.data.workers, len(pending)),
+                        pin_memory=device.type == "cuda")
+    jobs: dict[str, ShardJob] = {}
+    inflight: list[Future] = []
+    done, failed, images, skipped = 0, [], 0, 0
+    t0 = time.time()
+    bar = tqdm(total=None, unit="img", disable=not progress, dynamic_ncols=True,
+               desc=f"extract rank {rank}/{world}")
+    with ThreadPoolExecutor(1, thread_name_prefix="writer") as pool:
+        for item in loader:
+            name = item["shard"]
+            job = jobs.setdefault(name, ShardJob(cache, cfg, name, item["source"], token_shape))
+            b = len(item["keys"])
+            if b:
+                views = item["views"].to(device, non_blocking=True).flatten(0, 1)  # [b*V, 3, S, S]
+                tokens = teacher(views)                                                # [b*V, T, C]
+                job.stats.update(tokens)
+                tokens = tokens.view(b, cfg.augment.views, *token_shape).cpu().numpy()
+                inflight.append(pool.submit(job.add, item["keys"], item["records"], item["src_hw"], item["cls"],
+                                            tokens, item["skipped"]))
+            elif item["skipped"]:
+                inflight.append(pool.submit(job.add, [], None, [], [], None, item["skipped"]))
+            images += b
+            skipped += len(item["skipped"])
+            if item["last"]:
+                if item["error"]:
+                    failed.append(f"{item['source']}: {item['error']}")
+                    inflight.append(pool.submit(job.abort))
+                else:
+                    inflight.append(pool.submit(job.commit))
+                    done += 1
+                del jobs[name]
+            while len(inflight) > 4 or (inflight and inflight[0].done()):
+                inflight.pop(0).result()  # re-raises a writer error here, e.g. no space left on the device
+            bar.update(b)
+            elapsed = max(time.time() - t0, 1e-9)
+            bar.set_postfix_str(f"shards {done}/{len(pending)} views/s {images * cfg.augment.views / elapsed:.1f} "
+                                f"skipped {skipped}")
+        for f in inflight:
+            f.result()
+    bar.close()
+    elapsed = time.time() - t0
+    manifest = finalize_manifest(cache)
+    return {"rank": rank, "world_size": world, "shards_mine": len(mine), "shards_done": done,
+            "shards_already_complete": already,
+            "shards_failed": failed, "images": images, "views": images * cfg.augment.views,
+            "skipped_samples": skipped, "seconds": round(elapsed, 2),
+            "images_per_s": round(images / elapsed, 2) if elapsed > 0 else 0.0,
+            "cache_complete": manifest is not None,
+            "token_diversity": manifest["stats"]["token_diversity"] if manifest else None}
