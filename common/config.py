@@ -6,11 +6,12 @@ wrong type, is a ConfigError that names it.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 
 class ConfigError(ValueError):

@@ -44,7 +44,7 @@ class TokenStats:
         self.td_sum += float(token_diversity_per_image(tokens).double().sum())
         self.td_count += tokens.shape[0]
 
-    def merge(self, other: "TokenStats") -> "TokenStats":
+    def merge(self, other: TokenStats) -> TokenStats:
         if not self.sum.size:
             self.sum, self.sumsq = np.zeros_like(other.sum), np.zeros_like(other.sumsq)
         if other.count:
@@ -72,7 +72,7 @@ class TokenStats:
                 "td_sum": self.td_sum, "td_count": self.td_count}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TokenStats":
+    def from_dict(cls, d: dict) -> TokenStats:
         s = cls()
         s.count, s.td_sum, s.td_count = d["count"], d["td_sum"], d["td_count"]
         s.sum, s.sumsq = np.asarray(d["sum"], np.float64), np.asarray(d["sumsq"], np.float64)

@@ -8,9 +8,10 @@ import urllib.request
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-from common.config import ConfigError, Teacher as TeacherConfig
+from common.config import ConfigError
+from common.config import Teacher as TeacherConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,6 +83,7 @@ class FrozenTeacher(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
         self.fingerprint: dict = {}
+        self.eval()
 
     def train(self, mode: bool = True):  # always eval: BN statistics are part of the teacher
         return super().train(False)
@@ -116,7 +118,8 @@ def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Fro
         if missing or unexpected:
             raise ConfigError(
                 f"teacher.weights: {cfg.weights} does not match timm '{cfg.arch}': "
-                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[cfg.dtype]
     teacher = FrozenTeacher(model, cfg.layer, dtype).to(device)
     teacher.fingerprint = {"arch": cfg.arch, "layer": cfg.layer, "weights": cfg.weights,

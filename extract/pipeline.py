@@ -6,6 +6,7 @@ one writer, is committed atomically and then recorded, so a rerun skips what is 
 """
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -18,11 +19,21 @@ from tqdm import tqdm
 from common.augment import decode_image, replay_views, sample_views
 from common.codecs import get_codec
 from common.config import Config, ConfigError
+from common import faults
+from common.faults import fault_point
 from common.stats import TokenStats
 from common.teacher import build_teacher
-from shards.features import (CacheError, FeatureShardWriter, finalize_manifest, make_manifest,
-                             manifest_differences, read_manifest, read_record, remove_partial,
-                             write_json_atomic)
+from shards.features import (
+    CacheError,
+    FeatureShardWriter,
+    finalize_manifest,
+    make_manifest,
+    manifest_differences,
+    read_manifest,
+    read_record,
+    remove_partial,
+    write_json_atomic,
+)
 from shards.source import ShardError, expand_shards, iter_samples, rank_and_world, rank_shards, shard_name
 
 
@@ -63,6 +74,7 @@ class ViewBatches(IterableDataset):
                     skipped.append({"key": s["key"], "reason": "no image entry (.jpg/.jpeg/.png/.webp)"})
                     continue
                 try:
+                    fault_point("decode", shard_name(url))
                     img = decode_image(s["image"])
                 except Exception as e:  # noqa: BLE001 - a bad sample is data, not a crash
                     skipped.append({"key": s["key"], "reason": f"{type(e).__name__}: {e}"[:300]})
@@ -93,6 +105,8 @@ class ShardJob:
         for i, key in enumerate(keys):
             self.writer.add(key, records[i], src_hw[i], cls[i], tokens[i])
         self.skipped += skipped
+        if keys:
+            fault_point("write", self.args[1])
 
     def commit(self) -> dict:
         if self.writer is None:
@@ -131,6 +145,7 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
         token_shape = tuple(teacher(torch.zeros(1, 3, cfg.augment.size, cfg.augment.size, dtype=torch.uint8,
                                                 device=device)).shape[1:])
     cache = prepare_cache(cfg, teacher, token_shape, urls)
+    faults.MAIN_PID = os.getpid()
 
     mine = rank_shards(urls, rank, world)
     pending = [u for u in mine if read_record(cache, shard_name(u)) is None]

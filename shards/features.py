@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from common.codecs import FORMAT_VERSION, TokenCodec, arrays_crc32, get_codec
+from common.faults import fault_point
 from common.stats import TokenStats
 
 ZARR_CHUNK = 16  # samples per Zarr chunk: one file per 16 samples, not per sample
@@ -136,9 +137,9 @@ class FeatureShardWriter:
         specs = dict(self.specs, views=((self.views, 5), "int32"), src_hw=((2,), "int32"), cls=((), "int32"))
         for name, (shape, dtype) in specs.items():
             comp = self.codec.blosc(name) if name in self.specs else None
-            self._group.create_array(
-                name, shape=(0, *shape), chunks=(ZARR_CHUNK, *shape), dtype=dtype, fill_value=0,
-                compressors=BloscCodec(cname="zstd", clevel=comp.clevel, shuffle=shuffle[comp.shuffle]) if comp else None)
+            blosc = BloscCodec(cname="zstd", clevel=comp.clevel, shuffle=shuffle[comp.shuffle]) if comp else None
+            self._group.create_array(name, shape=(0, *shape), chunks=(ZARR_CHUNK, *shape), dtype=dtype,
+                                     fill_value=0, compressors=blosc)
 
     def add(self, key: str, views: np.ndarray, src_hw, cls: int | None, tokens: np.ndarray) -> None:
         """One sample: its view records [V, 5] and its teacher tokens [V, T, C] (fp32)."""
@@ -174,6 +175,7 @@ class FeatureShardWriter:
         fsync_tree(self.tmp)
         os.replace(self.tmp, self.final)
         fsync_dir(self.cache)
+        fault_point("commit", self.name)
         record = {"shard": self.name, "source": source, "format": self.fmt, "samples": len(self.crcs),
                   "skipped": skipped, "sha256": tree_sha256(self.final), "crc32": self.crcs,
                   "stats": stats.to_dict()}

@@ -38,7 +38,7 @@ def expand_shards(spec: list[str] | str) -> list[str]:
 def shard_name(url: str) -> str:
     """The name a feature shard shares with its source shard: the file name without '.tar'."""
     name = url.rstrip("/").split("/")[-1].split(" ")[-1]
-    return name[:-4] if name.endswith(".tar") else name
+    return name.removesuffix(".tar")
 
 
 def _split_member(path: str) -> tuple[str, str]:

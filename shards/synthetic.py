@@ -21,7 +21,8 @@ def synthetic_image(cls: int, rng: np.random.Generator, height: int, width: int)
     elif name == "checker":
         m = ((np.floor(yy / period) + np.floor(xx / period)) % 2).astype(np.float32)
     elif name in ("disc", "ring"):
-        cy, cx, r = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width, rng.uniform(0.2, 0.4) * min(height, width)
+        cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+        r = rng.uniform(0.2, 0.4) * min(height, width)
         d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
         m = (d < r).astype(np.float32) if name == "disc" else (np.abs(d - r) < r * 0.25).astype(np.float32)
     elif name == "gradient":

@@ -1,0 +1,17 @@
+"""Fault injection for the reliability tests: `IMG2VEC_FAULT=<point>:<shard>` SIGKILLs the process
+(and, from a DataLoader worker, the main process too) when that point is reached for that shard.
+Unset, it costs one dict lookup."""
+from __future__ import annotations
+
+import os
+import signal
+
+MAIN_PID: int | None = None  # set by the job's main process; forked workers inherit it
+
+
+def fault_point(point: str, shard: str) -> None:
+    if os.environ.get("IMG2VEC_FAULT") != f"{point}:{shard}":
+        return
+    if MAIN_PID is not None and MAIN_PID != os.getpid():
+        os.kill(MAIN_PID, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)

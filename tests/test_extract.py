@@ -1,0 +1,172 @@
+"""Stage one: determinism, exact replay, both formats, kill and resume, ranks."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.augment import decode_image, replay_views, sample_views
+from common.codecs import get_codec
+from common.config import load_config
+from common.teacher import build_teacher
+from extract.pipeline import run_extraction
+from shards.features import iter_feature_shard, read_manifest
+from shards.source import iter_samples
+from tests.conftest import run_cli, write_config
+
+
+def cache_files(cache: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+def stored_tokens(cache: Path) -> dict[str, np.ndarray]:
+    manifest = read_manifest(cache)
+    codec = get_codec(manifest["codec"]["name"])
+    return {s["key"]: codec.decode(s["arrays"]) for sh in manifest["shards"]
+            for s in iter_feature_shard(cache, sh["name"], manifest)}
+
+
+def test_views_are_deterministic_and_inside_the_image():
+    a = sample_views(0, "k1", 120, 300, 8)
+    assert (a == sample_views(0, "k1", 120, 300, 8)).all()
+    assert not (a == sample_views(1, "k1", 120, 300, 8)).all()
+    top, left, h, w, flip = a.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 120).all() and (left + w <= 300).all()
+    assert set(flip) <= {0, 1}
+
+
+def test_same_config_twice_gives_same_bytes(tmp_path, source, extracted):
+    path = write_config(tmp_path, source, 3)
+    run_extraction(load_config(path), progress=False)
+    assert cache_files(tmp_path / "cache") == cache_files(Path(extracted[1].cache.path))
+
+
+def test_manifest_and_records(extracted):
+    cfg = extracted[1]
+    cache = Path(cfg.cache.path)
+    m = read_manifest(cache)
+    assert m["token_shape"] == [4, 512] and m["samples"] == 18 and m["skipped"] == 0
+    assert m["teacher"]["arch"] == "resnet18" and len(m["teacher"]["sha256"]) == 64
+    tokens = np.stack(list(stored_tokens(cache).values()))  # [N, V, T, C]
+    flat = tokens.reshape(-1, tokens.shape[-1]).astype(np.float64)
+    np.testing.assert_allclose(m["stats"]["mean"], flat.mean(0), rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(m["stats"]["var"], flat.var(0), rtol=2e-2, atol=1e-3)
+    u = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    u = u.reshape(-1, 4, u.shape[-1])
+    td = np.mean([1 - (np.sum(v @ v.T) - np.trace(v @ v.T)) / 12 for v in u])
+    assert m["stats"]["token_diversity"] == pytest.approx(td, abs=1e-3)
+
+
+@pytest.mark.parametrize("codec", ["bf16-zstd", "u8-zstd"])
+def test_replay_is_exact(tmp_path, source, codec):
+    """Replaying each recorded view and running the teacher online reproduces the stored tokens."""
+    cfg = load_config(write_config(tmp_path, source, 1, codec=codec))
+    run_extraction(cfg, progress=False)
+    teacher = build_teacher(cfg.teacher)
+    stored = stored_tokens(Path(cfg.cache.path))
+    manifest = read_manifest(Path(cfg.cache.path))
+    records = {s["key"]: s["views"] for s in iter_feature_shard(Path(cfg.cache.path), "shard-000000", manifest)}
+    for s in iter_samples(str(source / "shard-000000.tar")):
+        img = decode_image(s["image"])
+        assert (records[s["key"]] == sample_views(0, s["key"], img.height, img.width, 3)).all()
+        online = teacher(replay_views(img, records[s["key"]], 64)).numpy()  # [V, T, C]
+        err = np.abs(stored[s["key"]] - online)
+        if codec == "bf16-zstd":  # exact up to bf16 rounding of the teacher's output
+            assert (err <= np.abs(online) * 2 ** -8 + 1e-6).all()
+        else:
+            span = online.max(-1, keepdims=True) - online.min(-1, keepdims=True)
+            assert (err <= span / 510 * 1.001 + 1e-6).all()
+            cos = (stored[s["key"]] * online).sum(-1) / (
+                np.linalg.norm(stored[s["key"]], axis=-1) * np.linalg.norm(online, axis=-1) + 1e-12)
+            assert cos.min() > 0.999
+
+
+def test_wds_and_zarr_decode_to_same_tokens(tmp_path, source, extracted):
+    cfg = load_config(write_config(tmp_path, source, 3, fmt="zarr"))
+    run_extraction(cfg, progress=False)
+    z, w = stored_tokens(Path(cfg.cache.path)), stored_tokens(Path(extracted[1].cache.path))
+    assert list(z) == list(w)
+    for k in z:
+        np.testing.assert_array_equal(z[k], w[k])
+
+
+@pytest.mark.parametrize("point", ["decode", "write", "commit"])
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, source, extracted, point):
+    """SIGKILL while decoding, while writing a shard, and between shard and record."""
+    path = write_config(tmp_path, source, 3)
+    killed = run_cli(["extract-features", "--config", str(path), "--no-progress"],
+                     env={"IMG2VEC_FAULT": f"{point}:shard-000001"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    cache = tmp_path / "cache"
+    assert not (cache / "shard-000001.done.json").exists()
+    rerun = run_cli(["extract-features", "--config", str(path), "--no-progress"])
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout)
+    assert summary["shards_done"] + summary["shards_already_complete"] == 3
+    if point != "decode":  # the writer thread commits shard 0 before it writes shard 1
+        assert summary["shards_already_complete"] >= 1
+    assert cache_files(cache) == cache_files(Path(extracted[1].cache.path))
+
+
+def test_two_ranks_write_disjoint_shards_covering_all(tmp_path, source, extracted):
+    path = write_config(tmp_path, source, 3)
+    procs = [run_cli(["extract-features", "--config", str(path), "--no-progress"],
+                     env={"RANK": str(r), "WORLD_SIZE": "2"}) for r in (0, 1)]
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-1000:] + procs[1].stderr[-1000:]
+    summaries = [json.loads(p.stdout) for p in procs]
+    assert [s["shards_done"] for s in summaries] == [2, 1]
+    assert summaries[1]["cache_complete"]  # the last rank to finish merges the statistics
+    assert cache_files(tmp_path / "cache") == cache_files(Path(extracted[1].cache.path))
+
+
+def test_slurm_env_and_flags_pick_the_rank(monkeypatch):
+    from shards.source import rank_and_world, rank_shards
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    assert rank_and_world() == (2, 3)
+    assert rank_and_world(0, 1) == (0, 1)
+    assert rank_shards(list("abcdefg"), 2, 3) == ["c", "f"]
+
+
+def test_cache_of_another_recipe_is_refused(tmp_path, source):
+    path = write_config(tmp_path, source, 1)
+    run_extraction(load_config(path), progress=False)
+    for override, word in [("augment.views=2", "augment.views"), ("teacher.seed=1", "teacher.sha256"),
+                           ("cache.codec=u8-zstd", "codec.name")]:
+        r = run_cli(["extract-features", "--config", str(path), "--set", override, "--no-progress"])
+        assert r.returncode == 2 and word in r.stderr, r.stderr[-1500:]
+
+
+def test_truncated_source_shard_fails_alone_and_rerun_finishes(tmp_path, source):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    good = (src / "shard-000001.tar").read_bytes()
+    (src / "shard-000001.tar").write_bytes(good[: len(good) // 2 + 100])
+    path = write_config(tmp_path, src, 3)
+    r = run_cli(["extract-features", "--config", str(path), "--no-progress"])
+    assert r.returncode == 1 and "shard-000001.tar" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.done.json")) == [
+        "shard-000000.done.json", "shard-000002.done.json"]
+    (src / "shard-000001.tar").write_bytes(good)
+    r = run_cli(["extract-features", "--config", str(path), "--no-progress"])
+    assert r.returncode == 0, r.stderr[-1500:]
+    s = json.loads(r.stdout)
+    assert (s["shards_done"], s["shards_already_complete"], s["cache_complete"]) == (1, 2, True)
+
+
+def test_teacher_on_gpu_settings_do_not_change_cpu_output(extracted):
+    """bf16 autocast and channels_last apply on CUDA only: the CPU teacher is fp32 and deterministic."""
+    teacher = build_teacher(extracted[1].teacher)
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    assert torch.equal(teacher(x), teacher(x)) and teacher(x).dtype == torch.float32
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert os.environ.get("IMG2VEC_FAULT") is None

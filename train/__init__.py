@@ -1,0 +1,1 @@
+"""Stage two: the Img2Vec student, trained from the feature cache."""
