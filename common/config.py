@@ -98,6 +98,7 @@ class Train:
     targets: str = "cache"                 # "cache" or "online" (teacher in the step: baseline)
     on_corrupt: str = "error"              # "error" or "skip" a sample whose checksum fails
     tensorboard: bool = False
+    trace_keys: bool = False               # write <run_dir>/keys-rank<r>.txt: which samples each step saw
     device: str = "auto"
 
 

@@ -124,6 +124,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(dict(cfg.to_dict(), cache_manifest={
             k: manifest[k] for k in ("teacher", "augment", "codec", "token_shape")}), indent=1))
+    accelerator.wait_for_everyone()
     latest = ckpts.latest()
     if latest is not None:
         accelerator.load_state(str(latest))
@@ -134,6 +135,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
         accelerator.init_trackers("img2vec")
 
     log = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    trace = open(run_dir / f"keys-rank{rank}.txt", "a") if t.trace_keys else None
     bar = tqdm(total=total, initial=step, disable=not (progress and accelerator.is_main_process), unit="step",
                dynamic_ncols=True)
     model.train()
@@ -150,6 +152,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
+            if trace:
+                trace.write(f"{step} {' '.join(batch['keys'])}\n")
             images = batch["images"].to(device, non_blocking=True)
             tokens = teacher(images) if teacher is not None else batch["tokens"].to(device, non_blocking=True)
             targets = normalize_targets(tokens, cfg.loss.target_norm, mean, var)
@@ -188,9 +192,10 @@ def train(cfg: Config, progress: bool = True) -> dict:
         del it
     bar.close()
     accelerator.end_training()
-    if log:
-        log.close()
-    return {"step": step, "run_dir": str(run_dir), **last}
+    for f in (log, trace):
+        if f:
+            f.close()
+    return {"step": step, "run_dir": str(run_dir), "rank": rank, **last}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,5 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CacheError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary))
+    if summary["rank"] == 0:
+        print(json.dumps(summary))
     return 0
