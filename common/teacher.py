@@ -114,12 +114,17 @@ def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Fro
     if cfg.weights != "random":
         sd = backbone_state_dict(read_checkpoint(cfg.weights))
         sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.fc.", "classifier."))}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
+        own = model.state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in sd and sd[k].shape != v.shape]
+        if missing or unexpected or shapes:
             raise ConfigError(
-                f"teacher.weights: {cfg.weights} does not match timm '{cfg.arch}': "
-                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+                f"teacher.weights: {cfg.weights} does not match timm '{cfg.arch}': {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                f"{len(shapes)} of another shape (e.g. {shapes[:2]}). Is teacher.arch the checkpoint's architecture?")
+        model.load_state_dict(sd, strict=True)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[cfg.dtype]
     teacher = FrozenTeacher(model, cfg.layer, dtype).to(device)
     teacher.fingerprint = {"arch": cfg.arch, "layer": cfg.layer, "weights": cfg.weights,

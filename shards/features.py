@@ -191,7 +191,10 @@ class FeatureShardWriter:
 # ---------------------------------------------------------------- reading
 
 class CorruptSample(CacheError):
-    def __init__(self, shard: str, key: str, reason: str):
+    def __init__(self, shard: str, key: str | None = None, reason: str | None = None):
+        if key is None:  # re-raised from a DataLoader worker with its message only
+            super().__init__(shard)
+            return
         super().__init__(f"feature shard {shard}: sample {key!r} is corrupt ({reason}); "
                          f"run `img2vec verify` and re-extract that shard (delete {shard}.done.json)")
         self.shard, self.key = shard, key
@@ -199,7 +202,8 @@ class CorruptSample(CacheError):
 
 def iter_feature_shard(cache: Path, name: str, manifest: dict, check: bool = True) -> Iterator[dict]:
     """Samples of a recorded feature shard, in order. With `check`, each sample's crc32 is compared
-    with its record and a mismatch raises CorruptSample naming shard and key."""
+    with its record and a mismatch raises CorruptSample naming shard and key; without, a sample whose
+    bytes do not decode comes with `arrays` None and an `error`, for the caller to judge."""
     cache = Path(cache)
     record = read_record(cache, name)
     if record is None:
@@ -218,6 +222,8 @@ def iter_feature_shard(cache: Path, name: str, manifest: dict, check: bool = Tru
         expected = record["crc32"].get(sample["key"])
         if expected is None:
             raise CorruptSample(name, sample["key"], "key not in the completion record")
+        if check and sample.get("error"):
+            raise CorruptSample(name, sample["key"], sample["error"])
         if check and arrays_crc32(sample["arrays"]) != expected:
             raise CorruptSample(name, sample["key"], "crc32 differs from the completion record")
         seen += 1
@@ -241,7 +247,8 @@ def _wds_sample(key: str, raw: dict, name: str, codec: TokenCodec, specs) -> dic
         meta = json.loads(raw["json"])
         arrays = {n: codec.from_bytes(n, raw[f"{n}.bin"], shape, dtype) for n, (shape, dtype) in specs.items()}
     except Exception as e:  # noqa: BLE001 - any decode failure of stored bytes is corruption
-        raise CorruptSample(name, key, f"{type(e).__name__}: {e}") from None
+        return {"key": key, "views": None, "src_hw": None, "cls": None, "arrays": None,
+                "error": f"undecodable: {type(e).__name__}: {e}"}
     return {"key": key, "views": np.asarray(meta["views"], np.int32), "src_hw": meta["src_hw"],
             "cls": meta["cls"], "arrays": arrays}
 

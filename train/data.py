@@ -145,8 +145,8 @@ class CachedViews(IterableDataset):
             else:
                 raise CacheError(f"feature shard {name}: key {key!r} is not in source shard {self.urls[name]} "
                                  "(in that order); was the source shard changed after extraction?")
-            if arrays_crc32(feat["arrays"]) != record_crc[key]:
-                err = CorruptSample(name, key, "crc32 differs from the completion record")
+            if feat.get("error") or arrays_crc32(feat["arrays"]) != record_crc[key]:
+                err = CorruptSample(name, key, feat.get("error") or "crc32 differs from the completion record")
                 if self.on_corrupt == "error":
                     raise err
                 print(f"warning: skipping: {err}", flush=True)

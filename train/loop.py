@@ -208,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, progress=not args.no_progress)
     except (ConfigError, CacheError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
+        msg = str(e).strip()
+        if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
+            msg = msg.splitlines()[-1].split(": ", 1)[-1]
+        print(f"train: error: {msg}", file=sys.stderr)
         return 2
     if summary["rank"] == 0:
         print(json.dumps(summary))

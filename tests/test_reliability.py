@@ -1,0 +1,242 @@
+"""Faults and bad input: each is injected for real and must end well (see docs/RELIABILITY.md)."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.augment import decode_image
+from common.config import ConfigError, load_config
+from common.teacher import build_teacher
+from extract.pipeline import run_extraction
+from shards.synthetic import synthetic_image
+from tests.conftest import run_cli, write_config
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def odd_samples() -> tuple[list[dict], set[str]]:
+    """Odd and corrupt images; returns the samples and the keys that must be skipped."""
+    rng = np.random.default_rng(0)
+    base = synthetic_image(2, rng, 90, 120)
+    jpeg = _encode(base, "JPEG")
+    g16 = Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16))
+    s = [
+        ("ok", jpeg, "jpg"),
+        ("truncated_jpeg", jpeg[: len(jpeg) // 2], "jpg"),
+        ("zero_bytes", b"", "jpg"),
+        ("cmyk_jpeg", _encode(base.convert("CMYK"), "JPEG"), "jpg"),
+        ("png16", _encode(g16, "PNG"), "png"),
+        ("palette_png", _encode(base.convert("P"), "PNG", transparency=0), "png"),
+        ("rgba_png", _encode(base.convert("RGBA"), "PNG"), "png"),
+        ("png_named_jpg", _encode(base, "PNG"), "jpg"),
+        ("gray_jpeg", _encode(base.convert("L"), "JPEG"), "jpeg"),
+        ("one_pixel", _encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), "png"),
+        ("very_wide", _encode(Image.new("RGB", (10000, 10), (0, 90, 0)), "PNG"), "png"),
+        ("webp", _encode(base, "WEBP"), "webp"),
+        ("not_an_image", b"hello, I am text", "jpg"),
+    ]
+    samples = [{"key": k, "image": data, "ext": ext, "cls": i % 3} for i, (k, data, ext) in enumerate(s)]
+    samples.insert(5, {"key": "label_only", "image": None, "ext": None, "cls": 1})
+    return samples, {"truncated_jpeg", "zero_bytes", "label_only", "not_an_image"}
+
+
+def _write_odd_shard(path: Path, samples: list[dict]) -> None:
+    import webdataset as wds
+
+    with open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as tar:
+        for s in samples:
+            entry = {"__key__": s["key"], "cls": str(s["cls"]).encode()}
+            if s["image"] is not None:
+                entry[s["ext"]] = s["image"]
+            tar.write(entry)
+
+
+def test_odd_and_corrupt_images_are_converted_or_skipped_and_recorded(tmp_path):
+    samples, bad = odd_samples()
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_odd_shard(src / "shard-000000.tar", samples)
+    cfg = load_config(write_config(tmp_path, src, 1))
+    summary = run_extraction(cfg, progress=False)
+    record = json.loads((tmp_path / "cache" / "shard-000000.done.json").read_text())
+    assert {s["key"] for s in record["skipped"]} == bad
+    assert all(s["reason"] for s in record["skipped"])
+    assert set(record["crc32"]) == {s["key"] for s in samples} - bad
+    assert list(record["crc32"]) == [s["key"] for s in samples if s["key"] not in bad]  # same order
+    assert summary["skipped_samples"] == len(bad) and summary["cache_complete"]
+
+
+def test_odd_images_become_rgb_with_the_right_values():
+    samples, bad = odd_samples()
+    by_key = {s["key"]: s for s in samples}
+    for s in samples:
+        if s["key"] not in bad:
+            assert decode_image(s["image"]).mode == "RGB", s["key"]
+    g16 = np.asarray(decode_image(by_key["png16"]["image"]))[..., 0]  # 16-bit -> 8-bit by value / 257
+    expected = np.round(np.arange(40 * 50).reshape(40, 50) * 30 / 65535 * 255).astype(np.uint8)
+    assert np.abs(g16.astype(int) - expected).max() <= 1
+    rgba = np.asarray(decode_image(_encode(Image.new("RGBA", (4, 4), (0, 0, 0, 0)), "PNG")))
+    assert (rgba == 255).all()  # transparent composites on white
+
+
+def _can_mount() -> bool:
+    probe = Path("/tmp/img2vec-mount-probe")
+    probe.mkdir(exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", str(probe)], capture_output=True)
+    return ok
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a small tmpfs (CI runs as root)")
+def test_no_space_left_is_a_clear_error_and_rerun_finishes(tmp_path, source):
+    """A real full disk: a 120 KB tmpfs holds about one shard of the three."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(disk)], check=True)
+    try:
+        path = write_config(tmp_path, source, 3, cache="disk/cache")
+        r = run_cli(["extract-features", "--config", str(path), "--no-progress"])
+        assert r.returncode == 3 and "no space left" in r.stderr, r.stderr[-1500:]
+        records = list((disk / "cache").glob("*.done.json"))
+        assert len(records) < 3
+        for rec in records:  # what is recorded is complete and intact
+            from shards.features import shard_path, tree_sha256
+            rec_d = json.loads(rec.read_text())
+            assert tree_sha256(shard_path(disk / "cache", rec_d["shard"], "wds")) == rec_d["sha256"]
+        subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
+        r = run_cli(["extract-features", "--config", str(path), "--no-progress"])
+        assert r.returncode == 0, r.stderr[-1500:]
+        assert json.loads(r.stdout)["cache_complete"]
+        assert not list((disk / "cache").glob("*.tmp-*"))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("student.mask_ratioo=0.5", ["student.mask_ratioo", "unknown key"]),
+    ("trainn.lr=1", ["unknown section", "trainn"]),
+    ("train.lr=fast", ["train.lr", "float"]),
+    ("augment.views=2.5", ["augment.views", "int"]),
+    ("cache.format=hdf5", ["cache.format", "wds"]),
+    ("cache.codec=gzip9", ["cache.codec", "bf16-zstd"]),
+    ("teacher.weights=/nonexistent/dino.pth", ["teacher.weights", "/nonexistent/dino.pth"]),
+])
+def test_bad_configuration_is_named_before_any_work(tmp_path, source, override, words):
+    path = write_config(tmp_path, source, 3)
+    r = run_cli(["extract-features", "--config", str(path), "--set", override, "--no-progress"])
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert all(w in r.stderr for w in words), r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was started
+
+
+def test_missing_config_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("[train]\nlr = = 3\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load_config(tmp_path / "bad.toml")
+
+
+def _dino_files(tmp_path: Path) -> tuple[dict, list[Path]]:
+    """A backbone-only file and a full DINO training checkpoint with argparse args, as DINO saves them."""
+    import timm
+
+    sd = timm.create_model("resnet18", num_classes=0).state_dict()
+    head = {"mlp.0.weight": torch.randn(8, 512), "last_layer.weight_g": torch.randn(8, 1)}
+    backbone_only = tmp_path / "dino_resnet18_pretrain.pth"
+    torch.save(sd, backbone_only)
+    full = tmp_path / "checkpoint.pth"
+    torch.save({"student": {f"module.backbone.{k}": v for k, v in sd.items()} | {f"module.head.{k}": v for k, v in head.items()},
+                "teacher": {f"backbone.{k}": v for k, v in sd.items()} | {f"head.{k}": v for k, v in head.items()},
+                "epoch": 100, "args": argparse.Namespace(arch="resnet18", lr=0.03)}, full)
+    return sd, [backbone_only, full]
+
+
+def test_dino_checkpoints_load_with_strict_backbone_keys(tmp_path):
+    from common.config import Teacher
+    from common.teacher import state_dict_sha256
+
+    sd, files = _dino_files(tmp_path)
+    for f in files:
+        t = build_teacher(Teacher(arch="resnet18", weights=str(f)))
+        assert t.fingerprint["sha256"] == state_dict_sha256(sd)
+    with pytest.raises(ConfigError, match="missing keys"):
+        build_teacher(Teacher(arch="resnet50", weights=str(files[0])))
+    with pytest.raises(ConfigError, match="no such file"):
+        build_teacher(Teacher(arch="resnet18", weights=str(tmp_path / "absent.pth")))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (shutil.rmtree, ("/tmp/img2vec-should-not-be-deleted",))
+
+
+def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path):
+    from common.config import Teacher
+
+    victim = Path("/tmp/img2vec-should-not-be-deleted")
+    victim.mkdir(exist_ok=True)
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _Evil()}, evil)
+    with pytest.raises(ConfigError, match="weights_only=True"):
+        build_teacher(Teacher(arch="resnet18", weights=str(evil)))
+    assert victim.exists()
+
+
+def _flip_payload_byte(tar_path: Path, member_suffix: str = ".q.bin") -> str:
+    """Flip one byte inside the first sample's token payload; returns that sample's key."""
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(member_suffix))
+    data = bytearray(tar_path.read_bytes())
+    pos = member.offset_data + member.size // 2
+    data[pos] ^= 0x5A
+    tar_path.write_bytes(bytes(data))
+    return member.name.split(".")[0]
+
+
+@pytest.mark.parametrize("on_corrupt", ["error", "skip"])
+def test_training_refuses_or_skips_a_corrupt_sample(tmp_path, extracted, on_corrupt):
+    from train.loop import main as train_main
+
+    cache = tmp_path / "cache"
+    shutil.copytree(extracted[1].cache.path, cache)
+    key = _flip_payload_byte(cache / "shard-000001.tar")
+    path = write_config(tmp_path, Path(extracted[1].data.shards).parent, 3)
+    args = ["--config", str(path), "--no-progress", "--set", "train.max_steps=5", "--set", f"train.on_corrupt={on_corrupt}"]
+    code = train_main(args)
+    if on_corrupt == "error":
+        assert code == 2
+    else:
+        assert code == 0 and (tmp_path / "run" / "checkpoints").exists()
+    assert key  # the message naming it is checked below through the CLI
+    r = run_cli(["python", "-m", "train", *args]) if on_corrupt == "error" else None
+    if r is not None:
+        assert r.returncode == 2 and "shard-000001" in r.stderr and key in r.stderr, r.stderr[-1500:]
+
+
+def test_incomplete_cache_names_the_shard(tmp_path, extracted):
+    from train.loop import main as train_main
+
+    cache = tmp_path / "cache"
+    shutil.copytree(extracted[1].cache.path, cache)
+    (cache / "shard-000002.done.json").unlink()
+    path = write_config(tmp_path, Path(extracted[1].data.shards).parent, 3)
+    r = run_cli(["python", "-m", "train", "--config", str(path), "--no-progress"])
+    assert r.returncode == 2 and "shard-000002" in r.stderr and "extract-features" in r.stderr
+    assert train_main(["--config", str(path), "--no-progress"]) == 2
