@@ -38,9 +38,13 @@ from shards.source import ShardError, expand_shards, iter_samples, rank_and_worl
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """"auto": this process's own GPU (LOCAL_RANK from torchrun/accelerate, SLURM_LOCALID), else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return torch.device("cuda", local % torch.cuda.device_count())
 
 
 class ViewBatches(IterableDataset):

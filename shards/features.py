@@ -272,7 +272,7 @@ IDENTITY_FIELDS = ("format_version", "cache_format", "codec", "teacher", "augmen
 
 
 def make_manifest(cfg, fingerprint: dict, token_shape: tuple[int, int], shard_urls: list[str]) -> dict:
-    from shards.source import shard_name
+    from shards.source import absolute_url, shard_name
 
     codec = get_codec(cfg.cache.codec)
     a = cfg.augment
@@ -284,7 +284,7 @@ def make_manifest(cfg, fingerprint: dict, token_shape: tuple[int, int], shard_ur
         "augment": {"size": a.size, "scale": list(a.scale), "ratio": list(a.ratio), "flip": a.flip,
                     "views": a.views, "seed": a.seed, "interpolation": "bicubic"},
         "token_shape": list(token_shape),
-        "shards": [{"name": shard_name(u), "source": u} for u in shard_urls],
+        "shards": [{"name": shard_name(u), "source": absolute_url(u)} for u in shard_urls],
         "teacher_weights": fingerprint["weights"],
     }
 

@@ -20,8 +20,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 class ShardError(RuntimeError):
     """A source shard that cannot be read to its end (missing, truncated, not a tar)."""
 
-    def __init__(self, shard: str, reason: str):
-        super().__init__(f"source shard {shard}: {reason}")
+    def __init__(self, shard: str, reason: str | None = None):
+        super().__init__(shard if reason is None else f"source shard {shard}: {reason}")  # 1 arg: re-raised
         self.shard, self.reason = shard, reason
 
 
@@ -33,6 +33,11 @@ def expand_shards(spec: list[str] | str) -> list[str]:
         from common.config import ConfigError
         raise ConfigError("data.shards is empty: name the source shards, e.g. '/data/imagenet/train-{0000..1023}.tar'")
     return out
+
+
+def absolute_url(url: str) -> str:
+    """Local paths become absolute (a cache is read from anywhere); pipe: and other URLs stay as given."""
+    return url if ":" in url.split("/")[0] else os.path.abspath(url)
 
 
 def shard_name(url: str) -> str:

@@ -19,6 +19,7 @@ import torch
 from common.config import Config, ConfigError, add_config_args, load_config
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from shards.features import CacheError, read_manifest
+from shards.source import ShardError
 from train.data import CachedViews, check_cache, make_loader, plan_epoch, source_urls
 from train.losses import normalize_targets
 from train.model import STUDENTS, param_groups
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, progress=not args.no_progress)
-    except (ConfigError, CacheError) as e:
+    except (ConfigError, CacheError, ShardError) as e:
         msg = str(e).strip()
         if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
             msg = msg.splitlines()[-1].split(": ", 1)[-1]
