@@ -240,3 +240,26 @@ def test_incomplete_cache_names_the_shard(tmp_path, extracted):
     r = run_cli(["python", "-m", "train", "--config", str(path), "--no-progress"])
     assert r.returncode == 2 and "shard-000002" in r.stderr and "extract-features" in r.stderr
     assert train_main(["--config", str(path), "--no-progress"]) == 2
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}  # a resumed run's rows for a step replace the killed run's
+
+
+def test_training_killed_mid_run_resumes_on_the_same_trajectory(tmp_path, extracted):
+    """SIGKILL at step 5 (checkpoint at 3); the rerun resumes at 3 and steps 4..8 match an uninterrupted run."""
+    src = Path(extracted[1].data.shards).parent
+    sets = ["--set", "train.max_steps=8", "--set", "train.checkpoint_every=3", "--set", f"cache.path={extracted[1].cache.path}"]
+    plain = write_config(tmp_path, src, 3, cache="a", run="run_a")
+    killed = write_config(tmp_path, src, 3, cache="b", run="run_b")
+    r = run_cli(["python", "-m", "train", "--config", str(plain), "--no-progress", *sets])
+    assert r.returncode == 0, r.stderr[-1500:]
+    r = run_cli(["python", "-m", "train", "--config", str(killed), "--no-progress", *sets], env={"IMG2VEC_FAULT": "step:5"})
+    assert r.returncode == -9
+    r = run_cli(["python", "-m", "train", "--config", str(killed), "--no-progress", *sets])
+    assert r.returncode == 0 and "resuming" in r.stderr and "step_00000003" in r.stderr, r.stderr[-1500:]
+    a, b = _losses(tmp_path / "run_a"), _losses(tmp_path / "run_b")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in range(1, 9):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), step

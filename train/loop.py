@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from common.config import Config, ConfigError, add_config_args, load_config
+from common.faults import fault_point
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from shards.features import CacheError, read_manifest
 from shards.source import ShardError
@@ -188,6 +189,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
                 accelerator.log(last, step=step)
             if step % t.checkpoint_every == 0 or step == total:
                 ckpts.save(accelerator, step, {"step": step, "epoch": epoch})
+            fault_point("step", str(step))
             if step == total:
                 break
         del it
