@@ -65,3 +65,52 @@ def make_shards(folder: str | Path, out_dir: str | Path, maxcount: int = 1000, p
     paths = write_shards(folder_samples(folder, classes), out_dir, prefix, maxcount, total, progress)
     write_json_atomic(Path(out_dir) / "classes.json", {c: i for i, c in enumerate(classes)})
     return paths
+
+
+def main(argv: list[str] | None = None, prog: str = "img2vec make-shards") -> int:
+    """`img2vec make-shards IMAGE_FOLDER OUT_DIR [--maxcount N] [--prefix train]`"""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog=prog, description="An image folder in ImageNet layout (IMAGE_FOLDER/<class>/"
+                                "<image>) -> WebDataset shards <prefix>-000000.tar, ... with .cls labels in sorted "
+                                "class order, plus classes.json (class name -> label).")
+    p.add_argument("folder", metavar="IMAGE_FOLDER", help="one subfolder per class")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where the shards and classes.json are written")
+    p.add_argument("--maxcount", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
+    p.add_argument("--prefix", default="train", help="shard name prefix (default train)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards of this prefix already in OUT_DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.maxcount < 1:
+        p.error("--maxcount must be >= 1")
+    if not args.prefix or "/" in args.prefix or "." in args.prefix:
+        p.error(f"--prefix {args.prefix!r}: give a plain name without '/' or '.' (e.g. train)")
+    if not Path(args.folder).is_dir():
+        print(f"{prog}: error: {args.folder} is not a directory (expected one subfolder per class)", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out_dir)
+    old = sorted(out_dir.glob(f"{args.prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")) if out_dir.is_dir() else []
+    if old and not args.overwrite:
+        print(f"{prog}: error: {out_dir} already holds {len(old)} shards named {args.prefix}-*.tar; pass --overwrite "
+              "to replace them, or choose another OUT_DIR or --prefix", file=sys.stderr)
+        return 2
+    try:
+        paths = make_shards(args.folder, out_dir, args.maxcount, args.prefix, progress=not args.no_progress)
+    except FileNotFoundError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    for stale in set(old) - set(paths):  # a smaller folder than last time: shards beyond the new last one
+        stale.unlink()
+    if not paths:
+        print(f"{prog}: error: no images ({', '.join(IMAGE_EXTS)}) found under {args.folder}", file=sys.stderr)
+        return 2
+    classes = json.loads((out_dir / "classes.json").read_text())
+    total = sum(1 for c in classes for f in (Path(args.folder) / c).rglob("*")
+                if f.is_file() and f.suffix[1:].lower() in IMAGE_EXTS)
+    for i, path in enumerate(paths):
+        print(f"{path}  {min(args.maxcount, total - i * args.maxcount)} samples")
+    print(f"{len(paths)} shard{'s' if len(paths) != 1 else ''}, {total} samples, {len(classes)} classes "
+          f"({out_dir / 'classes.json'})")
+    print(f'data.shards = "{out_dir}/{args.prefix}-{{000000..{len(paths) - 1:06d}}}.tar"')
+    return 0

@@ -81,6 +81,17 @@ def plan_epoch(counts: dict[str, int], epoch: int, seed: int, world: int, worker
 def batches_before(quotas: list[int], start: int) -> list[int]:
     """How many batches each worker has yielded once `start` batches came out of a DataLoader, which
     takes batches round-robin from the workers that still have some."""
+    return _round_robin(quotas, start)[0]
+
+
+def next_worker(quotas: list[int], start: int) -> int:
+    """The worker whose turn comes after `start` batches (it may have none left; the loader then skips it)."""
+    return _round_robin(quotas, start)[1]
+
+
+def _round_robin(quotas: list[int], start: int) -> tuple[list[int], int]:
+    if start > sum(quotas):
+        raise ValueError(f"{start} batches asked of workers that hold {sum(quotas)}")
     done = [0] * len(quotas)
     w = 0
     for _ in range(start):
@@ -88,7 +99,7 @@ def batches_before(quotas: list[int], start: int) -> list[int]:
             w = (w + 1) % len(quotas)
         done[w] += 1
         w = (w + 1) % len(quotas)
-    return done
+    return done, w
 
 
 class CachedViews(IterableDataset):
@@ -109,28 +120,40 @@ class CachedViews(IterableDataset):
         wid = info.id if info else 0
         if info is None and self.workers > 1:
             raise RuntimeError("CachedViews with several workers must run inside a DataLoader")
+        quotas = self.plan.quotas[self.rank * self.workers:(self.rank + 1) * self.workers]
+        # a fresh DataLoader starts its round-robin at worker 0: after a fast-forward, worker 0 plays the
+        # slot whose turn is next, so the batches come in the order of an uninterrupted epoch
+        wid = (wid + next_worker(quotas, self.skip_batches)) % self.workers
         slot = self.rank * self.workers + wid
         quota = self.plan.quotas[slot]
-        skip = batches_before(self.plan.quotas[self.rank * self.workers:(self.rank + 1) * self.workers],
-                              self.skip_batches)[wid] * self.batch_size
-        made, batch, last_good = 0, [], None
+        skip = batches_before(quotas, self.skip_batches)[wid] * self.batch_size
+        made, batch, last_good, owed = 0, [], None, 0
         for sample in self._shuffled(self.plan.slots[slot], slot):
             if made == quota:
                 return
             if skip:
                 skip -= 1  # fast-forward on resume: nothing is decoded
+                last_good = sample or last_good
                 continue
-            if sample is None:  # corrupt and on_corrupt = "skip": repeat a good sample to keep the batch count
-                sample = last_good
-                if sample is None:
+            # a corrupt sample (on_corrupt = "skip") takes the last good one's place, or the next good one's
+            # before any: every place of the stream fills one batch entry, so the quota and resume hold
+            if sample is None:
+                if last_good is None:
+                    owed += 1
                     continue
+                sample = last_good
             last_good = sample
-            batch.append(self._decode(*sample))
-            if len(batch) == self.batch_size:
-                yield {"images": torch.stack([b[1] for b in batch]),
-                       "tokens": torch.stack([b[2] for b in batch]) if self.with_tokens else None,
-                       "keys": [b[0] for b in batch]}
-                made, batch = made + 1, []
+            entry = self._decode(*sample)
+            for _ in range(owed + 1):
+                batch.append(entry)
+                if len(batch) == self.batch_size:
+                    yield {"images": torch.stack([b[1] for b in batch]),
+                           "tokens": torch.stack([b[2] for b in batch]) if self.with_tokens else None,
+                           "keys": [b[0] for b in batch]}
+                    made, batch = made + 1, []
+                    if made == quota:
+                        return
+            owed = 0
 
     def _pairs(self, name: str):
         """(key, image bytes, view record, arrays of that view) for this epoch's view of each sample,

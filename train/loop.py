@@ -156,6 +156,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
             t1 = time.perf_counter()
             if trace:
                 trace.write(f"{step} {' '.join(batch['keys'])}\n")
+                trace.flush()  # a killed run keeps the lines of the steps it took
             images = batch["images"].to(device, non_blocking=True)
             tokens = teacher(images) if teacher is not None else batch["tokens"].to(device, non_blocking=True)
             targets = normalize_targets(tokens, cfg.loss.target_norm, mean, var)

@@ -1,0 +1,334 @@
+"""`img2vec diversity`: token diversity (TD) of a cache, or of candidate teachers over source shards.
+
+TD is the paper's teacher-selection metric (common/stats.py holds its one formula): one minus the
+mean cosine between distinct tokens of a view, averaged over views. A teacher whose tokens all look
+alike gives the student little to learn per masked token.
+
+- `--cache DIR`: the cached tokens as stored (decoded by the cache's codec), one TD per view.
+- `--shards PATTERN --teacher A --teacher B ...`: each candidate teacher over the same views of the
+  same images, one table row each. With `--maps DIR`, one PNG per image: the view beside, per
+  teacher, the cosine similarity of the center token to every token (the paper's Figure 3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.config import ConfigError
+from common.stats import token_diversity_per_image
+
+CENTER_CROP = 0.875  # ImageNet evaluation's resize 256 / crop 224
+
+
+# ---------------------------------------------------------------- views and teachers
+
+def center_view(height: int, width: int, crop: float = CENTER_CROP) -> np.ndarray:
+    """The central square covering `crop` of the shorter side, as a view record [1, 5] (no flip)."""
+    side = max(1, int(round(min(height, width) * crop)))
+    return np.array([[(height - side) // 2, (width - side) // 2, side, side, 0]], np.int32)
+
+
+def parse_teacher(spec: str, layer: int = -1, seed: int = 0):
+    """`resnet50` (random weights) or `resnet50=path/to/ckpt.pth` -> a teacher config."""
+    from common.config import Teacher as TeacherConfig
+
+    arch, eq, weights = spec.partition("=")
+    if not arch or (eq and not weights):
+        raise ConfigError(f"--teacher {spec!r}: expected a timm model name (random weights) or ARCH=CHECKPOINT")
+    return TeacherConfig(arch=arch.strip(), weights=weights.strip() if eq else "random", layer=layer, seed=seed)
+
+
+def load_teacher(spec: str, layer: int, seed: int, size: int, device: str):
+    """Build one candidate; a model whose features are not a map [B, C, h, w] is refused, since its
+    tokens would be flattened along the wrong axis."""
+    from common.teacher import build_teacher
+
+    cfg = parse_teacher(spec, layer, seed)
+    try:
+        teacher = build_teacher(cfg, device)
+    except ConfigError as e:
+        raise ConfigError(f"--teacher {spec}: {e}") from None
+    if layer == -1:
+        with torch.no_grad():
+            fmap = teacher.model.forward_features(torch.zeros(1, 3, size, size, device=device))
+        if fmap.ndim != 4:
+            raise ConfigError(f"--teacher {spec}: features have shape {list(fmap.shape)}, not a map [B, C, h, w]; "
+                              "give a convnet (e.g. resnet50)")
+    return teacher
+
+
+def iter_images(urls: list[str], limit: int, skipped: list[str]):
+    """(key, decoded image) of the first `limit` decodable images of the shards, in order."""
+    from common.augment import decode_image
+    from shards.source import iter_samples
+
+    n = 0
+    for url in urls:
+        for s in iter_samples(url):
+            if n >= limit:
+                return
+            try:
+                img = decode_image(s["image"] or b"")
+            except Exception as e:  # noqa: BLE001 - a bad image is skipped, as in extraction
+                skipped.append(f"{url} {s['key']}: {type(e).__name__}: {e}"[:200])
+                continue
+            n += 1
+            yield s["key"], img
+
+
+# ---------------------------------------------------------------- measuring
+
+def shards_diversity(pattern: str, specs: list[str], images: int = 256, size: int = 224, view: str = "center",
+                     views_per_image: int = 1, seed: int = 0, layer: int = -1, teacher_seed: int = 0,
+                     batch_size: int = 32, device: str = "cpu", map_images: int = 0, progress: bool = True) -> dict:
+    """TD of each candidate teacher over the same views of the first `images` images of `pattern`.
+    Returns {"rows": [...], "maps": [(key, pixels [3, S, S], {spec: tokens [T, C]}), ...], ...}."""
+    from tqdm import tqdm
+
+    from common.augment import replay, sample_views
+    from shards.source import expand_shards
+
+    urls = expand_shards(pattern)
+    teachers = {spec: load_teacher(spec, layer, teacher_seed, size, device) for spec in specs}
+    per_view = {spec: [] for spec in specs}   # TD of each view, per batch
+    token_shape = {}
+    maps: list[tuple[str, torch.Tensor, dict]] = []
+    batch: list[tuple[int, int, torch.Tensor]] = []  # (image index, view index, pixels)
+    skipped: list[str] = []
+    n_images = 0
+
+    def flush():
+        x = torch.stack([b[2] for b in batch]).to(device)  # [B, 3, S, S] uint8
+        for spec, teacher in teachers.items():
+            tokens = teacher(x)                             # [B, T, C]
+            token_shape[spec] = list(tokens.shape[1:])
+            per_view[spec].append(token_diversity_per_image(tokens).cpu())
+            for i, (index, v, _) in enumerate(batch):
+                if v == 0 and index < len(maps):  # maps show the first view of the first images
+                    maps[index][2][spec] = tokens[i].cpu()
+        batch.clear()
+
+    bar = tqdm(total=images, unit="img", desc="diversity", disable=not progress, dynamic_ncols=True)
+    for key, img in iter_images(urls, images, skipped):
+        if view == "center":
+            records = center_view(img.height, img.width)
+        else:
+            records = sample_views(seed, key, img.height, img.width, views_per_image)
+        for v, r in enumerate(records):
+            pixels = replay(img, r, size)
+            batch.append((n_images, v, pixels))
+            if v == 0 and len(maps) < map_images:
+                maps.append((key, pixels, {}))
+        n_images += 1
+        bar.update(1)
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    bar.close()
+    if not n_images:
+        raise ConfigError(f"--shards {pattern}: no decodable images found")
+    rows = []
+    for spec, teacher in teachers.items():
+        td = torch.cat(per_view[spec])
+        fp = teacher.fingerprint
+        rows.append({"teacher": spec, "arch": fp["arch"], "weights": fp["weights"], "layer": fp["layer"],
+                     "sha256": fp["sha256"], "tokens": token_shape[spec], "images": n_images, "views": len(td),
+                     "token_diversity": float(td.mean())})
+    return {"mode": "shards", "shards": pattern, "view": view, "size": size, "rows": rows,
+            "skipped": skipped, "maps": maps}
+
+
+def cache_diversity(cache: str | Path, samples: int = 0, progress: bool = True) -> dict:
+    """TD of the stored (decoded) tokens of the first `samples` samples of a cache (0 = all), per view."""
+    from tqdm import tqdm
+
+    from common.codecs import get_codec
+    from shards.features import iter_feature_shard, read_manifest
+
+    cache = Path(cache)
+    manifest = read_manifest(cache)
+    codec = get_codec(manifest["codec"]["name"])
+    per_view, n = [], 0
+    bar = tqdm(total=samples or manifest.get("samples"), unit="sample", desc="diversity", disable=not progress,
+               dynamic_ncols=True)
+    for shard in manifest["shards"]:
+        for sample in iter_feature_shard(cache, shard["name"], manifest, check=True):
+            tokens = torch.from_numpy(codec.decode(sample["arrays"]))  # [V, T, C]
+            per_view.append(token_diversity_per_image(tokens))
+            n += 1
+            bar.update(1)
+            if n == samples:
+                break
+        if n == samples:
+            break
+    bar.close()
+    if not n:
+        raise ConfigError(f"cache {cache} has no samples")
+    td = torch.cat(per_view)
+    t = manifest["teacher"]
+    row = {"teacher": f"{t['arch']} (cache)", "arch": t["arch"], "weights": manifest.get("teacher_weights"),
+           "layer": t["layer"], "sha256": t["sha256"], "tokens": manifest["token_shape"], "images": n,
+           "views": len(td), "token_diversity": float(td.mean())}
+    return {"mode": "cache", "cache": str(cache), "codec": codec.name, "rows": [row],
+            "recorded": manifest.get("stats", {}).get("token_diversity"),
+            "recorded_views": manifest.get("stats", {}).get("views")}
+
+
+# ---------------------------------------------------------------- similarity maps
+
+def similarity_map(tokens: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """tokens [T, C] of a square view -> cosine of the center token to every token [h, w], and its (row, col)."""
+    h = math.isqrt(tokens.shape[0])
+    if h * h != tokens.shape[0]:
+        raise ValueError(f"{tokens.shape[0]} tokens do not form a square grid")
+    u = F.normalize(tokens.float(), dim=-1)
+    row, col = h // 2, h // 2
+    return (u @ u[row * h + col]).view(h, h), (row, col)
+
+
+def draw_map(path: Path, key: str, pixels: torch.Tensor, tokens: dict[str, torch.Tensor]) -> None:
+    """One PNG: the view [3, S, S] and, per teacher, the center token's similarity upsampled to the view."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    size = pixels.shape[-1]
+    fig = Figure(figsize=(2.6 * (1 + len(tokens)), 3.0))
+    axes = fig.subplots(1, 1 + len(tokens), squeeze=False)[0]
+    axes[0].imshow(pixels.permute(1, 2, 0).numpy())
+    axes[0].set_title(key, fontsize=8)
+    sims = {spec: similarity_map(t) for spec, t in tokens.items()}
+    vmin = min(float(sim.min()) for sim, _ in sims.values())  # one colour scale for all teachers of an image
+    for ax, (spec, t) in zip(axes[1:], tokens.items()):
+        sim, (row, col) = sims[spec]
+        cell = size / sim.shape[0]
+        up = F.interpolate(sim[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        im = ax.imshow(up.numpy(), cmap="viridis", vmin=min(vmin, 0.999), vmax=1.0)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        td = float(token_diversity_per_image(t[None]))
+        ax.set_title(f"{spec}\nTD {td:.3f}", fontsize=8)
+        for a in (ax, axes[0]):  # the query token, on the map and on the image
+            a.add_patch(Rectangle((col * cell - 0.5, row * cell - 0.5), cell, cell, fill=False, edgecolor="red",
+                                  linewidth=1.5))
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write_maps(out_dir: str | Path, maps) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (key, pixels, tokens) in enumerate(maps):
+        path = out_dir / f"{i:03d}-{key.replace('/', '_')}.png"
+        draw_map(path, key, pixels, tokens)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------- command line
+
+def format_table(result: dict) -> str:
+    rows = result["rows"]
+    w = max(7, *(len(r["teacher"]) for r in rows))
+    ww = max(7, *(len(str(r["weights"])) for r in rows))
+    lines = [f"{'teacher':<{w}}  {'weights':<{ww}}  layer  {'tokens':<9}  {'images':>6}  {'views':>6}  TD"]
+    for r in rows:
+        tokens = "x".join(map(str, r["tokens"]))
+        lines.append(f"{r['teacher']:<{w}}  {r['weights']!s:<{ww}}  {r['layer']:>5}  {tokens:<9}  {r['images']:>6}  "
+                     f"{r['views']:>6}  {r['token_diversity']:.4f}")
+    if result["mode"] == "cache" and result.get("recorded") is not None:
+        lines.append(f"(the manifest records TD {result['recorded']:.4f} over all {result['recorded_views']} views, "
+                     "from the teacher's fp32 output before the codec)")
+    if len(rows) > 1:
+        best = max(rows, key=lambda r: r["token_diversity"])
+        lines.append(f"highest token diversity: {best['teacher']} ({best['token_diversity']:.4f})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, prog: str = "img2vec diversity") -> int:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Token diversity (TD = 1 - mean cosine between distinct tokens of a view) of a "
+        "feature cache, or of candidate teachers over source shards, with optional similarity maps.",
+        epilog="examples:\n  %(prog)s --cache /data/cache --samples 1000\n"
+               "  %(prog)s --shards '/data/val-{0000..0063}.tar' --teacher resnet50=dino_resnet50.pth "
+               "--teacher resnet50 --samples 500 --maps maps/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--cache", metavar="DIR", help="a feature cache: TD of its stored tokens")
+    src.add_argument("--shards", metavar="PATTERN", help="source shards (brace pattern): TD of each --teacher")
+    p.add_argument("--teacher", action="append", default=[], metavar="NAME_OR_CKPT",
+                   help="with --shards: a timm convnet name (random weights) or ARCH=CHECKPOINT (e.g. "
+                        "resnet50=dino_resnet50.pth); repeat to compare teachers")
+    p.add_argument("--samples", "--images", dest="samples", type=int, default=None, metavar="N",
+                   help="images to measure (default: all samples of a cache, 256 images of shards)")
+    p.add_argument("--size", type=int, default=224, help="view size in pixels, with --shards (default 224)")
+    p.add_argument("--view", choices=("center", "random"), default="center",
+                   help="with --shards: the center crop (87.5%% of the shorter side, as ImageNet evaluation), or "
+                        "random recorded views (RandomResizedCrop + flip, seeded as extraction does)")
+    p.add_argument("--views-per-image", type=int, default=1, metavar="V", help="random views per image (default 1)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random views (default 0)")
+    p.add_argument("--layer", type=int, default=-1, help="feature stage giving the tokens (default -1: the last)")
+    p.add_argument("--teacher-seed", type=int, default=0, metavar="S", help="init seed of random-weight teachers")
+    p.add_argument("--batch-size", type=int, default=32, help="views per teacher batch (default 32)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--maps", metavar="DIR", default=None, help="with --shards: write similarity-map PNGs here")
+    p.add_argument("--map-images", type=int, default=4, metavar="K", help="images with a map (default 4)")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the table as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.cache and (args.teacher or args.maps):
+        p.error("--teacher and --maps go with --shards; a cache's teacher is fixed by its manifest")
+    if args.shards and not args.teacher:
+        p.error("--shards needs at least one --teacher (e.g. --teacher resnet50)")
+    if args.samples is not None and args.samples < 1:
+        p.error("--samples must be >= 1")
+    if args.size < 32 or args.views_per_image < 1 or args.batch_size < 1 or args.map_images < 0:
+        p.error("--size must be >= 32, --views-per-image and --batch-size >= 1, --map-images >= 0")
+    if len(set(args.teacher)) != len(args.teacher):
+        p.error("the same --teacher is given twice")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from shards.features import CacheError
+    from shards.source import ShardError
+
+    try:
+        if args.cache:
+            result = cache_diversity(args.cache, args.samples or 0, progress=not args.no_progress)
+        else:
+            result = shards_diversity(args.shards, args.teacher, args.samples or 256, args.size, args.view,
+                                      args.views_per_image, args.seed, args.layer, args.teacher_seed,
+                                      args.batch_size, device, args.map_images if args.maps else 0,
+                                      progress=not args.no_progress)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (CacheError, ShardError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    for s in result.get("skipped", [])[:10]:
+        print(f"skipped (does not decode): {s}")
+    maps = result.pop("maps", [])
+    if args.maps:
+        paths = write_maps(args.maps, maps)
+        result["map_files"] = [str(x) for x in paths]
+        print(f"similarity maps ({len(paths)}): {args.maps}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
