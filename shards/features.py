@@ -286,6 +286,7 @@ def make_manifest(cfg, fingerprint: dict, token_shape: tuple[int, int], shard_ur
         "token_shape": list(token_shape),
         "shards": [{"name": shard_name(u), "source": absolute_url(u)} for u in shard_urls],
         "teacher_weights": fingerprint["weights"],
+        "teacher_seed": cfg.teacher.seed,  # what random weights were drawn from (the sha256 identifies them)
     }
 
 
@@ -310,6 +311,21 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
             else:
                 diffs.append(f"{f}: cache has {old.get(f)!r}, config gives {new.get(f)!r}")
     return diffs
+
+
+def source_urls(manifest: dict, shards_override=None, missing_ok: bool = False) -> dict[str, str | None]:
+    """Feature shard name -> source URL: the manifest's, or the same names under `shards_override`
+    (a brace pattern or list, for a dataset that moved since extraction)."""
+    from shards.source import expand_shards, shard_name
+
+    urls = {s["name"]: s["source"] for s in manifest["shards"]}
+    if shards_override:
+        moved = {shard_name(u): u for u in expand_shards(shards_override)}
+        lost = sorted(set(urls) - set(moved))
+        if lost and not missing_ok:
+            raise CacheError(f"data.shards does not contain source shards {lost[:5]} named in the cache manifest")
+        urls = {n: moved.get(n) for n in urls}
+    return urls
 
 
 def finalize_manifest(cache: Path) -> dict | None:

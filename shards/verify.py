@@ -30,6 +30,7 @@ from shards.features import (
     CorruptSample,
     iter_feature_shard,
     read_manifest,
+    source_urls,
     read_record,
     record_path,
     shard_path,
@@ -292,17 +293,6 @@ def pick_triples(records: dict[str, dict], views: int, n: int, seed: int) -> lis
     return [(*keys[i // views], int(i % views)) for i in flat]
 
 
-def source_map(manifest: dict, pattern: str | None) -> dict[str, str]:
-    """Feature shard name -> source URL: the manifest's, or a shard of the same name in `pattern`."""
-    from shards.source import expand_shards, shard_name
-
-    urls = {s["name"]: s["source"] for s in manifest["shards"]}
-    if pattern:
-        moved = {shard_name(u): u for u in expand_shards(pattern)}
-        urls = {name: moved.get(name) for name in urls}
-    return urls
-
-
 def rebuild_teacher(manifest: dict, weights: str | None, seed: int, device: str, report: Report):
     from common.config import ConfigError
     from common.config import Teacher as TeacherConfig
@@ -401,7 +391,7 @@ def recompute_views(manifest: dict, triples: list[tuple[str, str, int]], capture
 # ---------------------------------------------------------------- the whole check
 
 def verify_cache(cache: str | Path, recompute: int = 0, source_shards: str | None = None, seed: int = 0,
-                 teacher_weights: str | None = None, teacher_seed: int = 0, device: str = "cpu",
+                 teacher_weights: str | None = None, teacher_seed: int | None = None, device: str = "cpu",
                  extra_rtol: float = 0.0, progress: bool = True) -> Report:
     from tqdm import tqdm
 
@@ -442,10 +432,12 @@ def verify_cache(cache: str | Path, recompute: int = 0, source_shards: str | Non
         if device.startswith("cuda"):  # TF32 convolutions would exceed the bf16 codec's bound
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            sources = source_map(manifest, source_shards)
+            sources = source_urls(manifest, source_shards, missing_ok=True)
         except ValueError as e:  # ConfigError: an empty pattern
             report.problems.append(Problem(None, None, f"--source-shards: {e}", False))
             return report
+        if teacher_seed is None:
+            teacher_seed = manifest.get("teacher_seed", 0)
         teacher = rebuild_teacher(manifest, teacher_weights, teacher_seed, device, report)
         if teacher is not None:
             recompute_views(manifest, triples, captured, sources, teacher, device, extra_rtol, report)
@@ -522,8 +514,8 @@ def main(argv: list[str] | None = None, prog: str = "img2vec verify") -> int:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed that picks the recomputed views (default 0)")
     p.add_argument("--teacher-weights", metavar="PATH", default=None,
                    help="teacher checkpoint, if it moved since extraction (default: the manifest's teacher_weights)")
-    p.add_argument("--teacher-seed", type=int, default=0, metavar="S",
-                   help="teacher.seed the cache was made with, for random teacher weights (default 0)")
+    p.add_argument("--teacher-seed", type=int, default=None, metavar="S",
+                   help="teacher.seed the cache was made with, for random teacher weights (default: the manifest's)")
     p.add_argument("--device", default="cpu", help="device for --recompute: cpu (default), cuda, or auto")
     p.add_argument("--extra-rtol", type=float, default=0.0, metavar="R",
                    help="add R*|x| to the codec's bound, e.g. 0.05 for a cache extracted with bf16 autocast on a GPU "

@@ -20,7 +20,8 @@ from common.teacher import IMAGENET_MEAN, IMAGENET_STD
 from extract.pipeline import run_extraction
 from shards.features import CorruptSample, iter_feature_shard, read_manifest
 from tests.conftest import BIN, REPO, make_source, run_cli, write_config
-from train.data import CachedViews, batches_before, check_cache, make_loader, next_worker, plan_epoch, source_urls
+from shards.features import source_urls
+from train.data import CachedViews, batches_before, check_cache, make_loader, next_worker, plan_epoch
 from train.loop import Checkpoints, build_student, main, online_teacher, train
 from train.losses import normalize_targets
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from common.augment import decode_image, replay, view_order
 from common.codecs import arrays_crc32, get_codec
 from shards.features import CacheError, CorruptSample, iter_feature_shard, read_record
-from shards.source import expand_shards, iter_samples, shard_name
+from shards.source import iter_samples
 
 
 def _seed(*parts) -> int:
@@ -39,19 +39,6 @@ def check_cache(cache: Path, manifest: dict) -> dict[str, int]:
                          f"completion record ({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); "
                          "finish it with extract-features (same config) before training")
     return counts
-
-
-def source_urls(manifest: dict, shards_override) -> dict[str, str]:
-    """Feature shard name -> source URL: the manifest's, or the same names under `data.shards`
-    (for a dataset that moved since extraction)."""
-    urls = {s["name"]: s["source"] for s in manifest["shards"]}
-    if shards_override:
-        moved = {shard_name(u): u for u in expand_shards(shards_override)}
-        lost = sorted(set(urls) - set(moved))
-        if lost:
-            raise CacheError(f"data.shards does not contain source shards {lost[:5]} named in the cache manifest")
-        urls = {n: moved[n] for n in urls}
-    return urls
 
 
 @dataclass

@@ -21,7 +21,8 @@ from common.faults import fault_point
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from shards.features import CacheError, read_manifest
 from shards.source import ShardError
-from train.data import CachedViews, check_cache, make_loader, plan_epoch, source_urls
+from shards.features import source_urls
+from train.data import CachedViews, check_cache, make_loader, plan_epoch
 from train.losses import normalize_targets
 from train.model import STUDENTS, param_groups
 
@@ -37,6 +38,12 @@ def build_student(cfg: Config, manifest: dict) -> torch.nn.Module:
                             head_hidden=s.head_hidden, multi_block=s.multi_block, mask_ratio=s.mask_ratio)
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    if path.exists():
+        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
     """Linear warmup, then half-cosine from `peak` to `floor` (as MAE's adjust_learning_rate, per step)."""
     if step < warmup:
@@ -50,6 +57,7 @@ def online_teacher(cfg: Config, manifest: dict, device):
     tcfg = cfg.teacher
     tcfg.arch, tcfg.layer = manifest["teacher"]["arch"], manifest["teacher"]["layer"]
     tcfg.weights = manifest.get("teacher_weights", tcfg.weights)
+    tcfg.seed = manifest.get("teacher_seed", tcfg.seed)
     teacher = build_teacher(tcfg, device)
     if teacher.fingerprint["sha256"] != manifest["teacher"]["sha256"]:
         raise CacheError(f"online teacher {tcfg.weights} hashes to {teacher.fingerprint['sha256'][:12]}, the cache "
@@ -136,12 +144,15 @@ def train(cfg: Config, progress: bool = True) -> dict:
     if cfg.train.tensorboard:
         accelerator.init_trackers("img2vec")
 
+    if accelerator.is_main_process:
+        drop_rows_after(run_dir / "metrics.jsonl", step)  # steps a killed run took past its last checkpoint
     log = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
     trace = open(run_dir / f"keys-rank{rank}.txt", "a") if t.trace_keys else None
     bar = tqdm(total=total, initial=step, disable=not (progress and accelerator.is_main_process), unit="step",
                dynamic_ncols=True)
     model.train()
     wait = busy = 0.0
+    logged_at = step
     last = {}
     while step < total:
         batch_index = step * t.grad_accum
@@ -178,11 +189,11 @@ def train(cfg: Config, progress: bool = True) -> dict:
             if step % t.log_every == 0 or step == total:
                 losses = accelerator.reduce(torch.stack([out["loss"], out["patch_loss"], out["global_loss"]]).detach(),
                                             "mean").tolist()
+                samples = (step - logged_at) * t.grad_accum * t.batch_size * world
                 last = {"step": step, "epoch": epoch, "loss": losses[0], "patch_loss": losses[1],
                         "global_loss": losses[2], "lr": optimizer.param_groups[0]["lr"],
-                        "samples_per_s": t.log_every * t.grad_accum * t.batch_size * world / max(wait + busy, 1e-9),
-                        "data_wait": wait / max(wait + busy, 1e-9)}
-                wait = busy = 0.0
+                        "samples_per_s": samples / max(wait + busy, 1e-9), "data_wait": wait / max(wait + busy, 1e-9)}
+                wait, busy, logged_at = 0.0, 0.0, step
                 if log:
                     log.write(json.dumps(last) + "\n")
                     log.flush()

@@ -1,0 +1,188 @@
+"""Export (student checkpoint -> timm weights, strict keys, same features) and the k-NN probe."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from train.export import export_encoder, load_student, resolve_checkpoint
+from train.export import main as export_main
+from train.knn import Features, center_box, extract_features, in_val_split, knn_predict, knn_scores, random_student
+from train.knn import main as knn_main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, extracted):
+    """A 2-step run on the shared cache (the cache is only read; the run dir is this module's own)."""
+    from train.loop import main as train_main
+
+    config, _ = extracted
+    run = tmp_path_factory.mktemp("export") / "run"
+    assert train_main(["--config", str(config), "--set", f'train.run_dir="{run}"', "--set", "train.max_steps=2",
+                       "--no-progress"]) == 0
+    return run
+
+
+def source_pattern(extracted) -> str:
+    return extracted[1].data.shards
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export
+
+
+def test_export_loads_in_timm_with_the_printed_snippet_and_gives_the_same_features(tmp_path, run_dir, capsys):
+    out = tmp_path / "encoder.safetensors"
+    assert export_main([str(run_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    snippet = (f'timm.create_model("vit_tiny_patch16_224", pretrained=True, img_size=64, '
+               f'pretrained_cfg_overlay=dict(file="{out}", num_classes=0))')
+    assert snippet in printed
+
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["timm_model"] == "vit_tiny_patch16_224" and meta["img_size"] == "64" and meta["step"] == "2"
+
+    model = eval(snippet, {"timm": timm}).eval()  # exactly what a user pastes
+    weights = load_file(str(out))
+    own = model.state_dict()
+    assert set(own) == set(weights)  # strict: no key missing, none left over, nothing dropped by timm
+    for k, v in weights.items():
+        assert torch.equal(own[k], v), k  # loaded as written: no resampling, no random init left
+    model.load_state_dict(weights, strict=True)
+
+    student, info = load_student(run_dir)
+    assert info["step"] == 2
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model.forward_features(x), student.forward_features(x)
+    assert a.shape == b.shape == (2, 1 + 16, 192)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_export_weights_are_the_trained_ones_not_the_init(tmp_path, run_dir):
+    trained, _ = load_student(run_dir)
+    init, _ = load_student(run_dir, weights=False)
+    ckpt = load_file(str(resolve_checkpoint(run_dir)[0] / "model.safetensors"))
+    info = export_encoder(run_dir, tmp_path / "e.safetensors")
+    enc = load_file(info["out"])
+    assert torch.equal(enc["blocks.0.attn.qkv.weight"], ckpt["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(trained.blocks[0].attn.qkv.weight, init.blocks[0].attn.qkv.weight)
+    assert not any(k.startswith(("decoder", "mask_token", "proj_head", "global_head", "unit_merge")) for k in enc)
+
+
+def test_export_from_a_checkpoint_dir_and_latest_complete_checkpoint(tmp_path, run_dir):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    ckpts = run / "checkpoints"
+    done = ckpts / "step_00000002"
+    assert resolve_checkpoint(run) == (done, run)
+    shutil.copytree(done, ckpts / "step_00000009.tmp")            # being written
+    shutil.copytree(done, ckpts / "step_00000007")
+    (ckpts / "step_00000007" / "position.json").unlink()          # interrupted before completion
+    assert resolve_checkpoint(run)[0] == done
+    assert resolve_checkpoint(done) == (done, run)
+    a = export_encoder(done, tmp_path / "a.safetensors")
+    b = export_encoder(run, tmp_path / "b.safetensors")
+    wa, wb = load_file(a["out"]), load_file(b["out"])
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_export_errors_say_what_to_do(tmp_path, run_dir, capsys):
+    assert export_main([str(tmp_path / "nope"), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    assert export_main([str(empty), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    orphan = tmp_path / "orphan" / "step_00000002"
+    shutil.copytree(resolve_checkpoint(run_dir)[0], orphan)
+    assert export_main([str(orphan), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert "config.json not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main([str(run_dir), "--out", str(tmp_path / "e.pth")])
+    assert "safetensors" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# k-NN
+
+
+def test_knn_vote_matches_a_brute_force_loop():
+    g = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    labels = torch.randint(0, 5, (50,), generator=g)
+    queries = torch.nn.functional.normalize(torch.randn(7, 8, generator=g), dim=1)
+    k, t = 6, 0.07
+    scores = knn_predict(bank, labels, queries, 5, k, t, chunk=3)
+    for q in range(7):
+        sims = [(float(queries[q] @ bank[i]), i) for i in range(50)]
+        expect = torch.zeros(5, dtype=torch.float64)
+        for s, i in sorted(sims, reverse=True)[:k]:
+            expect[labels[i]] += torch.exp(torch.tensor(s / t, dtype=torch.float64))
+        torch.testing.assert_close(scores[q].double(), expect, rtol=1e-4, atol=0)
+
+
+def test_knn_scores_perfect_on_separable_and_k_is_clamped():
+    feats = torch.eye(4)
+    f = Features(feats, torch.arange(4))
+    r = knn_scores(f, f, k=20)
+    assert r["top1"] == 100.0 and r["k"] == 4 and "top5" not in r
+
+
+def test_center_box_and_split():
+    assert center_box(100, 60, 1.0) == [20, 0, 60, 60, 0]
+    assert center_box(64, 64, 0.875) == [4, 4, 56, 56, 0]
+    keys = [f"k{i}" for i in range(2000)]
+    val = [k for k in keys if in_val_split(k, 0.25)]
+    assert 400 < len(val) < 600 and val == [k for k in keys if in_val_split(k, 0.25)]
+
+
+def test_knn_on_tiny_shards(extracted):
+    pattern = source_pattern(extracted)
+    encoder, size = random_student("vit_tiny_patch16", 64, seed=0)
+    bank = extract_features(encoder, pattern, size, workers=0)
+    assert bank.feats.shape == (18, 192) and bank.skipped == 0
+    torch.testing.assert_close(bank.feats.norm(dim=1), torch.ones(18))
+    assert sorted(bank.labels.tolist()) == sorted([i % 4 for i in range(18)])
+    assert knn_scores(bank, bank, k=1)["top1"] == 100.0  # memory bank == queries: each finds itself
+
+
+def test_knn_command_with_a_split_and_with_exported_weights(tmp_path, extracted, run_dir, capsys):
+    pattern = source_pattern(extracted)
+    out = tmp_path / "knn.json"
+    assert knn_main(["--shards", pattern, "--val-fraction", "0.3", "--random", "--arch", "vit_tiny_patch16",
+                     "--img-size", "64", "--workers", "0", "--no-progress", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert 0.0 <= r["top1"] <= 100.0 and r["train_samples"] + r["val_samples"] == 18 and r["classes"] == 4
+    assert re.search(r"top-1 \d+\.\d\d%", capsys.readouterr().out)
+
+    weights = export_encoder(run_dir, tmp_path / "e.safetensors")["out"]
+    assert knn_main(["--train-shards", pattern, "--val-shards", pattern, "--weights", weights, "-k", "1",
+                     "--workers", "0", "--no-progress", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["top1"] == 100.0 and r["img_size"] == 64  # size from the file's metadata
+    assert knn_main(["--train-shards", pattern, "--val-shards", pattern, "--run", str(run_dir), "-k", "1",
+                     "--workers", "0", "--no-progress", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["top1"] == 100.0
+
+
+def test_knn_command_errors(tmp_path, extracted, capsys):
+    pattern = source_pattern(extracted)
+    with pytest.raises(SystemExit):
+        knn_main(["--shards", pattern])  # no encoder
+    assert "choose one encoder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        knn_main(["--train-shards", pattern, "--random", "--arch", "vit_tiny_patch16"])
+    assert "--val-shards" in capsys.readouterr().err
+    assert knn_main(["--shards", str(tmp_path / "missing-{0..1}.tar"), "--random", "--arch", "vit_tiny_patch16",
+                     "--img-size", "64", "--workers", "0", "--no-progress"]) == 2
+    assert "missing-0.tar" in capsys.readouterr().err
+    assert knn_main(["--shards", pattern, "--random", "--arch", "vit_huge_patch99", "--no-progress"]) == 2
+    assert "unknown" in capsys.readouterr().err

@@ -1,0 +1,297 @@
+"""`img2vec demo [--out DIR] [--quick]`: the whole chain on generated shards, on a laptop CPU, in minutes.
+
+1. procedural labelled images (8 classes) -> train and val WebDataset shards
+2. `extract-features` with a ResNet-18 teacher at RANDOM init (nothing can be downloaded here; give
+   `--teacher-weights` a DINO ResNet-50 checkpoint for the paper's teacher) -> feature cache
+3. `python -m train`: a ViT-Tiny student regresses the cached tokens
+4. the cache's token diversity, the k-NN top-1 of the trained student against the same student at
+   its initialisation (memory bank: train shards, queries: val shards), a loss curve and a report
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+
+# the demo recipe: small enough for a CPU, big enough that training beats the initialisation on k-NN
+RECIPE = {
+    "full": dict(classes=8, train_per_class=48, val_per_class=16, views=4, size=64, steps=240, batch=32),
+    "quick": dict(classes=8, train_per_class=24, val_per_class=8, views=2, size=64, steps=60, batch=32),
+}
+
+CONFIG = """\
+# written by `img2vec demo`: the ImageNet recipe (pipeline.toml) shrunk to a CPU
+[data]
+shards = "{shards}/train-{{000000..{last:06d}}}.tar"
+workers = 1
+
+[augment]
+size = {size}
+views = {views}
+scale = [0.35, 1.0]
+seed = {seed}
+
+[teacher]
+arch = "{teacher}"
+weights = "{teacher_weights}"   # "random": no pretrained weights can be downloaded in the demo
+seed = {seed}
+
+[cache]
+path = "{out}/cache"
+format = "wds"
+codec = "bf16-zstd"
+
+[extract]
+batch_size = 32
+
+[student]
+arch = "vit_tiny_patch16"
+mask_ratio = 0.5
+decoder_dim = 128
+decoder_depth = 1
+decoder_heads = 4
+head_hidden = 512
+
+[loss]
+target_norm = "layernorm"
+
+[train]
+run_dir = "{out}/run"
+max_steps = {steps}
+batch_size = {batch}
+lr = {lr}
+warmup_epochs = 1.0
+weight_decay = 0.05
+workers = 1
+shuffle_buffer = 256
+seed = {seed}
+checkpoint_every = 100000
+keep_checkpoints = 1
+log_every = 5
+"""
+
+
+def edge_filters(n: int, k: int = 7):
+    """n oriented, zero-mean Gabor filters on luminance, [n, 3, k, k], unit norm: 8 orientations x 2
+    frequencies x 2 phases x 2 signs (the sign lets ReLU keep both contrast polarities)."""
+    import torch
+
+    r = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    out = []
+    for i in range(n):
+        theta, freq = math.pi * (i % 8) / 8, (0.5, 0.25)[i // 8 % 2] * math.pi
+        phase, sign = (0.0, math.pi / 2)[i // 16 % 2], (1.0, -1.0)[i // 32 % 2]
+        u = xx * math.cos(theta) + yy * math.sin(theta)
+        g = sign * torch.exp(-(xx**2 + yy**2) / 8.0) * torch.cos(freq * u + phase)
+        g = g - g.mean()
+        out.append((g / g.norm())[None].expand(3, k, k) / math.sqrt(3))
+    return torch.stack(out)
+
+
+def write_edge_teacher(path: Path, arch: str, seed: int) -> Path:
+    """A timm ResNet at random init (seeded) whose stem is set to oriented edge filters and whose residual
+    branches are switched on (timm zero-inits their last BN, which makes a random ResNet a stack of 1x1
+    convs with an 11-pixel receptive field). Its tokens then carry texture and shape, as a trained
+    teacher's do; a purely random teacher's carry little more than colour."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    sd = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="").state_dict()
+    if "conv1.weight" not in sd or tuple(sd["conv1.weight"].shape[1:]) != (3, 7, 7):
+        raise SystemExit(f"img2vec demo: --teacher-weights edges needs a timm ResNet with a 7x7 stem (resnet18, "
+                         f"resnet50, ...), not {arch}; or pass --teacher-weights random")
+    sd["conv1.weight"] = edge_filters(sd["conv1.weight"].shape[0])
+    for key in sd:
+        if re.fullmatch(r"layer\d\.\d+\.bn[23]\.weight", key):
+            sd[key] = torch.ones_like(sd[key])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)  # a plain state dict of tensors: loads with weights_only=True
+    return path
+
+
+def header(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
+
+
+def console_script(name: str, module: str) -> list[str]:
+    """The installed console script next to this interpreter, else `python -m module`."""
+    script = Path(sys.executable).parent / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
+
+
+def run_child(cmd: list[str], cwd: Path) -> None:
+    """Run a stage as a user would; its output and progress bars pass through."""
+    print("$ " + " ".join(cmd), flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    rc = subprocess.run(cmd, cwd=cwd, env=env).returncode
+    if rc != 0:
+        raise SystemExit(f"img2vec demo: `{' '.join(cmd)}` failed with exit code {rc} (its messages are above)")
+
+
+def make_data(out: Path, r: dict, seed: int) -> dict:
+    from shards.make import write_shards
+    from shards.synthetic import CLASSES, synthetic_samples
+
+    shards = out / "shards"
+    n_train, n_val = r["classes"] * r["train_per_class"], r["classes"] * r["val_per_class"]
+    train = write_shards(synthetic_samples(n_train, classes=r["classes"], seed=seed), shards, prefix="train",
+                         maxcount=max(n_train // 4, 1), total=n_train)
+    val = write_shards(synthetic_samples(n_val, classes=r["classes"], seed=seed + 1000), shards, prefix="val",
+                       maxcount=n_val, total=n_val)
+    return {"dir": str(shards), "train_shards": len(train), "val_shards": len(val), "train_images": n_train,
+            "val_images": n_val, "classes": list(CLASSES[:r["classes"]]),
+            "train_pattern": f"{shards}/train-{{000000..{len(train) - 1:06d}}}.tar",
+            "val_pattern": f"{shards}/val-{{000000..{len(val) - 1:06d}}}.tar"}
+
+
+def plot_loss(metrics: Path, png: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for name in ("loss", "patch_loss", "global_loss"):
+        ax.plot(steps, [r[name] for r in rows], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("smooth L1")
+    ax.set_yscale("log")
+    ax.set_title("Img2Vec demo: student loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return {"first": rows[0]["loss"], "last": rows[-1]["loss"], "steps": steps[-1]} if rows else {}
+
+
+def similarity_maps(cfg_path: Path, train_pattern: str, report: Path) -> str:
+    """Teacher token-similarity maps, from common.diversity where that module provides them."""
+    try:
+        from common import diversity
+    except ImportError:
+        return "skipped: common.diversity is not available in this version"
+    fn = getattr(diversity, "main", None)
+    if fn is None:
+        return "skipped: common.diversity has no command entry point"
+    argv = ["--config", str(cfg_path), "--shards", train_pattern, "--maps", str(report / "maps.png"), "--limit", "8"]
+    try:
+        rc = fn(argv, prog="img2vec diversity")
+    except SystemExit as e:  # argparse rejected the arguments: another interface than expected
+        rc = e.code
+    return str(report / "maps.png") if rc == 0 and (report / "maps.png").exists() else \
+        f"skipped: `img2vec diversity {' '.join(argv)}` did not write maps (exit code {rc})"
+
+
+def main(argv: list[str] | None = None, prog: str = "img2vec demo") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                epilog="\n".join(__doc__.splitlines()[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="img2vec-demo", help="working folder (default: ./img2vec-demo)")
+    p.add_argument("--quick", action="store_true", help="a smaller set and fewer steps (about a minute)")
+    p.add_argument("--force", action="store_true", help="replace what an earlier demo left in --out")
+    p.add_argument("--steps", type=int, help="training steps (default: 240, --quick: 60)")
+    p.add_argument("--lr", type=float, default=2e-3, help="base lr (scaled by batch / 256)")
+    p.add_argument("--seed", type=int, default=0, help="data, teacher init, views and student init")
+    p.add_argument("--teacher", default="resnet18", help="timm teacher arch (default resnet18: fast on a CPU)")
+    p.add_argument("--teacher-weights", default="random", help="teacher checkpoint path, or 'random' (default)")
+    args = p.parse_args(argv)
+
+    r = dict(RECIPE["quick" if args.quick else "full"])
+    if args.steps:
+        r["steps"] = args.steps
+    out = Path(args.out).resolve()
+    parts = [out / n for n in ("shards", "cache", "run", "report", "pipeline.toml", "encoder.safetensors")]
+    if any(x.exists() for x in parts):
+        if not args.force:
+            print(f"{prog}: error: {out} holds an earlier demo; add --force to replace it, or choose another "
+                  "--out", file=sys.stderr)
+            return 2
+        for x in parts:
+            shutil.rmtree(x) if x.is_dir() else x.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    report_dir = out / "report"
+    report_dir.mkdir()
+    t_start = time.time()
+    times = {}
+
+    header(f"1/5 labelled images: {r['classes']} classes x {r['train_per_class']} train + "
+           f"{r['val_per_class']} val ({out / 'shards'})")
+    t0 = time.time()
+    data = make_data(out, r, args.seed)
+    times["data_s"] = time.time() - t0
+
+    cfg_path = out / "pipeline.toml"
+    cfg_path.write_text(CONFIG.format(shards=out / "shards", last=data["train_shards"] - 1, out=out, seed=args.seed,
+                                      teacher=args.teacher, teacher_weights=args.teacher_weights, lr=args.lr,
+                                      **{k: r[k] for k in ("size", "views", "steps", "batch")}))
+    random_teacher = args.teacher_weights == "random"
+    header(f"2/5 extract-features: {args.teacher} teacher"
+           + (" at RANDOM init (no pretrained weights can be downloaded here; the paper's teacher is a DINO "
+              "ResNet-50: pass --teacher resnet50 --teacher-weights dino_resnet50.pth)" if random_teacher else
+              f" from {args.teacher_weights}")
+           + f", {r['views']} views of each image at {r['size']} px")
+    t0 = time.time()
+    run_child(console_script("extract-features", "extract") + ["--config", str(cfg_path)], out)
+    times["extract_s"] = time.time() - t0
+    from shards.features import read_manifest
+
+    manifest = read_manifest(out / "cache")
+    td = manifest["stats"]["token_diversity"]
+    print(f"cache: {manifest['samples']} images x {r['views']} views, tokens {manifest['token_shape']}, "
+          f"token diversity TD = {td:.4f}", flush=True)
+
+    header(f"3/5 train: vit_tiny_patch16 student at {r['size']} px, {r['steps']} steps of {r['batch']} images")
+    t0 = time.time()
+    run_child([sys.executable, "-m", "train", "--config", str(cfg_path)], out)
+    times["train_s"] = time.time() - t0
+
+    header("4/5 export + k-NN: trained student vs the same student at its initialisation")
+    t0 = time.time()
+    from train.export import export_encoder, load_student
+    from train.knn import knn_accuracy
+
+    exported = export_encoder(out / "run", out / "encoder.safetensors")
+    print(f"exported -> {exported['out']}\n  load with: {exported['snippet']}", flush=True)
+    knn = {}
+    for name, weights in (("trained", True), ("init", False)):
+        encoder, _ = load_student(out / "run", weights=weights)
+        knn[name] = knn_accuracy(encoder, data["train_pattern"], data["val_pattern"], img_size=r["size"], workers=1,
+                                 crop_pct=1.0)
+        print(f"  k-NN top-1 {name:>7}: {knn[name]['top1']:.2f}%  (top-5 {knn[name].get('top5', float('nan')):.2f}%)",
+              flush=True)
+    times["eval_s"] = time.time() - t0
+
+    header(f"5/5 report ({report_dir})")
+    loss = plot_loss(out / "run" / "metrics.jsonl", report_dir / "loss.png")
+    maps = similarity_maps(cfg_path, data["train_pattern"], report_dir)
+    times["total_s"] = time.time() - t_start
+    report = {
+        "teacher": {"arch": args.teacher, "weights": args.teacher_weights, "random_init": random_teacher},
+        "token_diversity": td, "cache": {k: manifest[k] for k in ("token_shape", "samples", "skipped", "codec")},
+        "knn": knn, "knn_gain_top1": knn["trained"]["top1"] - knn["init"]["top1"], "loss": loss,
+        "data": data, "recipe": r, "lr": args.lr, "seed": args.seed, "encoder": exported["out"],
+        "timm_snippet": exported["snippet"], "loss_png": str(report_dir / "loss.png"), "similarity_maps": maps,
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+    }
+    (report_dir / "report.json").write_text(json.dumps(report, indent=1))
+    gain = report["knn_gain_top1"]
+    print(f"token diversity of the {'random ' if random_teacher else ''}{args.teacher} cache: TD = {td:.4f}\n"
+          f"k-NN top-1 on {data['val_images']} val images ({r['classes']} classes, chance "
+          f"{100 / r['classes']:.1f}%): trained {knn['trained']['top1']:.2f}% vs init {knn['init']['top1']:.2f}% "
+          f"({gain:+.2f})\nloss {loss.get('first', float('nan')):.4f} -> {loss.get('last', float('nan')):.4f}; "
+          f"similarity maps: {maps}\nloss curve: {report_dir / 'loss.png'}\nreport: {report_dir / 'report.json'}\n"
+          f"wall time {times['total_s']:.0f} s", flush=True)
+    return 0

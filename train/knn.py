@@ -1,0 +1,292 @@
+"""`img2vec knn`: k-nearest-neighbour probe of an encoder on labelled shards (DINO's eval_knn).
+
+Each image is center-cropped (a centered square box, `crop_pct` of the short side) and resized to the
+encoder's size; its feature is the mean of the patch tokens after the final norm (`forward_features`),
+L2-normalised. A query takes the k most cosine-similar memory-bank images and votes with weights
+exp(similarity / T) (k = 20, T = 0.07 as in DINO).
+
+    img2vec knn --train-shards 'train-{0..9}.tar' --val-shards 'val-{0..1}.tar' --run runs/img2vec
+    img2vec knn --shards 'data-{0..9}.tar' --val-fraction 0.2 --weights encoder.safetensors
+    img2vec knn --train-shards ... --val-shards ... --random --arch vit_tiny_patch16 --img-size 96
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from common.augment import decode_image, replay
+from common.config import ConfigError
+from common.teacher import IMAGENET_MEAN, IMAGENET_STD
+from shards.source import ShardError, expand_shards, iter_samples
+
+# --------------------------------------------------------------------------------------------------------
+# pure parts: the eval crop, the split, the vote
+
+
+def center_box(height: int, width: int, crop_pct: float = 0.875) -> list[int]:
+    """A centered square view record [top, left, side, side, flip=0]: `crop_pct` of the short side."""
+    side = max(1, min(height, width, round(min(height, width) * crop_pct)))
+    return [(height - side) // 2, (width - side) // 2, side, side, 0]
+
+
+def in_val_split(key: str, fraction: float, seed: int = 0) -> bool:
+    """Deterministic split by key hash: the same key is always on the same side, whatever the order."""
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") < fraction * 2**64
+
+
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+                k: int = 20, temperature: float = 0.07, chunk: int = 512) -> torch.Tensor:
+    """bank: [M, D], queries: [Q, D] (L2-normalised), bank_labels: [M] -> class scores [Q, num_classes]
+    (DINO's weighted vote: sum over the k nearest of exp(cos / T), per class)."""
+    k = min(k, bank.shape[0])
+    scores = []
+    for q in queries.split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)                    # [q, k]
+        votes = F.one_hot(bank_labels[idx], num_classes).to(sim)  # [q, k, C]
+        scores.append((votes * (sim / temperature).exp()[..., None]).sum(1))
+    return torch.cat(scores) if scores else queries.new_zeros(0, num_classes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# features
+
+
+class EvalCrops(IterableDataset):
+    """(uint8 [3, S, S], label, key) of every labelled sample in `urls`; shards dealt to DataLoader workers.
+    `split` keeps only one side of `in_val_split` ("train" or "val")."""
+
+    def __init__(self, urls: list[str], img_size: int, crop_pct: float, split: str | None = None,
+                 val_fraction: float = 0.0, seed: int = 0):
+        self.urls, self.size, self.crop_pct = urls, img_size, crop_pct
+        self.split, self.val_fraction, self.seed = split, val_fraction, seed
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for url in self.urls[wid::nw]:
+            for s in iter_samples(url):
+                if self.split is not None and (self.split == "val") != in_val_split(s["key"], self.val_fraction,
+                                                                                     self.seed):
+                    continue
+                if s["image"] is None or s["cls"] is None:
+                    yield None, -1, s["key"]
+                    continue
+                try:
+                    img = decode_image(s["image"])
+                except Exception:  # noqa: BLE001 - a bad sample is skipped and counted
+                    yield None, -1, s["key"]
+                    continue
+                yield replay(img, center_box(img.height, img.width, self.crop_pct), self.size), s["cls"], s["key"]
+
+
+def _collate(items):
+    good = [it for it in items if it[0] is not None]
+    images = torch.stack([it[0] for it in good]) if good else torch.zeros(0, dtype=torch.uint8)
+    return images, torch.tensor([it[1] for it in good], dtype=torch.long), [it[2] for it in good], len(items) - len(good)
+
+
+@dataclass
+class Features:
+    feats: torch.Tensor        # [N, D] L2-normalised
+    labels: torch.Tensor       # [N]
+    keys: list[str] = field(default_factory=list)
+    skipped: int = 0           # samples without an image, a label, or that did not decode
+
+
+@torch.no_grad()
+def encode(encoder, images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> mean-pooled patch tokens after the final norm, L2-normalised: [N, D]"""
+    device = next(encoder.parameters()).device
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    x = (images.to(device).float() - mean) / std
+    tokens = encoder.forward_features(x)                          # [N, prefix + L, D]
+    patches = tokens[:, getattr(encoder, "num_prefix_tokens", 1):]  # drop the cls token
+    return F.normalize(patches.mean(dim=1).float(), dim=-1)
+
+
+def extract_features(encoder, shards, img_size: int, crop_pct: float = 0.875, batch_size: int = 64,
+                     workers: int = 2, split: str | None = None, val_fraction: float = 0.0, seed: int = 0,
+                     progress: bool = False, desc: str = "features") -> Features:
+    from tqdm import tqdm
+
+    urls = expand_shards(shards)
+    missing = [u for u in urls if not u.startswith("pipe:") and not Path(u).exists()]
+    if missing:
+        raise ConfigError(f"{len(missing)} of {len(urls)} shards not found, e.g. {', '.join(missing[:3])}")
+    data = EvalCrops(urls, img_size, crop_pct, split, val_fraction, seed)
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=_collate, num_workers=min(workers, len(urls)))
+    encoder.eval()
+    feats, labels, keys, skipped = [], [], [], 0
+    with tqdm(unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for images, y, k, bad in loader:
+            if len(images):
+                feats.append(encode(encoder, images).cpu())
+                labels.append(y)
+                keys += k
+            skipped += bad
+            bar.update(len(k))
+    if not feats:
+        raise ConfigError(f"no labelled image in {shards!r}{f' ({split} split)' if split else ''}: k-NN needs "
+                          "samples with an image and a .cls label")
+    return Features(torch.cat(feats), torch.cat(labels), keys, skipped)
+
+
+def knn_scores(train: Features, val: Features, k: int = 20, temperature: float = 0.07) -> dict:
+    """Top-1 (and top-5 when there are more than 5 classes) of `val` against the memory bank `train`, in %."""
+    num_classes = int(max(train.labels.max(), val.labels.max())) + 1
+    scores = knn_predict(train.feats, train.labels, val.feats, num_classes, k, temperature)
+    ranked = scores.argsort(dim=1, descending=True)
+    out = {"top1": 100.0 * (ranked[:, 0] == val.labels).float().mean().item()}
+    if num_classes > 5:
+        out["top5"] = 100.0 * (ranked[:, :5] == val.labels[:, None]).any(1).float().mean().item()
+    return dict(out, k=min(k, len(train.labels)), temperature=temperature, classes=num_classes,
+                train_samples=len(train.labels), val_samples=len(val.labels),
+                skipped=train.skipped + val.skipped)
+
+
+def knn_accuracy(encoder, train_shards, val_shards=None, img_size: int = 224, k: int = 20,
+                 temperature: float = 0.07, crop_pct: float = 0.875, batch_size: int = 64, workers: int = 2,
+                 val_fraction: float = 0.0, seed: int = 0, progress: bool = False) -> dict:
+    """k-NN top-1 of `encoder` (anything with a timm-style `forward_features`): memory bank = `train_shards`,
+    queries = `val_shards`, or a `val_fraction` of `train_shards` split by key hash when `val_shards` is None."""
+    if val_shards is None and not 0.0 < val_fraction < 1.0:
+        raise ConfigError("give val shards, or a val fraction in (0, 1) to split the train shards")
+    split = (None, None) if val_shards is not None else ("train", "val")
+    common = dict(img_size=img_size, crop_pct=crop_pct, batch_size=batch_size, workers=workers,
+                  val_fraction=val_fraction, seed=seed, progress=progress)
+    train = extract_features(encoder, train_shards, split=split[0], desc="knn memory bank", **common)
+    val = extract_features(encoder, val_shards or train_shards, split=split[1], desc="knn queries", **common)
+    return knn_scores(train, val, k, temperature)
+
+
+# --------------------------------------------------------------------------------------------------------
+# encoders
+
+
+def _student_arch(arch: str) -> str:
+    return arch.removesuffix("_224")
+
+
+def encoder_from_weights(path: str | Path, arch: str | None = None, img_size: int | None = None):
+    """An exported encoder file (img2vec export) -> (timm model, img_size); arch and size default to the
+    file's metadata."""
+    import timm
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--weights: no such file {path}")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    name = f"{_student_arch(arch)}_224" if arch else meta.get("timm_model")
+    size = img_size or int(meta.get("img_size", 224))
+    if not name:
+        raise ConfigError(f"{path} carries no timm model name in its metadata: give --arch (e.g. vit_base_patch16)")
+    if not timm.is_model(name):
+        raise ConfigError(f"--arch: timm has no model {name!r}")
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size)
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{path} does not load into {name} at img_size {size} with strict keys "
+                          f"({str(e).splitlines()[0]}); check --arch and --img-size") from None
+    return model.eval(), size
+
+
+def random_student(arch: str, img_size: int, seed: int = 0):
+    """An Img2Vec student encoder at its initialisation (the run's starting point for the same arch and seed)."""
+    from train.model import STUDENTS
+
+    arch = _student_arch(arch)
+    if arch not in STUDENTS:
+        raise ConfigError(f"--arch: unknown {arch!r} (choose from {', '.join(STUDENTS)})")
+    if img_size % 16:
+        raise ConfigError(f"--img-size {img_size}: must be a multiple of the patch size 16")
+    torch.manual_seed(seed)
+    return STUDENTS[arch](img_size=img_size, teacher_stride=32 if img_size % 32 == 0 else 16).eval(), img_size
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None, prog: str = "img2vec knn") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="k-NN probe (DINO's weighted vote) of an encoder on labelled "
+                                "WebDataset shards (.cls labels).", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[-3:]))
+    data = p.add_argument_group("data")
+    data.add_argument("--train-shards", metavar="PATTERN", help="memory bank shards, brace pattern")
+    data.add_argument("--val-shards", metavar="PATTERN", help="query shards, brace pattern")
+    data.add_argument("--shards", metavar="PATTERN", help="one set of shards, split by key hash (see --val-fraction)")
+    data.add_argument("--val-fraction", type=float, default=0.2, help="share of --shards used as queries (0.2)")
+    enc = p.add_argument_group("encoder (one of)")
+    enc.add_argument("--run", metavar="RUN_DIR", help="a training run dir or checkpoint dir (latest checkpoint)")
+    enc.add_argument("--weights", metavar="FILE", help="an exported encoder .safetensors (img2vec export)")
+    enc.add_argument("--random", action="store_true",
+                     help="a student at its initialisation: of --run if given, else of --arch/--img-size/--seed")
+    enc.add_argument("--arch", help="student arch, e.g. vit_base_patch16 (default: from --weights' metadata)")
+    enc.add_argument("--img-size", type=int, help="input size (default: the run's / the file's, else 224)")
+    enc.add_argument("--seed", type=int, default=0, help="init seed for --random without --run; split seed")
+    p.add_argument("-k", "--k", type=int, default=20, help="neighbours (20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (0.07)")
+    p.add_argument("--crop-pct", type=float, default=0.875, help="center crop side / short side (0.875)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    if bool(args.shards) == bool(args.train_shards):
+        p.error("give --train-shards and --val-shards, or --shards with --val-fraction")
+    if args.train_shards and not args.val_shards:
+        p.error("--train-shards needs --val-shards (or use --shards with --val-fraction)")
+    if sum(map(bool, (args.run, args.weights, args.random and not args.run))) != 1:
+        p.error("choose one encoder: --run RUN_DIR, --weights FILE, or --random --arch ARCH [--img-size N]")
+    if args.random and not args.run and not args.arch:
+        p.error("--random needs --arch (or --run, for that run's student at its initialisation)")
+    if args.k < 1 or args.temperature <= 0 or not 0 < args.crop_pct <= 1:
+        p.error("-k must be >= 1, --temperature > 0, and --crop-pct in (0, 1]")
+
+    from train.export import ExportError, load_student
+
+    try:
+        if args.run:
+            encoder, info = load_student(args.run, weights=not args.random)
+            img_size, what = info["img_size"], f"{info['arch']} from {info['checkpoint'] or 'init of ' + args.run}"
+        elif args.weights:
+            encoder, img_size = encoder_from_weights(args.weights, args.arch, args.img_size)
+            what = f"{args.weights}"
+        else:
+            encoder, img_size = random_student(args.arch, args.img_size or 224, args.seed)
+            what = f"{args.arch} at random init (seed {args.seed})"
+        if args.img_size and args.img_size != img_size:
+            p.error(f"--img-size {args.img_size}: the encoder was trained at {img_size}")
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        encoder.to(device)
+        result = knn_accuracy(encoder, args.train_shards or args.shards, args.val_shards, img_size, args.k,
+                              args.temperature, args.crop_pct, args.batch_size, args.workers,
+                              args.val_fraction if args.shards else 0.0, args.seed, progress=not args.no_progress)
+    except (ConfigError, ExportError, ShardError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    result = dict(result, encoder=what, img_size=img_size)
+    top5 = f", top-5 {result['top5']:.2f}%" if "top5" in result else ""
+    print(f"k-NN (k={result['k']}, T={result['temperature']}) {what}: top-1 {result['top1']:.2f}%{top5} "
+          f"({result['val_samples']} queries, {result['train_samples']} in the memory bank, "
+          f"{result['classes']} classes, {result['skipped']} skipped)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
