@@ -2,12 +2,19 @@
 
 A codec is a pure transform (`encode` / `decode`) plus the byte compressor both cache formats
 use (numcodecs.Blosc in tars, zarr's BloscCodec in Zarr groups), so a `wds` and a `zarr` cache
-of the same input decode to the same tokens.
+of the same input decode to the same tokens. docs/BENCHMARKS.md measures them all.
 
-- `fp32`      raw float32, uncompressed (the baseline of the codec study)
-- `bf16`      the teacher's 16-bit output, uncompressed
-- `bf16-zstd` lossless for the 16-bit output: bf16 bits, byte shuffle, zstd
-- `u8-zstd`   lossy: per-token affine uint8, |error| <= (max - min) / 510 of that token, bitshuffle, zstd
+- `fp32`       raw float32, uncompressed (the baseline of the codec study)
+- `bf16`       the teacher's 16-bit output, uncompressed
+- `bf16-zstd`  lossless for the 16-bit output: bf16 bits, byte shuffle, zstd (the default)
+- `bf16-lz4`   the same bits with lz4: larger, faster to encode and decode
+- `u8-zstd`    lossy, sized by the paper's metric: per-token uint8 with the coarsest step that keeps the
+               token's cosine >= 0.9995 (at least 16 levels, at most 255; a token 255 linear levels cannot
+               bring there is square-root companded instead), zstd. |error| <= (max - min) / 32 of a token
+- `u8lin-zstd` lossy, the first scheme: per-token affine uint8 over 255 levels, |error| <= (max - min) / 510
+
+Both u8 codecs store `q` [V, T, C] uint8, `lo` and `scale` [V, T] float32 and decode alike:
+y = q * |scale| + lo, and x = y * |y| where scale < 0 (companded token), else x = y.
 """
 from __future__ import annotations
 
@@ -20,6 +27,9 @@ import torch
 
 FORMAT_VERSION = 1
 
+U8_TARGET_COS = 0.9995  # per token; DESIGN's goal is >= 0.999, the margin absorbs teacher run-to-run noise
+U8_MIN_LEVELS = 16      # the coarsest step is (max - min) / 16: |error| <= (max - min) / 32
+
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """fp32 -> bf16 bit patterns (uint16), round to nearest even, as torch does."""
@@ -31,25 +41,113 @@ def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def token_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[..., C] x [..., C] -> cosine per token [...]; two all-zero tokens count as identical."""
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    cos = np.einsum("...c,...c->...", a, b) / np.maximum(na * nb, 1e-30)
+    return np.where((na == 0) & (nb == 0), 1.0, cos)
+
+
+def quantize_u8(tokens: np.ndarray, target_cos: float | None, min_levels: int = U8_MIN_LEVELS):
+    """tokens [N, C] fp32 -> q [N, C] uint8, lo [N], scale [N] (scale < 0: square-root companded).
+
+    target_cos None: 255 levels per token (the first scheme). Else each token gets the coarsest step
+    whose decoded token keeps cosine >= target_cos, between (max - min) / 255 and (max - min) / min_levels.
+    The step is predicted from the token's energy (uniform rounding error: 1 - cos ~ n s^2 / 24 |x|^2 over
+    the n values off the grid), then checked exactly and shrunk for the tokens that miss."""
+    lo = tokens.min(-1)
+    span = tokens.max(-1) - lo
+    flat = span == 0  # constant tokens (all zero included) are exact with any step
+    finest = np.where(flat, 1.0, span / 255).astype(np.float32)
+    if target_cos is None:
+        step = finest
+    else:
+        off_grid = np.count_nonzero(tokens != lo[:, None], axis=-1)
+        energy = np.einsum("nc,nc->n", tokens, tokens)
+        step = np.sqrt(24 * (1 - target_cos) * 0.8 * energy / np.maximum(off_grid, 1))  # 0.8: aim inside
+        step = np.where(flat, 1.0, np.clip(step, finest, span / min_levels)).astype(np.float32)
+    q = np.rint((tokens - lo[:, None]) / step[:, None])
+    if target_cos is not None:
+        cos = token_cosines(q * step[:, None] + lo[:, None], tokens)
+        todo = np.flatnonzero(cos < target_cos)
+        for shrink in (0.7, 0.5, 0.0):  # 0.0: the last round takes the finest step
+            todo = todo[step[todo] > finest[todo]]
+            if not len(todo):
+                break
+            step[todo] = np.maximum(step[todo] * shrink, finest[todo])
+            q[todo] = np.rint((tokens[todo] - lo[todo, None]) / step[todo, None])
+            cos[todo] = token_cosines(q[todo] * step[todo, None] + lo[todo, None], tokens[todo])
+            todo = todo[cos[todo] < target_cos]
+    q = np.clip(q, 0, 255).astype(np.uint8)
+    lo, scale = lo.astype(np.float32), step.astype(np.float32)
+    if target_cos is not None:
+        miss = np.flatnonzero(cos < target_cos)
+        if len(miss):
+            _compand(tokens, q, lo, scale, miss, cos[miss])
+    return q, lo, scale
+
+
+def _compand(tokens, q, lo, scale, miss, cos) -> None:
+    """Tokens that even 255 linear levels leave below the target (a few huge channels): quantize
+    sign(x) sqrt|x| instead, which spends the levels on the many small values; kept where it is better."""
+    t = tokens[miss]
+    y = np.sign(t) * np.sqrt(np.abs(t))
+    ylo = y.min(-1)
+    ystep = ((y.max(-1) - ylo) / 255).astype(np.float32)
+    yq = np.clip(np.rint((y - ylo[:, None]) / ystep[:, None]), 0, 255).astype(np.uint8)
+    better = token_cosines(_uncompand(yq * ystep[:, None] + ylo[:, None]), t) > cos
+    idx = miss[better]
+    q[idx], lo[idx], scale[idx] = yq[better], ylo[better], -ystep[better]
+
+
+def _uncompand(y: np.ndarray) -> np.ndarray:
+    return y * np.abs(y)
+
+
+def dequantize_u8(q: np.ndarray, lo: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """q [..., C] uint8, lo / scale [...] -> tokens [..., C] fp32."""
+    y = q.astype(np.float32) * np.abs(scale)[..., None] + lo[..., None]
+    companded = scale < 0
+    if companded.any():
+        y[companded] = _uncompand(y[companded])
+    return y
+
+
 @dataclass(frozen=True)
 class TokenCodec:
     name: str
-    kind: str                    # "fp32", "bf16", "u8"
-    shuffle: int | None          # Blosc shuffle mode, None = no compression
-    clevel: int = 3
+    kind: str                    # "fp32", "bf16", "u8" (cosine-sized levels), "u8lin" (255 levels)
+    shuffle: int | None          # Blosc shuffle mode of `q`, None = no compression
+    clevel: int = 1              # zstd level 1 with 256 KiB blocks: smaller AND 2-4x faster than level 3 here
+    cname: str = "zstd"
+    blocksize: int = 1 << 18     # bytes per Blosc block (0 = Blosc's choice)
 
     @property
     def lossy(self) -> bool:
-        return self.kind == "u8"
+        return self.kind in ("u8", "u8lin")
 
     @property
     def error_bound(self) -> str:
         return {"fp32": "exact", "bf16": "exact for the teacher's bf16 output (fp32 rounded to bf16)",
-                "u8": "|error| <= (max - min) / 510 per token"}[self.kind]
+                "u8": f"per-token cosine >= {U8_TARGET_COS} wherever 255 levels reach it; "
+                      f"|error| <= (max - min) / {2 * U8_MIN_LEVELS} per token",
+                "u8lin": "|error| <= (max - min) / 510 per token"}[self.kind]
+
+    def max_abs_error(self, tokens: np.ndarray) -> np.ndarray:
+        """The elementwise bound on |decode(encode(tokens)) - tokens| for fp32 tokens [..., C], as
+        `error_bound` states it (no slack for float rounding or teacher noise: callers add theirs)."""
+        span = tokens.max(-1, keepdims=True) - tokens.min(-1, keepdims=True)
+        if self.kind == "u8":
+            return np.broadcast_to(span / (2 * U8_MIN_LEVELS), tokens.shape)
+        if self.kind == "u8lin":
+            return np.broadcast_to(span / 510, tokens.shape)
+        if self.kind == "bf16":
+            return np.abs(tokens) * 2.0 ** -8
+        return np.zeros_like(tokens)
 
     def array_specs(self, views: int, tokens: int, channels: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """Name -> (shape, dtype) of the arrays one sample is stored as."""
-        if self.kind == "u8":
+        if self.lossy:
             return {"q": ((views, tokens, channels), "uint8"), "lo": ((views, tokens), "float32"),
                     "scale": ((views, tokens), "float32")}
         return {"q": ((views, tokens, channels), "uint16" if self.kind == "bf16" else "float32")}
@@ -61,11 +159,9 @@ class TokenCodec:
             return {"q": tokens}
         if self.kind == "bf16":
             return {"q": to_bf16_bits(tokens)}
-        lo = tokens.min(-1)
-        scale = (tokens.max(-1) - lo) / 255.0
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        q = np.rint((tokens - lo[..., None]) / scale[..., None])
-        return {"q": np.clip(q, 0, 255).astype(np.uint8), "lo": lo.astype(np.float32), "scale": scale}
+        q, lo, scale = quantize_u8(tokens.reshape(-1, tokens.shape[-1]), U8_TARGET_COS if self.kind == "u8" else None)
+        return {"q": q.reshape(tokens.shape), "lo": lo.reshape(tokens.shape[:-1]),
+                "scale": scale.reshape(tokens.shape[:-1])}
 
     def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """arrays -> tokens [V, T, C] fp32."""
@@ -74,13 +170,13 @@ class TokenCodec:
             return q.astype(np.float32, copy=False)
         if self.kind == "bf16":
             return from_bf16_bits(q)
-        return q.astype(np.float32) * arrays["scale"][..., None] + arrays["lo"][..., None]
+        return dequantize_u8(q, arrays["lo"], arrays["scale"])
 
     def blosc(self, name: str) -> numcodecs.Blosc | None:
         if self.shuffle is None:
             return None
         shuffle = self.shuffle if name == "q" else numcodecs.Blosc.SHUFFLE
-        return numcodecs.Blosc(cname="zstd", clevel=self.clevel, shuffle=shuffle)
+        return numcodecs.Blosc(cname=self.cname, clevel=self.clevel, shuffle=shuffle, blocksize=self.blocksize)
 
     def to_bytes(self, name: str, array: np.ndarray) -> bytes:
         comp = self.blosc(name)
@@ -96,7 +192,9 @@ CODECS = {c.name: c for c in (
     TokenCodec("fp32", "fp32", None),
     TokenCodec("bf16", "bf16", None),
     TokenCodec("bf16-zstd", "bf16", numcodecs.Blosc.SHUFFLE),
-    TokenCodec("u8-zstd", "u8", numcodecs.Blosc.BITSHUFFLE),
+    TokenCodec("bf16-lz4", "bf16", numcodecs.Blosc.SHUFFLE, clevel=5, cname="lz4"),
+    TokenCodec("u8-zstd", "u8", numcodecs.Blosc.NOSHUFFLE),
+    TokenCodec("u8lin-zstd", "u8lin", numcodecs.Blosc.NOSHUFFLE),
 )}
 
 
