@@ -1,0 +1,155 @@
+"""Shared pieces of the benchmarks: machine description, markdown tables, synthetic sources, teachers,
+and a feature cache written without running the teacher on every view (for the stage-two benches)."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SIZES = (192, 320)  # source images "224-ish": sides drawn in [192, 320], as small ImageNet photos
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"python {platform.python_version()}, {gpu}; 1-min load average at start {load:.1f}")
+
+
+def header(title: str, quick: bool) -> None:
+    print(f"## {title}\n")
+    print(f"- machine: {machine()}")
+    print(f"- command: `python {' '.join(sys.argv)}`{' (quick mode)' if quick else ''}\n")
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+        return str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.s = time.perf_counter() - self.t0
+
+
+# ---------------------------------------------------------------- sources and teachers
+
+def make_source(out: Path, shards: int, per_shard: int, seed: int = 0, classes: int = 8,
+                sizes: tuple[int, int] = IMAGE_SIZES) -> str:
+    """Synthetic JPEG shards `out/src-000000.tar ...` with sides in `sizes`; returns the brace pattern."""
+    from shards.make import write_shards
+    from shards.synthetic import synthetic_samples
+
+    write_shards(synthetic_samples(shards * per_shard, classes=classes, seed=seed, size=sizes), out,
+                 prefix="src", maxcount=per_shard, progress=False)
+    return str(out / f"src-{{000000..{shards - 1:06d}}}.tar")
+
+
+def random_teacher(arch: str = "resnet50", device: str = "cpu", weights: str = "random"):
+    """The project's own teacher as extraction builds it: `weights = "random"` (seed 0) unless a checkpoint is given."""
+    from common.config import Teacher
+    from common.teacher import build_teacher
+
+    return build_teacher(Teacher(arch=arch, weights=weights), device)
+
+
+def recalibrate_bn(teacher, views: torch.Tensor) -> None:
+    """Give a random-init teacher trained-like BatchNorm statistics: reset every BN's running mean/var
+    and recompute them (cumulative average) on `views` (uint8 [N, 3, S, S]). Each BN then normalises
+    its input as a trained network's does, so post-ReLU outputs have a trained-like zero fraction."""
+    model = teacher.model
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    x = (views.float() - teacher.mean) / teacher.std
+    model.train(True)
+    with torch.no_grad():
+        model.forward_features(x)
+    model.train(False)
+
+
+def source_views(n_images: int, views: int, size: int = 224, seed: int = 1) -> tuple[torch.Tensor, list[str]]:
+    """Recorded views of synthetic images, cut as extraction cuts them: uint8 [n_images * views, 3, S, S]."""
+    from common.augment import decode_image, replay_views, sample_views
+    from shards.synthetic import synthetic_samples
+
+    out, keys = [], []
+    for s in synthetic_samples(n_images, classes=8, seed=seed, size=IMAGE_SIZES):
+        img = decode_image(s["image"])
+        records = sample_views(0, s["key"], img.height, img.width, views)
+        out.append(replay_views(img, records, size))
+        keys.append(s["key"])
+    return torch.cat(out), keys
+
+
+def teacher_tokens(teacher, views: torch.Tensor, batch: int = 8) -> np.ndarray:
+    """[N, 3, S, S] uint8 -> tokens [N, T, C] fp32."""
+    with torch.no_grad():
+        return torch.cat([teacher(views[i:i + batch]) for i in range(0, len(views), batch)]).numpy()
+
+
+# ---------------------------------------------------------------- a cache without the teacher in the loop
+
+def write_cache(cache: Path, shards_pattern: str, views: int, codec: str, token_pool: np.ndarray,
+                fingerprint: dict, fmt: str = "wds", size: int = 224, seed: int = 0) -> dict:
+    """A complete feature cache over `shards_pattern` with real recorded views (the same records
+    extraction would make) but tokens drawn from `token_pool` [P, T, C] (P >= views): each sample gets
+    `views` distinct pool entries. Stage two cannot tell it from an extracted cache, and the benches
+    that read it need no teacher forward per view. Returns the manifest."""
+    from common.augment import decode_image, sample_views
+    from common.config import Config
+    from common.stats import TokenStats
+    from shards.features import FeatureShardWriter, finalize_manifest, make_manifest, write_json_atomic
+    from shards.source import expand_shards, iter_samples, shard_name
+
+    cfg = Config()
+    cfg.data.shards = shards_pattern
+    cfg.augment.views, cfg.augment.size, cfg.augment.seed = views, size, seed
+    cfg.cache.path, cfg.cache.codec, cfg.cache.format = str(cache), codec, fmt
+    urls = expand_shards(shards_pattern)
+    token_shape = token_pool.shape[1:]
+    cache.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cache / "manifest.json", make_manifest(cfg, fingerprint, token_shape, urls))
+    rng = np.random.default_rng(seed)
+    a = cfg.augment
+    stats = TokenStats()
+    stats.update(torch.from_numpy(token_pool))
+    for url in urls:
+        from common.codecs import get_codec
+
+        writer = FeatureShardWriter(cache, shard_name(url), fmt, get_codec(codec), views, *token_shape)
+        for s in iter_samples(url):
+            img = decode_image(s["image"])
+            records = sample_views(a.seed, s["key"], img.height, img.width, views, a.scale, a.ratio, a.flip)
+            pick = rng.choice(len(token_pool), views, replace=False)
+            writer.add(s["key"], records, (img.height, img.width), s["cls"], token_pool[pick])
+        writer.commit([], url, stats)
+    return finalize_manifest(cache)

@@ -1,0 +1,192 @@
+"""Extraction pipeline: images/s of run_extraction against the teacher's forward alone on pre-decoded
+batches of the same size, views/s as views per decoded image grow, and the two CPU-side stages that
+bound a GPU extraction (decode + crop producer, encode + write writer). Prints markdown tables.
+
+    python bench/extraction.py [--quick] [--device cuda --images 2048 --batch 128 --workers 8]
+
+Teacher: timm resnet50 with random weights (what `teacher.weights = "random"` builds), 224 px views
+of synthetic JPEGs of 192-320 px sides.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import header, make_source, median, random_teacher, table
+
+from common.augment import decode_image, replay_views, sample_views
+from common.codecs import get_codec
+from common.config import Config
+from common.stats import TokenStats
+from extract.pipeline import ViewBatches, run_extraction
+from shards.features import FeatureShardWriter
+from shards.source import expand_shards, iter_samples
+
+
+def config(pattern: str, cache: Path, views: int, batch: int, workers: int, codec: str, device: str) -> Config:
+    cfg = Config()
+    cfg.data.shards, cfg.data.workers = pattern, workers
+    cfg.augment.views = views
+    cfg.teacher.arch, cfg.teacher.weights = "resnet50", "random"
+    cfg.cache.path, cfg.cache.codec = str(cache), codec
+    cfg.extract.batch_size, cfg.extract.device = batch, device
+    return cfg
+
+
+def predecoded(pattern: str, views: int, batch: int) -> list[torch.Tensor]:
+    """The exact views extraction makes, decoded and cut beforehand: batches uint8 [batch * V, 3, 224, 224]."""
+    out = []
+    for url in expand_shards(pattern):
+        for s in iter_samples(url):
+            img = decode_image(s["image"])
+            out.append(replay_views(img, sample_views(0, s["key"], img.height, img.width, views), 224))
+    return [torch.cat(out[i:i + batch]) for i in range(0, len(out), batch)]
+
+
+def teacher_alone(teacher, batches: list[torch.Tensor], device: str) -> float:
+    """Seconds of the teacher's forward over pre-decoded batches (moved to the device beforehand)."""
+    batches = [b.to(device) for b in batches]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    with torch.no_grad():
+        teacher(batches[0])  # warm-up at the measured shape (oneDNN / cudnn plans, allocator)
+        sync()
+        t0 = time.perf_counter()
+        for b in batches:
+            teacher(b)
+        sync()
+    return time.perf_counter() - t0
+
+
+def extraction(pattern: str, tmp: Path, tag: str, views: int, batch: int, workers: int, codec: str,
+               device: str) -> dict:
+    return run_extraction(config(pattern, tmp / f"cache-{tag}", views, batch, workers, codec, device), progress=False)
+
+
+def producer_rate(pattern: str, views: int) -> float:
+    """Views/s of ViewBatches alone (read, decode once, cut V views), one process, one torch thread."""
+    cfg = config(pattern, Path("unused"), views, 16, 0, "bf16-zstd", "cpu")
+    t0, n = time.perf_counter(), 0
+    for item in ViewBatches(expand_shards(pattern), cfg):
+        n += item["views"].shape[0] * item["views"].shape[1]
+    return n / (time.perf_counter() - t0)
+
+
+def writer_rate(tmp: Path, codec: str, tokens: np.ndarray, samples: int) -> float:
+    """Views/s of FeatureShardWriter.add (encode + checksum + tar write) on one thread, as the writer thread."""
+    views = tokens.shape[0]
+    name = f"writer-{codec}-{time.monotonic_ns()}"
+    w = FeatureShardWriter(tmp, name, "wds", get_codec(codec), views, *tokens.shape[1:])
+    records = np.zeros((views, 5), np.int32)
+    t0 = time.perf_counter()
+    for i in range(samples):
+        w.add(f"k{i:06d}", records, (224, 224), 0, tokens)
+    dt = time.perf_counter() - t0
+    w.commit([], "bench", TokenStats())  # (abort() leaves tarfile complaining at exit)
+    return samples * views / dt
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer images, views 1 and 4 only (about a minute)")
+    p.add_argument("--images", help="image counts of the one-view comparison (default 16,64; quick 8,24): two "
+                   "counts separate the fixed cost of a run from the per-image rate")
+    p.add_argument("--batch", type=int, default=4, help="extract.batch_size (images per teacher batch)")
+    p.add_argument("--workers", type=int, default=1, help="data.workers")
+    p.add_argument("--rounds", type=int, help="interleaved extraction / teacher-alone rounds (default 3, quick 2)")
+    p.add_argument("--views", help="views per image of the sweep (default 1,2,4,8; quick 1,4)")
+    p.add_argument("--sweep-images", type=int, help="images per sweep point (default 8, quick 2)")
+    p.add_argument("--sweep-rounds", type=int, help="interleaved rounds of the sweep (default 2, quick 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the teacher (default 1: on a small "
+                   "shared CPU, more threads than free cores make timings erratic; 0 = torch's default)")
+    p.add_argument("--codec", default="bf16-zstd")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    counts = [int(n) for n in (args.images or ("8,24" if args.quick else "16,64")).split(",")]
+    rounds = args.rounds or (2 if args.quick else 3)
+    sweep = [int(v) for v in (args.views or ("1,4" if args.quick else "1,2,4,8")).split(",")]
+    sweep_images = args.sweep_images or (2 if args.quick else 8)
+    sweep_rounds = args.sweep_rounds or (1 if args.quick else 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    header("Extraction pipeline vs the teacher alone", args.quick)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    atexit.register(shutil.rmtree, tmp, True)  # caches and runs can take hundreds of MB
+    teacher = random_teacher(device=args.device)
+    sources = {n: make_source(tmp / f"src{n}", 1, n) for n in counts}  # the first images of each are the same
+    batches = {n: predecoded(sources[n], 1, args.batch) for n in counts}
+    t_ext = {n: [] for n in counts}
+    t_alone = {n: [] for n in counts}
+    for r in range(rounds):  # interleaved
+        for n in counts:
+            t_ext[n].append(extraction(sources[n], tmp, f"v1-{n}-{r}", 1, args.batch, args.workers, args.codec,
+                                       args.device)["seconds"])
+            t_alone[n].append(teacher_alone(teacher, batches[n], args.device))
+    print(f"1 view per image, extract.batch_size {args.batch}, data.workers {args.workers}, codec `{args.codec}`, "
+          f"device {args.device}, {torch.get_num_threads()} torch thread(s); run_extraction's own seconds (from its "
+          f"first batch request to the last shard committed; teacher construction excluded); median of {rounds} "
+          f"interleaved rounds (ratio: median of the per-round ratios).\n")
+    rows = []
+    for n in counts:
+        ratios = [a / b for a, b in zip(t_alone[n], t_ext[n])]
+        rows.append([f"{n} images", f"{n / median(t_alone[n]):.2f}", f"{n / median(t_ext[n]):.2f}",
+                     f"{median(ratios):.2f}", "yes" if median(ratios) >= 0.9 else "no"])
+    if len(counts) > 1:
+        lo, hi = counts[0], counts[-1]
+        d_ext = [b - a for a, b in zip(t_ext[lo], t_ext[hi])]
+        d_alone = [b - a for a, b in zip(t_alone[lo], t_alone[hi])]
+        ratios = [a / b for a, b in zip(d_alone, d_ext)]
+        rows.append([f"per-image rate between {lo} and {hi} images (fixed costs removed)",
+                     f"{(hi - lo) / median(d_alone):.2f}", f"{(hi - lo) / median(d_ext):.2f}", f"{median(ratios):.2f}",
+                     "yes" if median(ratios) >= 0.9 else "no"])
+        fixed = [e - lo * de / (hi - lo) for e, de in zip(t_ext[lo], d_ext)]
+        print(f"Fixed cost of a run_extraction call beyond its per-image work: {median(fixed):.2f} s (DataLoader "
+              f"worker start, first batch latency, shard commit with fsync and sha256, manifest).\n")
+    print(table(["images", "teacher alone, images/s", "run_extraction, images/s", "ratio", ">= 0.9"], rows))
+
+    b = args.batch
+    print(f"### Views per decoded image: {sweep_images} images per point, extract.batch_size {b} images "
+          f"(x V views per teacher batch), median of {sweep_rounds} interleaved round(s)\n")
+    spattern = make_source(tmp / "sweep", 1, sweep_images, seed=5)
+    res = {v: ([], [], []) for v in sweep}
+    for r in range(sweep_rounds):
+        for v in sweep:
+            s = extraction(spattern, tmp, f"sweep-v{v}-{r}", v, b, args.workers, args.codec, args.device)
+            vps = s["views"] / s["seconds"]
+            vps_alone = sweep_images * v / teacher_alone(teacher, predecoded(spattern, v, b), args.device)
+            res[v][0].append(s["images_per_s"])
+            res[v][1].append(vps)
+            res[v][2].append(vps_alone)
+    rows = [[v, f"{median(a):.2f}", f"{median(e):.2f}", f"{median(t):.2f}",
+             f"{median([x / y for x, y in zip(e, t)]):.2f}"] for v, (a, e, t) in res.items()]
+    print(table(["views per image", "images/s", "views/s, run_extraction", "views/s, teacher alone", "ratio"], rows))
+
+    n_prod = 32 if args.quick else 64
+    ppattern = make_source(tmp / "producer", 1, n_prod, seed=7)
+    with torch.no_grad():  # one sample of 10 real views for the writer
+        real = teacher(predecoded(ppattern, 1, 10)[0].to(args.device)).cpu().numpy()
+    torch.set_num_threads(1)  # as in a DataLoader worker / the writer thread
+    print(f"### The CPU side a GPU extraction has to keep up with (one core each, {n_prod} images)\n")
+    rows = []
+    base = None
+    for v in sorted(set(sweep) | {1, 2, 4, 8}):
+        rate = median([producer_rate(ppattern, v) for _ in range(3)])
+        base = base or rate
+        rows.append([v, f"{rate:.0f}", f"{rate / v:.0f}", f"{rate / base:.2f}x"])
+    print("Producer (one DataLoader worker's work: read shard, decode each image once, cut V views):\n")
+    print(table(["views per image", "views/s per worker", "images/s per worker", "views/s vs 1 view"], rows))
+    rows = []
+    for codec in ("bf16-zstd", "bf16-lz4", "u8-zstd", "u8lin-zstd", "bf16", "fp32"):
+        rows.append([f"`{codec}`", f"{median([writer_rate(tmp, codec, real, 8) for _ in range(3)]):.0f}"])
+    print("Writer thread (FeatureShardWriter.add: encode, checksum, tar write; samples of 10 ResNet-50 views):\n")
+    print(table(["codec", "views/s on one thread"], rows))
+
+
+if __name__ == "__main__":
+    main()
