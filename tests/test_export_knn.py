@@ -186,3 +186,30 @@ def test_knn_command_errors(tmp_path, extracted, capsys):
     assert "missing-0.tar" in capsys.readouterr().err
     assert knn_main(["--shards", pattern, "--random", "--arch", "vit_huge_patch99", "--no-progress"]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_ddp_prefixed_checkpoint_exports_the_same(tmp_path, run_dir):
+    """Under DDP, accelerate's save_state keeps the wrapper's `module.` prefix."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    ckpt = resolve_checkpoint(run)[0]
+    sd = load_file(str(ckpt / "model.safetensors"))
+    save_file({f"module.{k}": v for k, v in sd.items()}, str(ckpt / "model.safetensors"))
+    a, b = export_encoder(run, tmp_path / "a.safetensors"), export_encoder(run_dir, tmp_path / "b.safetensors")
+    wa, wb = load_file(a["out"]), load_file(b["out"])
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_init_of_a_run_is_the_student_it_started_from(tmp_path, extracted):
+    """`load_student(run, weights=False)` (knn --random --run) rebuilds the run's starting point: a step
+    with lr 0 leaves the weights where they started."""
+    from train.loop import main as train_main
+
+    config, _ = extracted
+    run = tmp_path / "run"
+    assert train_main(["--config", str(config), "--set", f'train.run_dir="{run}"', "--set", "train.max_steps=1",
+                       "--set", "train.lr=0.0", "--no-progress"]) == 0
+    trained, init = load_student(run)[0].encoder_state_dict(), load_student(run, weights=False)[0].encoder_state_dict()
+    assert all(torch.equal(trained[k], init[k]) for k in trained)

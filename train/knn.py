@@ -223,7 +223,7 @@ def random_student(arch: str, img_size: int, seed: int = 0):
 def main(argv: list[str] | None = None, prog: str = "img2vec knn") -> int:
     p = argparse.ArgumentParser(prog=prog, description="k-NN probe (DINO's weighted vote) of an encoder on labelled "
                                 "WebDataset shards (.cls labels).", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[-3:]))
+                                epilog="examples:\n" + "\n".join(__doc__.splitlines()[-3:]))
     data = p.add_argument_group("data")
     data.add_argument("--train-shards", metavar="PATTERN", help="memory bank shards, brace pattern")
     data.add_argument("--val-shards", metavar="PATTERN", help="query shards, brace pattern")
