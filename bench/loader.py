@@ -46,25 +46,14 @@ class FloorViews(IterableDataset):
         info = get_worker_info()
         slot = r.rank * r.workers + (info.id if info else 0)
         rng = random.Random(data._seed(r.seed, r.epoch, slot, "buffer"))
-        quota, made, batch, buffer = r.plan.quotas[slot], 0, [], []
+        quota, made, batch = r.plan.quotas[slot], 0, []
 
         def pairs():
             for name in r.plan.slots[slot]:
                 for s in iter_samples(r.urls[name]):
                     yield s["key"], s["image"]
 
-        def shuffled():
-            for pair in pairs():
-                if len(buffer) < r.shuffle_buffer:
-                    buffer.append(pair)
-                    continue
-                i = rng.randrange(len(buffer))
-                buffer[i], pair = pair, buffer[i]
-                yield pair
-            rng.shuffle(buffer)
-            yield from buffer
-
-        for key, image in shuffled():
+        for key, image in data.shuffle_buffer(pairs(), r.shuffle_buffer, rng):
             if made == quota:
                 return
             batch.append((key, augment.replay(augment.decode_image(image), self.records[key], r.size)))

@@ -166,9 +166,13 @@ class FeatureShardWriter:
                 self._group[name].append(np.stack([s[name] for s in self._buffer]), axis=0)
             self._buffer = []
 
+    def _close_tar(self) -> None:
+        self._tar.close()   # TarWriter leaves a file it was given open:
+        self._file.close()  # close it, so nothing sits in Python's buffer at fsync and hash time
+
     def commit(self, skipped: list[dict], source: str, stats: TokenStats) -> dict:
         if self.fmt == "wds":
-            self._tar.close()
+            self._close_tar()
         else:
             self._flush()
             self._group.attrs["keys"] = self._keys
@@ -184,7 +188,7 @@ class FeatureShardWriter:
 
     def abort(self) -> None:
         if self.fmt == "wds":
-            self._file.close()
+            self._close_tar()
         shutil.rmtree(self.tmp, ignore_errors=True) if self.tmp.is_dir() else self.tmp.unlink(missing_ok=True)
 
 

@@ -89,6 +89,20 @@ def _round_robin(quotas: list[int], start: int) -> tuple[list[int], int]:
     return done, w
 
 
+def shuffle_buffer(items, size: int, rng: random.Random):
+    """WebDataset-style shuffle: fill a buffer of `size`, then emit a random element for each new one."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(len(buffer))
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
 class CachedViews(IterableDataset):
     """Batches `{"images": uint8 [B, 3, S, S], "tokens": fp32 [B, T, C] or None, "keys"}` for one rank and epoch."""
 
@@ -168,17 +182,7 @@ class CachedViews(IterableDataset):
 
     def _shuffled(self, names: list[str], slot: int):
         rng = random.Random(_seed(self.seed, self.epoch, slot, "buffer"))
-        buffer = []
-        for name in names:
-            for pair in self._pairs(name):
-                if len(buffer) < self.shuffle_buffer:
-                    buffer.append(pair)
-                    continue
-                i = rng.randrange(len(buffer))
-                buffer[i], pair = pair, buffer[i]
-                yield pair
-        rng.shuffle(buffer)
-        yield from buffer
+        return shuffle_buffer((pair for name in names for pair in self._pairs(name)), self.shuffle_buffer, rng)
 
     def _decode(self, key: str, image: bytes, record, arrays):
         pixels = replay(decode_image(image), record, self.size)
