@@ -1,4 +1,4 @@
-"""Token codecs: teacher tokens [V, T, C] (fp32) <-> a few small arrays, then a Blosc byte compressor.
+"""Token codecs: teacher tokens [T, C] (fp32) of one view <-> one packed array, then a Blosc byte compressor.
 
 A codec is a pure transform (`encode` / `decode`) plus the byte compressor both cache formats
 use (numcodecs.Blosc in tars, zarr's BloscCodec in Zarr groups), so a `wds` and a `zarr` cache
@@ -13,8 +13,9 @@ of the same input decode to the same tokens. docs/BENCHMARKS.md measures them al
                bring there is square-root companded instead), zstd. |error| <= (max - min) / 32 of a token
 - `u8lin-zstd` lossy, the first scheme: per-token affine uint8 over 255 levels, |error| <= (max - min) / 510
 
-Both u8 codecs store `q` [V, T, C] uint8, `lo` and `scale` [V, T] float32 and decode alike:
-y = q * |scale| + lo, and x = y * |y| where scale < 0 (companded token), else x = y.
+Both u8 codecs store `q` [T, C] uint8 per view with each token's `lo` and `scale` (float32) packed
+as 8 trailing bytes of its row, and decode alike: y = q * |scale| + lo, and x = y * |y| where scale < 0
+(companded token), else x = y.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numcodecs
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: view-major tokens, a per-sample index (shards/features.py)
 
 U8_TARGET_COS = 0.9995  # per token; DESIGN's goal is >= 0.999, the margin absorbs teacher run-to-run noise
 U8_MIN_LEVELS = 16      # the coarsest step is (max - min) / 16: |error| <= (max - min) / 32
@@ -145,45 +146,46 @@ class TokenCodec:
             return np.abs(tokens) * 2.0 ** -8
         return np.zeros_like(tokens)
 
-    def array_specs(self, views: int, tokens: int, channels: int) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Name -> (shape, dtype) of the arrays one sample is stored as."""
+    def packed_spec(self, tokens: int, channels: int) -> tuple[tuple[int, int], str]:
+        """(shape, dtype) of one stored view. u8 codecs pack each token's `lo` and `scale` (float32) as
+        8 trailing bytes of its row, so a view is ONE array: one read, one checksum, one Zarr chunk."""
         if self.lossy:
-            return {"q": ((views, tokens, channels), "uint8"), "lo": ((views, tokens), "float32"),
-                    "scale": ((views, tokens), "float32")}
-        return {"q": ((views, tokens, channels), "uint16" if self.kind == "bf16" else "float32")}
+            return (tokens, channels + 8), "uint8"
+        return (tokens, channels), "uint16" if self.kind == "bf16" else "float32"
 
-    def encode(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        """tokens [V, T, C] fp32 -> arrays."""
+    def encode(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens [..., T, C] fp32 -> packed [..., T, C'] (see packed_spec)."""
         tokens = np.ascontiguousarray(tokens, np.float32)
         if self.kind == "fp32":
-            return {"q": tokens}
+            return tokens
         if self.kind == "bf16":
-            return {"q": to_bf16_bits(tokens)}
+            return to_bf16_bits(tokens)
         q, lo, scale = quantize_u8(tokens.reshape(-1, tokens.shape[-1]), U8_TARGET_COS if self.kind == "u8" else None)
-        return {"q": q.reshape(tokens.shape), "lo": lo.reshape(tokens.shape[:-1]),
-                "scale": scale.reshape(tokens.shape[:-1])}
+        side = np.stack([lo, scale], -1).view(np.uint8)  # [N, 8]
+        return np.concatenate([q, side], -1).reshape(*tokens.shape[:-1], tokens.shape[-1] + 8)
 
-    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        """arrays -> tokens [V, T, C] fp32."""
-        q = arrays["q"]
+    def decode(self, packed: np.ndarray) -> np.ndarray:
+        """packed [..., T, C'] -> tokens [..., T, C] fp32."""
         if self.kind == "fp32":
-            return q.astype(np.float32, copy=False)
+            return packed.astype(np.float32, copy=False)
         if self.kind == "bf16":
-            return from_bf16_bits(q)
-        return dequantize_u8(q, arrays["lo"], arrays["scale"])
+            return from_bf16_bits(packed)
+        side = np.ascontiguousarray(packed[..., -8:]).view(np.float32)  # [..., T, 2]
+        return dequantize_u8(packed[..., :-8], side[..., 0], side[..., 1])
 
-    def blosc(self, name: str) -> numcodecs.Blosc | None:
+    def blosc(self) -> numcodecs.Blosc | None:
         if self.shuffle is None:
             return None
-        shuffle = self.shuffle if name == "q" else numcodecs.Blosc.SHUFFLE
-        return numcodecs.Blosc(cname=self.cname, clevel=self.clevel, shuffle=shuffle, blocksize=self.blocksize)
+        return numcodecs.Blosc(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle, blocksize=self.blocksize)
 
-    def to_bytes(self, name: str, array: np.ndarray) -> bytes:
-        comp = self.blosc(name)
-        return bytes(comp.encode(np.ascontiguousarray(array))) if comp else np.ascontiguousarray(array).tobytes()
+    def compress(self, packed: np.ndarray) -> bytes:
+        """One packed view -> the bytes a wds cache stores (Blosc, or raw)."""
+        comp = self.blosc()
+        return bytes(comp.encode(np.ascontiguousarray(packed))) if comp else np.ascontiguousarray(packed).tobytes()
 
-    def from_bytes(self, name: str, data: bytes, shape, dtype) -> np.ndarray:
-        comp = self.blosc(name)
+    def decompress(self, data: bytes, tokens: int, channels: int) -> np.ndarray:
+        shape, dtype = self.packed_spec(tokens, channels)
+        comp = self.blosc()
         raw = comp.decode(data) if comp else data
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
@@ -206,9 +208,6 @@ def get_codec(name: str) -> TokenCodec:
     return CODECS[name]
 
 
-def arrays_crc32(arrays: dict[str, np.ndarray]) -> int:
-    """Checksum of one sample's stored arrays, in name order; recorded per key, checked on read."""
-    crc = 0
-    for name in sorted(arrays):
-        crc = zlib.crc32(np.ascontiguousarray(arrays[name]).tobytes(), crc)
-    return crc
+def view_crc32(packed: np.ndarray) -> int:
+    """Checksum of one stored view (its packed array, the same in both formats); recorded, checked on read."""
+    return zlib.crc32(np.ascontiguousarray(packed).data)

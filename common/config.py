@@ -90,7 +90,8 @@ class Train:
     grad_accum: int = 1
     clip_grad: float = 3.0                 # 0 = off
     workers: int = 4
-    shuffle_buffer: int = 1000
+    reader: str = "auto"                   # "auto", "random" (local tars, global shuffle) or "stream" (pipe:)
+    shuffle_buffer: int = 1000             # stream reader only
     seed: int = 0
     checkpoint_every: int = 1000           # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 2
@@ -122,6 +123,7 @@ CHOICES = {
     "loss.target_norm": ("none", "layernorm", "channel"),
     "train.targets": ("cache", "online"),
     "train.on_corrupt": ("error", "skip"),
+    "train.reader": ("auto", "random", "stream"),
     "teacher.dtype": ("bfloat16", "float16", "float32"),
 }
 

@@ -106,9 +106,10 @@ def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Fro
     import timm
 
     try:
-        if cfg.weights == "random":
-            torch.manual_seed(cfg.seed)  # every rank and every rerun builds the same random teacher
-        model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, global_pool="")
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG is neither reset nor consumed
+            if cfg.weights == "random":
+                torch.manual_seed(cfg.seed)  # every rank and every rerun builds the same random teacher
+            model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, global_pool="")
     except RuntimeError as e:
         raise ConfigError(f"teacher.arch: {e}") from None
     if cfg.weights != "random":
@@ -127,8 +128,11 @@ def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Fro
         model.load_state_dict(sd, strict=True)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[cfg.dtype]
     teacher = FrozenTeacher(model, cfg.layer, dtype).to(device)
+    on_gpu = torch.device(device).type == "cuda"
     teacher.fingerprint = {"arch": cfg.arch, "layer": cfg.layer, "weights": cfg.weights,
-                           "sha256": state_dict_sha256(model.state_dict())}
+                           "sha256": state_dict_sha256(model.state_dict()),
+                           # the effective precision: autocast runs on a GPU only, a CPU computes in fp32
+                           "precision": cfg.dtype if on_gpu else "float32"}
     if str(device).startswith("cuda"):
         teacher.model.to(memory_format=torch.channels_last)
     return teacher

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,15 +27,17 @@ from common.teacher import build_teacher
 from shards.features import (
     CacheError,
     FeatureShardWriter,
+    Lease,
     finalize_manifest,
     make_manifest,
     manifest_differences,
     read_manifest,
     read_record,
+    record_problems,
     remove_partial,
     write_json_atomic,
 )
-from shards.source import ShardError, expand_shards, iter_samples, rank_and_world, rank_shards, shard_name
+from shards.source import ShardError, expand_shards, is_seekable, iter_samples, rank_and_world, rank_shards, shard_names
 
 
 def pick_device(name: str) -> torch.device:
@@ -51,8 +54,8 @@ class ViewBatches(IterableDataset):
     """Batches of up to `batch_size` images of one shard, each image decoded once and cut into its
     recorded views. Every shard ends with an item whose `last` is True (and `error` if it broke)."""
 
-    def __init__(self, urls: list[str], cfg: Config):
-        self.urls, self.a, self.batch_size = urls, cfg.augment, cfg.extract.batch_size
+    def __init__(self, urls: list[str], names: dict[str, str], cfg: Config):
+        self.urls, self.names, self.a, self.batch_size = urls, names, cfg.augment, cfg.extract.batch_size
 
     def __iter__(self):
         info = get_worker_info()
@@ -62,11 +65,11 @@ class ViewBatches(IterableDataset):
 
     def _batch(self, url, rows, skipped, last, error=None):
         a = self.a
-        return {"shard": shard_name(url), "source": url, "keys": [r[0] for r in rows],
+        return {"shard": self.names[url], "source": url, "keys": [r[0] for r in rows],
                 "records": np.stack([r[1] for r in rows]) if rows else np.zeros((0, a.views, 5), np.int32),
                 "views": torch.stack([r[2] for r in rows]) if rows else torch.zeros(0, a.views, 3, a.size, a.size,
                                                                                     dtype=torch.uint8),
-                "src_hw": [r[3] for r in rows], "cls": [r[4] for r in rows],
+                "src_hw": [r[3] for r in rows], "cls": [r[4] for r in rows], "src": [r[5] for r in rows],
                 "skipped": skipped, "last": last, "error": error}
 
     def shard_batches(self, url: str):
@@ -74,17 +77,23 @@ class ViewBatches(IterableDataset):
         rows, skipped = [], []
         try:
             for s in iter_samples(url):
+                if s["duplicate"]:
+                    skipped.append({"key": s["key"], "reason": "duplicate key: the shard holds this key twice; "
+                                                               "only its first sample is used"})
+                    continue
                 if s["image"] is None:
                     skipped.append({"key": s["key"], "reason": "no image entry (.jpg/.jpeg/.png/.webp)"})
                     continue
                 try:
-                    fault_point("decode", shard_name(url))
+                    fault_point("decode", self.names[url])
                     img = decode_image(s["image"])
                 except Exception as e:  # noqa: BLE001 - a bad sample is data, not a crash
                     skipped.append({"key": s["key"], "reason": f"{type(e).__name__}: {e}"[:300]})
                     continue
                 records = sample_views(a.seed, s["key"], img.height, img.width, a.views, a.scale, a.ratio, a.flip)
-                rows.append((s["key"], records, replay_views(img, records, a.size), (img.height, img.width), s["cls"]))
+                src = {"offset": s["offset"], "size": len(s["image"]), "crc": zlib.crc32(s["image"])}
+                rows.append((s["key"], records, replay_views(img, records, a.size), (img.height, img.width), s["cls"],
+                             src))
                 if len(rows) == self.batch_size:
                     yield self._batch(url, rows, skipped, last=False)
                     rows, skipped = [], []
@@ -103,11 +112,11 @@ class ShardJob:
         self.skipped: list[dict] = []
         self.stats = TokenStats()
 
-    def add(self, keys, records, src_hw, cls, tokens: np.ndarray, skipped) -> None:
+    def add(self, keys, records, src, src_hw, cls, tokens: np.ndarray, skipped) -> None:
         if self.writer is None:
             self.writer = FeatureShardWriter(*self.args)
         for i, key in enumerate(keys):
-            self.writer.add(key, records[i], src_hw[i], cls[i], tokens[i])
+            self.writer.add(key, records[i], src[i], src_hw[i], cls[i], tokens[i])
         self.skipped += skipped
         if keys:
             fault_point("write", self.args[1])
@@ -115,7 +124,8 @@ class ShardJob:
     def commit(self) -> dict:
         if self.writer is None:
             self.writer = FeatureShardWriter(*self.args)
-        return self.writer.commit(self.skipped, self.source, self.stats)
+        seekable = is_seekable(self.source)
+        return self.writer.commit(self.skipped, self.source, self.stats, seekable)
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -142,6 +152,7 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
     if cfg.augment.views < 1 or cfg.extract.batch_size < 1:
         raise ConfigError("augment.views and extract.batch_size must be >= 1")
     urls = expand_shards(cfg.data.shards)
+    names = dict(zip(urls, shard_names(urls)))  # unique, or a ConfigError naming the URLs, before any work
     rank, world = rank_and_world(cfg.extract.rank, cfg.extract.world_size)
     device = pick_device(cfg.extract.device)
     teacher = build_teacher(cfg.teacher, device)
@@ -152,21 +163,48 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
     faults.MAIN_PID = os.getpid()
 
     mine = rank_shards(urls, rank, world)
-    pending = [u for u in mine if read_record(cache, shard_name(u)) is None]
+    pending = [u for u in mine if not complete(cache, names[u])]
     already = len(mine) - len(pending)
     if cfg.extract.limit:
         pending = pending[:cfg.extract.limit]
-    for u in pending:
-        remove_partial(cache, shard_name(u), cfg.cache.format)
+    leases, busy = {}, []
+    for u in pending:  # a shard another live job holds is left to it; one of a dead job is taken over
+        lease = Lease(cache, names[u])
+        if lease.acquire():
+            leases[names[u]] = lease
+            remove_partial(cache, names[u])
+        else:
+            h = lease.holder()
+            busy.append(f"{names[u]} (held by {h.get('host')} pid {h.get('pid')}; delete {lease.path} if that "
+                        "job is dead)")
+    pending = [u for u in pending if names[u] in leases]
+    try:
+        result = _extract(cfg, cache, pending, names, teacher, token_shape, device, progress, f"{rank}/{world}")
+    finally:
+        for lease in leases.values():
+            lease.release()
+    manifest = finalize_manifest(cache)
+    return {"rank": rank, "world_size": world, "shards_mine": len(mine), "shards_already_complete": already,
+            "shards_busy_elsewhere": busy, **result, "cache_complete": manifest is not None,
+            "token_diversity": manifest["stats"]["token_diversity"] if manifest else None}
 
-    loader = DataLoader(ViewBatches(pending, cfg), batch_size=None, num_workers=min(cfg.data.workers, len(pending)),
+
+def complete(cache: Path, name: str) -> bool:
+    """Recorded, and every recorded file there with its recorded size (else it is redone)."""
+    record = read_record(cache, name)
+    return record is not None and not record_problems(cache, name, record)
+
+
+def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str], teacher, token_shape, device,
+             progress: bool, rank: str) -> dict:
+    loader = DataLoader(ViewBatches(pending, names, cfg), batch_size=None, num_workers=min(cfg.data.workers, len(pending)),
                         pin_memory=device.type == "cuda")
     jobs: dict[str, ShardJob] = {}
     inflight: list[Future] = []
     done, failed, images, skipped = 0, [], 0, 0
     t0 = time.time()
     bar = tqdm(total=None, unit="img", disable=not progress, dynamic_ncols=True,
-               desc=f"extract rank {rank}/{world}")
+               desc=f"extract rank {rank}")
     with ThreadPoolExecutor(1, thread_name_prefix="writer") as pool:
         for item in loader:
             name = item["shard"]
@@ -177,10 +215,10 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
                 tokens = teacher(views)                                                # [b*V, T, C]
                 job.stats.update(tokens)
                 tokens = tokens.view(b, cfg.augment.views, *token_shape).cpu().numpy()
-                inflight.append(pool.submit(job.add, item["keys"], item["records"], item["src_hw"], item["cls"],
-                                            tokens, item["skipped"]))
+                inflight.append(pool.submit(job.add, item["keys"], item["records"], item["src"], item["src_hw"],
+                                            item["cls"], tokens, item["skipped"]))
             elif item["skipped"]:
-                inflight.append(pool.submit(job.add, [], None, [], [], None, item["skipped"]))
+                inflight.append(pool.submit(job.add, [], None, [], [], [], None, item["skipped"]))
             images += b
             skipped += len(item["skipped"])
             if item["last"]:
@@ -201,11 +239,6 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
             f.result()
     bar.close()
     elapsed = time.time() - t0
-    manifest = finalize_manifest(cache)
-    return {"rank": rank, "world_size": world, "shards_mine": len(mine), "shards_done": done,
-            "shards_already_complete": already,
-            "shards_failed": failed, "images": images, "views": images * cfg.augment.views,
+    return {"shards_done": done, "shards_failed": failed, "images": images, "views": images * cfg.augment.views,
             "skipped_samples": skipped, "seconds": round(elapsed, 2),
-            "images_per_s": round(images / elapsed, 2) if elapsed > 0 else 0.0,
-            "cache_complete": manifest is not None,
-            "token_diversity": manifest["stats"]["token_diversity"] if manifest else None}
+            "images_per_s": round(images / elapsed, 2) if elapsed > 0 else 0.0}

@@ -1,14 +1,20 @@
-"""Feature shards (WebDataset tar or Zarr v3 group), their completion records, and the cache manifest.
+"""Feature shards (cache format 2): view-major token files, a per-sample index, completion records, manifest.
 
-Layout of a cache directory:
+Layout of a cache directory, one feature shard per source shard:
 
-    manifest.json          teacher fingerprint, view recipe, codec, format version, shard list, stats
-    <name>.tar | <name>.zarr   one feature shard per source shard, same keys in the same order
-    <name>.done.json       completion record: samples, per-key crc32, skipped keys + reasons, sha256, stats
+    manifest.json              teacher fingerprint, view recipe, codec, format version, shard list, stats
+    <name>/index.npy           one row per sample (INDEX_FIELDS): key, label, where the image lives in its
+                               source tar (data offset, size, crc32), decoded size, the V view records,
+                               and per view where its tokens lie (offset, size) and their crc32
+    <name>/v00.tar ... vNN.tar (wds) one tar per view: member `<key>.tokens` = one compressed packed view
+    <name>/tokens.zarr         (zarr) array [V, N, T, C'], one inner chunk per (view, sample), Zarr v3
+                               sharding codec with SHARD_SAMPLES samples of one view per shard file
+    <name>.done.json           completion record: samples, skipped keys + reasons, files (size, sha256), stats
+    <name>.lock                lease of the extraction process working on the shard (absent when idle)
 
-A shard is written under a temporary name, fsynced, renamed, and only then recorded; a shard
-without a record is never read. A sample is `{"key", "views" [V,5] int32, "src_hw" [2], "cls",
-"arrays" (codec arrays)}`.
+Reading one view of a sample reads that view's bytes only (plus 16 bytes of shard index per sample in
+zarr), so an epoch reads ~1/V of the cache. A shard directory is written under a temporary name,
+fsynced and renamed in one step; only then is it recorded, and nothing without a record is read.
 """
 from __future__ import annotations
 
@@ -16,20 +22,33 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import socket
+import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 
-from common.codecs import FORMAT_VERSION, TokenCodec, arrays_crc32, get_codec
+from common.codecs import FORMAT_VERSION, TokenCodec, get_codec, view_crc32
 from common.faults import fault_point
 from common.stats import TokenStats
 
-ZARR_CHUNK = 16  # samples per Zarr chunk: one file per 16 samples, not per sample
+SHARD_SAMPLES = 256  # zarr: samples of one view per shard file (its index: 16 B x 256 = 4 KiB)
 
 
 class CacheError(RuntimeError):
     """A cache that cannot be used as it is; the message names the file, shard or key."""
+
+
+class CorruptSample(CacheError):
+    def __init__(self, shard: str, key: str | None = None, reason: str | None = None, what: str = "feature shard"):
+        if key is None:  # re-raised from a DataLoader worker with its message only
+            super().__init__(shard)
+            return
+        fix = ("run `img2vec verify` and re-extract that shard (delete its .done.json)" if what == "feature shard"
+               else "the source changed after extraction: restore it, or re-extract that shard")
+        super().__init__(f"{what} {shard}: sample {key!r} is corrupt ({reason}); {fix}")
+        self.shard, self.key = shard, key
 
 
 # ---------------------------------------------------------------- atomic files
@@ -42,6 +61,11 @@ def fsync_tree(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    if path.is_dir():
+        for r, ds, _ in os.walk(path):
+            for d in ds:
+                fsync_dir(Path(r) / d)
+        fsync_dir(path)
     fsync_dir(path.parent)
 
 
@@ -63,23 +87,24 @@ def write_json_atomic(path: Path, obj) -> None:
     fsync_dir(path.parent)
 
 
-def tree_sha256(path: Path) -> str:
-    """sha256 of a file, or of a directory's files (relative path + bytes, sorted)."""
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(Path(r) / f for r, _, fs in os.walk(path) for f in fs)
-    for p in files:
-        if path.is_dir():
-            h.update(str(p.relative_to(path)).encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------- paths and records
+def tree_files(path: Path) -> dict[str, dict]:
+    """relative path -> {"size", "sha256"} of every file under a shard directory."""
+    files = sorted(Path(r) / f for r, _, fs in os.walk(path) for f in fs)
+    return {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
 
-def shard_path(cache: Path, name: str, fmt: str) -> Path:
-    return Path(cache) / f"{name}.{'tar' if fmt == 'wds' else 'zarr'}"
+
+# ---------------------------------------------------------------- paths, records, leases
+
+def shard_dir(cache: Path, name: str) -> Path:
+    return Path(cache) / name
 
 
 def record_path(cache: Path, name: str) -> Path:
@@ -96,178 +121,299 @@ def read_record(cache: Path, name: str) -> dict | None:
         raise CacheError(f"{p}: completion record is not valid JSON ({e}); delete it to redo shard {name}") from None
 
 
-def remove_partial(cache: Path, name: str, fmt: str) -> None:
-    """Leftovers of an interrupted writer of this shard: temporaries, and a shard without a record."""
+def record_problems(cache: Path, name: str, record: dict) -> list[str]:
+    """Cheap checks that a recorded shard's files are all there with their recorded sizes."""
+    root = shard_dir(cache, name)
+    problems = []
+    for rel, meta in record.get("files", {}).items():
+        p = root / rel
+        if not p.exists():
+            problems.append(f"{p} is missing")
+        elif p.stat().st_size != meta["size"]:
+            problems.append(f"{p} has {p.stat().st_size} bytes, the record says {meta['size']}")
+    if not record.get("files"):
+        problems.append(f"{record_path(cache, name)} lists no files (not a format-{FORMAT_VERSION} record)")
+    return problems
+
+
+class Lease:
+    """`<name>.lock`, created with O_EXCL by the one process that works on a shard: host, pid, start time.
+    A lock of a dead process on this host is stale and taken over; another host's lock is respected."""
+
+    def __init__(self, cache: Path, name: str):
+        self.path = Path(cache) / f"{name}.lock"
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+
+    def acquire(self) -> bool:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale():
+                    return False
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+            return True
+        return False
+
+    def holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _stale(self) -> bool:
+        h = self.holder()
+        if not h:  # torn or vanished: a writer died between create and write, or just released it
+            return not self.path.exists() or time.time() - self.path.stat().st_mtime > 60
+        if h.get("host") != self.me["host"]:
+            return False
+        try:
+            os.kill(int(h["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.holder().get("pid") == self.me["pid"] and self.holder().get("host") == self.me["host"]:
+            self.path.unlink(missing_ok=True)
+
+
+def remove_partial(cache: Path, name: str) -> None:
+    """Leftovers of an interrupted writer of this shard (call only while holding its lease): temporaries,
+    a shard directory without a record, and a record whose files are not all there."""
     cache = Path(cache)
-    final = shard_path(cache, name, fmt)
-    for p in cache.glob(f"{final.name}.tmp-*"):
+    final = shard_dir(cache, name)
+    for p in cache.glob(f"{name}.tmp-*"):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if final.exists() and not record_path(cache, name).exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    record = read_record(cache, name)
+    if record is not None and record_problems(cache, name, record):
+        record_path(cache, name).unlink()
+        record = None
+    if final.exists() and record is None:
+        shutil.rmtree(final)
+
+
+# ---------------------------------------------------------------- the per-sample index
+
+def index_dtype(views: int, key_bytes: int) -> np.dtype:
+    return np.dtype([
+        ("key", f"S{max(key_bytes, 1)}"), ("cls", "<i4"),
+        ("src_offset", "<i8"), ("src_size", "<i8"), ("src_crc", "<u4"),   # the image member in the source tar
+        ("height", "<i4"), ("width", "<i4"),                                 # decoded size
+        ("views", "<i4", (views, 5)),                                        # [top, left, h, w, flip] per view
+        ("offset", "<i8", (views,)), ("nbytes", "<i8", (views,)),            # the view's bytes in vNN.tar (wds)
+        ("crc", "<u4", (views,)),                                            # crc32 of the view's packed array
+    ])
+
+
+def read_index(cache: Path, name: str) -> np.ndarray:
+    """The shard's index, memory-mapped (every process of a node shares the page cache; no pickle)."""
+    path = shard_dir(cache, name) / "index.npy"
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path}: unreadable index ({e}); run `img2vec verify` on the cache") from None
 
 
 # ---------------------------------------------------------------- writing
 
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "img2vec", "img2vec"
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
 class FeatureShardWriter:
-    """Writes one feature shard under a temporary name; `commit()` fsyncs, renames and records it."""
+    """Writes one feature shard into `<name>.tmp-<pid>/`; `commit()` fsyncs, renames to `<name>/` and records it."""
 
     def __init__(self, cache: Path, name: str, fmt: str, codec: TokenCodec, views: int, tokens: int, channels: int):
         self.cache, self.name, self.fmt, self.codec = Path(cache), name, fmt, codec
-        self.final = shard_path(self.cache, name, fmt)
-        self.tmp = self.final.with_name(f"{self.final.name}.tmp-{os.getpid()}")
-        self.specs = codec.array_specs(views, tokens, channels)
-        self.views = views
-        self.crcs: dict[str, int] = {}
-        self.stats = TokenStats()
+        self.final = shard_dir(self.cache, name)
+        self.tmp = self.cache / f"{name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.views, self.tokens, self.channels = views, tokens, channels
+        self.rows: list[tuple] = []
         if fmt == "wds":
-            import webdataset as wds
-            self._file = open(self.tmp, "wb")
-            self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0, user="img2vec", group="img2vec")
+            self._files = [open(self.tmp / f"v{v:02d}.tar", "wb") for v in range(views)]
         else:
-            self._buffer: list[dict] = []
-            self._keys: list[str] = []
+            self._buffer: list[np.ndarray] = []
             self._open_zarr()
 
     def _open_zarr(self) -> None:
         import zarr
-        from zarr.codecs import BloscCodec
+        from zarr.codecs import BloscCodec, Crc32cCodec
 
-        self._group = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
-        shuffle = {None: None, 0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}
-        specs = dict(self.specs, views=((self.views, 5), "int32"), src_hw=((2,), "int32"), cls=((), "int32"))
-        for name, (shape, dtype) in specs.items():
-            comp = self.codec.blosc(name) if name in self.specs else None
-            blosc = BloscCodec(cname="zstd", clevel=comp.clevel, shuffle=shuffle[comp.shuffle]) if comp else None
-            self._group.create_array(name, shape=(0, *shape), chunks=(ZARR_CHUNK, *shape), dtype=dtype,
-                                     fill_value=0, compressors=blosc)
+        (t, c), dtype = self.codec.packed_spec(self.tokens, self.channels)
+        comp = self.codec.blosc()
+        shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}
+        compressors = [Crc32cCodec()]  # checked by zarr on every read of a chunk
+        if comp is not None:
+            compressors.insert(0, BloscCodec(cname=comp.cname, clevel=comp.clevel, shuffle=shuffle[comp.shuffle],
+                                             blocksize=comp.blocksize))
+        group = zarr.open_group(str(self.tmp / "tokens.zarr"), mode="w", zarr_format=3)
+        self._array = group.create_array("tokens", shape=(self.views, 0, t, c), chunks=(1, 1, t, c),
+                                         shards=(1, SHARD_SAMPLES, t, c), dtype=dtype, fill_value=0,
+                                         compressors=compressors)
 
-    def add(self, key: str, views: np.ndarray, src_hw, cls: int | None, tokens: np.ndarray) -> None:
-        """One sample: its view records [V, 5] and its teacher tokens [V, T, C] (fp32)."""
+    def add(self, key: str, views: np.ndarray, src: dict, hw, cls: int | None, tokens: np.ndarray) -> None:
+        """One sample: its view records [V, 5], its image's place in the source tar (`offset`, `size`, `crc`),
+        decoded size (h, w), label, and its teacher tokens [V, T, C] (fp32)."""
         if "." in key.rsplit("/", 1)[-1]:
             raise CacheError(f"key {key!r} contains a dot, which WebDataset would split")
-        arrays = self.codec.encode(tokens)
-        self.crcs[key] = arrays_crc32(arrays)
-        cls = -1 if cls is None else int(cls)
+        packed = self.codec.encode(tokens)  # [V, T, C']
+        offsets, sizes = [0] * self.views, [0] * self.views
         if self.fmt == "wds":
-            meta = {"views": np.asarray(views).tolist(), "src_hw": [int(x) for x in src_hw], "cls": cls}
-            sample = {"__key__": key, "json": json.dumps(meta).encode()}
-            sample.update({f"{n}.bin": self.codec.to_bytes(n, a) for n, a in arrays.items()})
-            self._tar.write(sample)
+            for v, f in enumerate(self._files):
+                data = self.codec.compress(packed[v])
+                header = _tar_header(f"{key}.tokens", len(data))
+                offsets[v], sizes[v] = f.tell() + len(header), len(data)
+                f.write(header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
         else:
-            self._buffer.append(dict(arrays, views=np.asarray(views, np.int32), src_hw=np.asarray(src_hw, np.int32),
-                                     cls=np.int32(cls)))
-            self._keys.append(key)
-            if len(self._buffer) == ZARR_CHUNK:
+            self._buffer.append(packed)
+            if len(self._buffer) == SHARD_SAMPLES:
                 self._flush()
+        crcs = [view_crc32(packed[v]) for v in range(self.views)]
+        self.rows.append((key.encode(), -1 if cls is None else int(cls), src["offset"], src["size"], src["crc"],
+                          int(hw[0]), int(hw[1]), np.asarray(views, np.int32), offsets, sizes, crcs))
 
     def _flush(self) -> None:
         if self._buffer:
-            for name in self._buffer[0]:
-                self._group[name].append(np.stack([s[name] for s in self._buffer]), axis=0)
+            self._array.append(np.stack(self._buffer, axis=1), axis=1)  # [V, n, T, C']
             self._buffer = []
 
-    def _close_tar(self) -> None:
-        self._tar.close()   # TarWriter leaves a file it was given open:
-        self._file.close()  # close it, so nothing sits in Python's buffer at fsync and hash time
-
-    def commit(self, skipped: list[dict], source: str, stats: TokenStats) -> dict:
+    def _close(self) -> None:
         if self.fmt == "wds":
-            self._close_tar()
+            for f in self._files:
+                if not f.closed:
+                    f.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+                    f.close()
         else:
             self._flush()
-            self._group.attrs["keys"] = self._keys
+
+    def commit(self, skipped: list[dict], source: str, stats: TokenStats, seekable: bool) -> dict:
+        self._close()
+        dtype = index_dtype(self.views, max((len(r[0]) for r in self.rows), default=1))
+        np.save(self.tmp / "index.npy", np.array(self.rows, dtype=dtype), allow_pickle=False)
         fsync_tree(self.tmp)
-        os.replace(self.tmp, self.final)
+        os.replace(self.tmp, self.final)  # one rename: the shard directory appears whole or not at all
         fsync_dir(self.cache)
         fault_point("commit", self.name)
-        record = {"shard": self.name, "source": source, "format": self.fmt, "samples": len(self.crcs),
-                  "skipped": skipped, "sha256": tree_sha256(self.final), "crc32": self.crcs,
-                  "stats": stats.to_dict()}
+        record = {"shard": self.name, "source": source, "format": self.fmt, "format_version": FORMAT_VERSION,
+                  "samples": len(self.rows), "skipped": skipped, "seekable": seekable,
+                  "files": tree_files(self.final), "stats": stats.to_dict()}
         write_json_atomic(record_path(self.cache, self.name), record)
         return record
 
     def abort(self) -> None:
         if self.fmt == "wds":
-            self._close_tar()
-        shutil.rmtree(self.tmp, ignore_errors=True) if self.tmp.is_dir() else self.tmp.unlink(missing_ok=True)
+            for f in self._files:
+                f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- reading
 
-class CorruptSample(CacheError):
-    def __init__(self, shard: str, key: str | None = None, reason: str | None = None):
-        if key is None:  # re-raised from a DataLoader worker with its message only
-            super().__init__(shard)
-            return
-        super().__init__(f"feature shard {shard}: sample {key!r} is corrupt ({reason}); "
-                         f"run `img2vec verify` and re-extract that shard (delete {shard}.done.json)")
-        self.shard, self.key = shard, key
+class FeatureShard:
+    """Random access to one recorded feature shard: its index, and one view of any samples.
+    Open file handles are kept (one per view file, opened on first use, read with no readahead)."""
+
+    def __init__(self, cache: Path, name: str, manifest: dict):
+        self.cache, self.name = Path(cache), name
+        record = read_record(cache, name)
+        if record is None:
+            raise CacheError(f"cache {cache}: shard {name} has no completion record (extraction unfinished or "
+                             "interrupted); rerun extract-features with the same config to finish it")
+        problems = record_problems(cache, name, record)
+        if problems:
+            raise CacheError(f"cache {cache}: shard {name}: {problems[0]}; rerun extract-features with the same "
+                             "config to redo it")
+        self.record = record
+        self.fmt = manifest["cache_format"]
+        self.codec = get_codec(manifest["codec"]["name"])
+        self.tokens, self.channels = manifest["token_shape"]
+        self.index = read_index(cache, name)
+        if len(self.index) != record["samples"]:
+            raise CacheError(f"cache {cache}: shard {name}: index holds {len(self.index)} samples, its record "
+                             f"{record['samples']}; run `img2vec verify`")
+        self._fds: dict[int, int] = {}
+        self._array = None
+
+    def key(self, i: int) -> str:
+        return self.index["key"][i].decode()
+
+    def read_views(self, ids, views) -> list[np.ndarray | CorruptSample]:
+        """Packed arrays [T, C'] of view views[j] of sample ids[j], each checked against its crc32; a sample
+        whose bytes are damaged comes back as a CorruptSample (the caller raises or skips it)."""
+        ids, views = np.asarray(ids, np.int64), np.asarray(views, np.int64)
+        out: list = [None] * len(ids)
+        order = np.lexsort((ids, views))  # view file by view file, in file order: short seeks
+        raw = self._read_wds(ids[order], views[order]) if self.fmt == "wds" else self._read_zarr(ids[order], views[order])
+        for j, data in zip(order, raw):
+            i, v = int(ids[j]), int(views[j])
+            if not isinstance(data, CorruptSample) and view_crc32(data) != self.index["crc"][i, v]:
+                data = CorruptSample(self.name, self.key(i), f"view {v}: crc32 differs from the index")
+            out[j] = data
+        return out
+
+    def _fd(self, v: int) -> int:
+        if v not in self._fds:
+            fd = os.open(shard_dir(self.cache, self.name) / f"v{v:02d}.tar", os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # read what is asked, no readahead into other views
+            self._fds[v] = fd
+        return self._fds[v]
+
+    def _read_wds(self, ids, views):
+        out = []
+        for i, v in zip(ids, views):
+            size, offset = int(self.index["nbytes"][i, v]), int(self.index["offset"][i, v])
+            data = os.pread(self._fd(int(v)), size, offset)
+            try:
+                if len(data) != size:
+                    raise ValueError(f"v{v:02d}.tar ends {size - len(data)} bytes early")
+                out.append(self.codec.decompress(data, self.tokens, self.channels))
+            except Exception as e:  # noqa: BLE001 - any failure to decode stored bytes is corruption
+                out.append(CorruptSample(self.name, self.key(i), f"view {v}: {type(e).__name__}: {e}"))
+        return out
+
+    def _read_zarr(self, ids, views):
+        import zarr
+
+        if self._array is None:
+            self._array = zarr.open_array(str(shard_dir(self.cache, self.name) / "tokens.zarr" / "tokens"), mode="r")
+        out = []
+        for v in np.unique(views):
+            sel = ids[views == v]
+            try:
+                block = list(self._array.get_orthogonal_selection((int(v), sel)))  # one shard index read per file
+            except Exception:  # noqa: BLE001 - find the damaged chunk(s) one by one
+                block = []
+                for i in sel:
+                    try:
+                        block.append(self._array[int(v), int(i)])
+                    except Exception as e:  # noqa: BLE001
+                        block.append(CorruptSample(self.name, self.key(i), f"view {v}: {type(e).__name__}: {e}"))
+            out += block
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
 
-def iter_feature_shard(cache: Path, name: str, manifest: dict, check: bool = True) -> Iterator[dict]:
-    """Samples of a recorded feature shard, in order. With `check`, each sample's crc32 is compared
-    with its record and a mismatch raises CorruptSample naming shard and key; without, a sample whose
-    bytes do not decode comes with `arrays` None and an `error`, for the caller to judge."""
-    cache = Path(cache)
-    record = read_record(cache, name)
-    if record is None:
-        raise CacheError(f"cache {cache}: shard {name} has no completion record (extraction unfinished or "
-                         "interrupted); rerun extract-features with the same config to finish it")
-    codec = get_codec(manifest["codec"]["name"])
-    views, (tokens, channels) = manifest["augment"]["views"], manifest["token_shape"]
-    specs = codec.array_specs(views, tokens, channels)
-    fmt = manifest["cache_format"]
-    path = shard_path(cache, name, fmt)
-    if not path.exists():
-        raise CacheError(f"cache {cache}: shard file {path.name} is missing although it is recorded")
-    samples = _iter_wds(path, name, codec, specs) if fmt == "wds" else _iter_zarr(path, specs)
-    seen = 0
-    for sample in samples:
-        expected = record["crc32"].get(sample["key"])
-        if expected is None:
-            raise CorruptSample(name, sample["key"], "key not in the completion record")
-        if check and sample.get("error"):
-            raise CorruptSample(name, sample["key"], sample["error"])
-        if check and arrays_crc32(sample["arrays"]) != expected:
-            raise CorruptSample(name, sample["key"], "crc32 differs from the completion record")
-        seen += 1
-        yield sample
-    if seen != record["samples"]:
-        raise CacheError(f"feature shard {name}: {seen} samples read, record says {record['samples']}")
-
-
-def _iter_wds(path: Path, name: str, codec: TokenCodec, specs) -> Iterator[dict]:
-    from shards.source import ShardError, iter_groups
-
-    try:
-        for key, members in iter_groups(str(path)):
-            yield _wds_sample(key, members, name, codec, specs)
-    except ShardError as e:
-        raise CacheError(f"feature shard {path}: unreadable tar ({e.reason})") from None
-
-
-def _wds_sample(key: str, raw: dict, name: str, codec: TokenCodec, specs) -> dict:
-    try:
-        meta = json.loads(raw["json"])
-        arrays = {n: codec.from_bytes(n, raw[f"{n}.bin"], shape, dtype) for n, (shape, dtype) in specs.items()}
-    except Exception as e:  # noqa: BLE001 - any decode failure of stored bytes is corruption
-        return {"key": key, "views": None, "src_hw": None, "cls": None, "arrays": None,
-                "error": f"undecodable: {type(e).__name__}: {e}"}
-    return {"key": key, "views": np.asarray(meta["views"], np.int32), "src_hw": meta["src_hw"],
-            "cls": meta["cls"], "arrays": arrays}
-
-
-def _iter_zarr(path: Path, specs) -> Iterator[dict]:
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r")
-    keys = group.attrs["keys"]
-    names = list(specs) + ["views", "src_hw", "cls"]
-    for start in range(0, len(keys), ZARR_CHUNK):
-        block = {n: group[n][start:start + ZARR_CHUNK] for n in names}
-        for i, key in enumerate(keys[start:start + ZARR_CHUNK]):
-            yield {"key": key, "views": block["views"][i], "src_hw": block["src_hw"][i].tolist(),
-                   "cls": int(block["cls"][i]), "arrays": {n: block[n][i] for n in specs}}
+def read_source(url: str, offset: int, size: int, fds: dict | None = None) -> bytes:
+    """The bytes of one member of a local uncompressed tar, read at its recorded offset."""
+    fds = {} if fds is None else fds
+    if url not in fds:
+        fds[url] = os.open(url, os.O_RDONLY)
+        os.posix_fadvise(fds[url], 0, 0, os.POSIX_FADV_RANDOM)
+    return os.pread(fds[url], size, offset)
 
 
 # ---------------------------------------------------------------- manifest
@@ -276,7 +422,7 @@ IDENTITY_FIELDS = ("format_version", "cache_format", "codec", "teacher", "augmen
 
 
 def make_manifest(cfg, fingerprint: dict, token_shape: tuple[int, int], shard_urls: list[str]) -> dict:
-    from shards.source import absolute_url, shard_name
+    from shards.source import absolute_url, shard_names
 
     codec = get_codec(cfg.cache.codec)
     a = cfg.augment
@@ -284,11 +430,11 @@ def make_manifest(cfg, fingerprint: dict, token_shape: tuple[int, int], shard_ur
         "format_version": FORMAT_VERSION,
         "cache_format": cfg.cache.format,
         "codec": {"name": codec.name, "error_bound": codec.error_bound},
-        "teacher": {k: fingerprint[k] for k in ("arch", "layer", "sha256")},
+        "teacher": {k: fingerprint[k] for k in ("arch", "layer", "sha256", "precision")},
         "augment": {"size": a.size, "scale": list(a.scale), "ratio": list(a.ratio), "flip": a.flip,
                     "views": a.views, "seed": a.seed, "interpolation": "bicubic"},
         "token_shape": list(token_shape),
-        "shards": [{"name": shard_name(u), "source": absolute_url(u)} for u in shard_urls],
+        "shards": [{"name": n, "source": absolute_url(u)} for n, u in zip(shard_names(shard_urls), shard_urls)],
         "teacher_weights": fingerprint["weights"],
         "teacher_seed": cfg.teacher.seed,  # what random weights were drawn from (the sha256 identifies them)
     }
@@ -298,7 +444,12 @@ def read_manifest(cache: Path) -> dict:
     p = Path(cache) / "manifest.json"
     if not p.exists():
         raise CacheError(f"{p} not found: is cache.path right, and has extract-features run?")
-    return json.loads(p.read_text())
+    manifest = json.loads(p.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"cache {cache} is format {manifest.get('format_version')}; this version reads format "
+                         f"{FORMAT_VERSION} (view-major tokens and a per-sample index, so an epoch reads one view). "
+                         "Re-extract it: extract-features --config <your config> --set cache.path=<new path>")
+    return manifest
 
 
 def manifest_differences(old: dict, new: dict) -> list[str]:
@@ -320,11 +471,12 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
 def source_urls(manifest: dict, shards_override=None, missing_ok: bool = False) -> dict[str, str | None]:
     """Feature shard name -> source URL: the manifest's, or the same names under `shards_override`
     (a brace pattern or list, for a dataset that moved since extraction)."""
-    from shards.source import expand_shards, shard_name
+    from shards.source import expand_shards, shard_names
 
     urls = {s["name"]: s["source"] for s in manifest["shards"]}
     if shards_override:
-        moved = {shard_name(u): u for u in expand_shards(shards_override)}
+        moved_urls = expand_shards(shards_override)
+        moved = dict(zip(shard_names(moved_urls), moved_urls))
         lost = sorted(set(urls) - set(moved))
         if lost and not missing_ok:
             raise CacheError(f"data.shards does not contain source shards {lost[:5]} named in the cache manifest")

@@ -6,8 +6,10 @@ of the file name). Only plain bytes are read: nothing from a shard is ever unpic
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,10 +42,44 @@ def absolute_url(url: str) -> str:
     return url if ":" in url.split("/")[0] else os.path.abspath(url)
 
 
+TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst")
+
+
+def _tar_stem(word: str) -> str | None:
+    base = word.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in TAR_SUFFIXES:
+        if base.endswith(suffix) and len(base) > len(suffix):
+            return base[:-len(suffix)]
+    return None
+
+
 def shard_name(url: str) -> str:
-    """The name a feature shard shares with its source shard: the file name without '.tar'."""
-    name = url.rstrip("/").split("/")[-1].split(" ")[-1]
-    return name.removesuffix(".tar")
+    """A feature shard's name: the stem of the last word of the URL that names a tar file
+    (`pipe:aws s3 cp s3://b/train-000123.tar -` -> `train-000123`), else a hash of the whole URL."""
+    words = url.removeprefix("pipe:").split()
+    stems = [stem for w in words if (stem := _tar_stem(w))]
+    if stems:
+        return stems[-1]
+    if not url.startswith("pipe:") and len(words) == 1:
+        return words[0].rstrip("/").rsplit("/", 1)[-1]
+    return "shard-" + hashlib.sha1(url.encode()).hexdigest()[:12]
+
+
+def shard_names(urls: list[str]) -> list[str]:
+    """Unique names for a list of source URLs. A URL listed twice is refused; two URLs whose file names
+    agree (`a/train-0.tar`, `b/train-0.tar`) get the name plus a hash of their whole URL."""
+    from common.config import ConfigError
+
+    seen: dict[str, int] = {}
+    for i, u in enumerate(urls):
+        if absolute_url(u) in seen:
+            raise ConfigError(f"data.shards lists {u!r} twice (entries {seen[absolute_url(u)]} and {i}): "
+                              "each source shard may appear once")
+        seen[absolute_url(u)] = i
+    names = [shard_name(u) for u in urls]
+    counts = Counter(names)
+    return [f"{n}-{hashlib.sha1(absolute_url(u).encode()).hexdigest()[:8]}" if counts[n] > 1 else n
+            for n, u in zip(names, urls)]
 
 
 def _split_member(path: str) -> tuple[str, str]:
@@ -52,10 +88,13 @@ def _split_member(path: str) -> tuple[str, str]:
     return (f"{directory}/{key}" if directory else key), ext.lower()
 
 
-def iter_members(url: str) -> Iterator[tuple[str, str, bytes]]:
-    """(key, ext, bytes) of each regular member, streamed; raises ShardError on a broken tar."""
+def iter_members(url: str) -> Iterator[tuple[str, str, bytes, int]]:
+    """(key, ext, bytes, data offset) of each regular member, streamed. Raises ShardError on a broken tar,
+    including one cut at a member boundary (no end-of-archive marker). The offset is into the uncompressed
+    tar: with a local, uncompressed tar it is where `read_member` finds the bytes again."""
     if not url.startswith("pipe:") and not Path(url).exists():
-        raise ShardError(url, "file not found")
+        raise ShardError(url, "file not found; check data.shards (or, for training, the shards the cache's "
+                              "manifest names: pass data.shards if the dataset moved)")
     try:
         stream = gopen(url, "rb")
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -66,34 +105,56 @@ def iter_members(url: str) -> Iterator[tuple[str, str, bytes]]:
                 data = tar.extractfile(info).read()
                 if len(data) != info.size:
                     raise ShardError(url, f"truncated at member {info.name}")
-                yield key, ext, data
+                yield key, ext, data, info.offset_data
+            end = tar.offset
+            while tar.fileobj.read(1 << 16):
+                pass
+            if tar.fileobj.pos < end + 2 * tarfile.BLOCKSIZE:
+                raise ShardError(url, f"truncated: no end-of-archive marker after {end} bytes (the tar was cut "
+                                      "at a member boundary); re-copy the shard")
         stream.close()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(url, f"{type(e).__name__}: {e} (truncated or not a tar?)") from None
 
 
-def iter_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample, in order; members of one key are adjacent, as in WebDataset."""
-    key, members = None, {}
-    for k, ext, data in iter_members(url):
+def is_seekable(url: str) -> bool:
+    """A local, uncompressed tar: samples can be read at their recorded offsets."""
+    if url.startswith("pipe:") or ":" in url.split("/")[0]:
+        return False
+    with open(url, "rb") as f:
+        head = f.read(512)
+    return len(head) == 512 and head[257:262] == b"ustar"
+
+
+def iter_groups(url: str) -> Iterator[tuple[str, dict[str, tuple[bytes, int]]]]:
+    """(key, {ext: (bytes, offset)}) per sample, in order; members of one key are adjacent, as in
+    WebDataset. A key met again later, or one ext twice, yields the key again with "__duplicate__"."""
+    key, members, seen = None, {}, set()
+    for k, ext, data, offset in iter_members(url):
         if members and k != key:
             yield key, members
             members = {}
+        if k != key and k in seen or ext in members:
+            members["__duplicate__"] = (ext.encode(), offset)
         key = k
-        members.setdefault(ext, data)
+        seen.add(k)
+        members.setdefault(ext, (data, offset))
     if members:
         yield key, members
 
 
 def iter_samples(url: str) -> Iterator[dict]:
-    """Samples of one source shard: the first image entry and the `.cls` label of each key."""
+    """Samples of one source shard: the first image entry (bytes, data offset in the tar) and the `.cls`
+    label of each key; `duplicate` is True for a key already seen in this shard."""
     for key, members in iter_groups(url):
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         try:
-            cls = int(members["cls"].decode().strip()) if "cls" in members else None
+            cls = int(members["cls"][0].decode().strip()) if "cls" in members else None
         except ValueError:
             cls = None
-        yield {"key": key, "image": members.get(ext), "ext": ext, "cls": cls}
+        image, offset = members[ext] if ext else (None, -1)
+        yield {"key": key, "image": image, "ext": ext, "cls": cls, "offset": offset,
+               "duplicate": "__duplicate__" in members}
 
 
 def rank_shards(urls: list[str], rank: int, world: int) -> list[str]:

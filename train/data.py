@@ -1,92 +1,119 @@
-"""Stage-two data: each source shard streamed beside its feature shard, paired by key.
+"""Stage-two data, as small stages: sample index -> epoch plan -> per-worker reader -> decode/replay -> batch.
 
-Per epoch, shards are dealt to (rank, worker) slots balancing sample counts (known from the
-completion records), every rank runs the same number of batches (`EpochPlan.steps`), and each
-sample trains on one recorded view, `view_order(seed, key, V)[epoch % V]`, whose exact pixels the
-shared `replay` rebuilds. No WebDataset loader goes through `accelerator.prepare()`.
+- `CacheIndex`: every recorded sample of a cache, numbered 0..N-1 shard by shard in manifest order.
+- `epoch_plan`: this rank's batches of one epoch, [steps, B] global sample ids, in the order the
+  DataLoader yields them. Every rank gets the same number of steps; less than one global batch is
+  dropped; no sample is used twice. "random" mode (local uncompressed tars): a permutation of all
+  samples seeded by (seed, epoch), i.i.d. batches. "stream" mode (`pipe:` or compressed sources):
+  shards in a seeded order, cut into contiguous runs per (rank, worker), shuffled by a seeded buffer.
+- `read_batch` / `stream_batches`: the samples of a batch, their image bytes (read at their recorded
+  offsets, or streamed) checked against the recorded crc32, and this epoch's view of their tokens.
+- `decode`: decode the image, check its size, replay the recorded view exactly, decode the tokens.
+- `EpochData`: worker w of W yields batches start+w, start+w+W, ...; the DataLoader takes workers in
+  turn, so batches come in plan order, and a resume at batch `start` continues the same sequence.
+
+Each sample trains on one recorded view per epoch, `view_order(seed, key, V)[epoch % V]`.
 """
 from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.augment import decode_image, replay, view_order
-from common.codecs import arrays_crc32, get_codec
-from shards.features import CacheError, CorruptSample, iter_feature_shard, read_record
-from shards.source import iter_samples
+from common.codecs import get_codec
+from shards.features import CacheError, CorruptSample, FeatureShard, read_record, read_source
+from shards.source import ShardError, is_seekable, iter_samples
 
 
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-def check_cache(cache: Path, manifest: dict) -> dict[str, int]:
-    """Every shard of the manifest must be recorded; returns name -> sample count."""
-    counts, missing = {}, []
-    for s in manifest["shards"]:
-        record = read_record(cache, s["name"])
-        if record is None:
-            missing.append(s["name"])
-        else:
-            counts[s["name"]] = record["samples"]
-    if missing:
-        raise CacheError(f"cache {cache} is incomplete: {len(missing)} of {len(manifest['shards'])} shards have no "
-                         f"completion record ({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); "
-                         "finish it with extract-features (same config) before training")
-    return counts
+# ---------------------------------------------------------------- the sample index
+
+class CacheIndex:
+    """The samples of a complete cache: global id -> (shard, row of its index). Opens shards lazily, so a
+    DataLoader worker holds only the shards it reads (indexes are memory-mapped, shared by the node)."""
+
+    def __init__(self, cache: Path, manifest: dict, urls: dict[str, str | None]):
+        self.cache, self.manifest, self.urls = Path(cache), manifest, urls
+        self.names = [s["name"] for s in manifest["shards"]]
+        counts, missing = [], []
+        for name in self.names:
+            record = read_record(cache, name)
+            if record is None:
+                missing.append(name)
+            else:
+                counts.append(record["samples"])
+        if missing:
+            raise CacheError(f"cache {cache} is incomplete: {len(missing)} of {len(self.names)} shards have no "
+                             f"completion record ({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); "
+                             "finish it with extract-features (same config) before training")
+        self.counts = np.array(counts, np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        self.views = manifest["augment"]["views"]
+        self._shards: dict[int, FeatureShard] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """global ids -> (shard number, row in that shard's index)."""
+        shard = np.searchsorted(self.starts, ids, side="right") - 1
+        return shard, ids - self.starts[shard]
+
+    def shard(self, s: int) -> FeatureShard:
+        if s not in self._shards:
+            self._shards[s] = FeatureShard(self.cache, self.names[s], self.manifest)
+        return self._shards[s]
+
+    def seekable(self) -> bool:
+        """Random access needs every source to be a local uncompressed tar."""
+        return all(u is not None and is_seekable(u) for u in self.urls.values())
 
 
-@dataclass
-class EpochPlan:
-    """Which shards each (rank, worker) slot reads this epoch, and how many batches each slot yields."""
-    slots: list[list[str]]     # [world * workers][shard names]
-    quotas: list[int]          # full batches per slot
-    steps: int                 # batches every rank runs this epoch (the smallest rank's total)
+# ---------------------------------------------------------------- the epoch plan
+
+def steps_per_epoch(samples: int, world: int, batch_size: int) -> int:
+    return samples // (world * batch_size)
 
 
-def plan_epoch(counts: dict[str, int], epoch: int, seed: int, world: int, workers: int, batch_size: int) -> EpochPlan:
-    names = sorted(counts)
-    random.Random(_seed(seed, epoch, "shards")).shuffle(names)
-    n_slots = world * max(workers, 1)
-    slots, loads = [[] for _ in range(n_slots)], [0] * n_slots
-    for name in sorted(names, key=lambda n: -counts[n]):  # greedy: largest shard to the lightest slot
-        i = min(range(n_slots), key=lambda s: (loads[s], s))
-        slots[i].append(name)
-        loads[i] += counts[name]
-    for s in slots:  # deal order is by size; reading order is the shuffled one
-        s.sort(key=names.index)
-    quotas = [load // batch_size for load in loads]
-    per_rank = [sum(quotas[r * max(workers, 1):(r + 1) * max(workers, 1)]) for r in range(world)]
-    return EpochPlan(slots, quotas, min(per_rank))
+def epoch_plan(counts: np.ndarray, epoch: int, seed: int, world: int, rank: int, batch_size: int,
+               mode: str = "random", workers: int = 0, shuffle_buffer: int = 1000) -> np.ndarray:
+    """This rank's batches of one epoch: [steps, batch_size] global sample ids, in loader order."""
+    counts = np.asarray(counts, np.int64)
+    steps = steps_per_epoch(int(counts.sum()), world, batch_size)
+    if mode == "random":
+        perm = np.random.default_rng(_seed(seed, epoch, "samples")).permutation(int(counts.sum()))
+        return perm[:steps * world * batch_size].reshape(steps, world, batch_size)[:, rank].copy()
+    # stream: shards in a seeded order; the rank's run of steps x B samples is cut into one contiguous
+    # run per worker (whole batches; the loader takes batch j from worker j % W), each shuffled by a buffer
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    order = shard_order(len(counts), seed, epoch)
+    sequence = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in order] or [np.zeros(0, np.int64)])
+    mine = sequence[rank * steps * batch_size:(rank + 1) * steps * batch_size]
+    nw = max(workers, 1)
+    plan = np.zeros((steps, batch_size), np.int64)
+    at = 0
+    for w in range(nw):
+        rows = np.arange(w, steps, nw)  # the batches worker w yields
+        run = mine[at:at + len(rows) * batch_size]
+        at += len(run)
+        rng = random.Random(_seed(seed, epoch, rank, w, "buffer"))
+        plan[rows] = np.array(list(shuffle_buffer(run.tolist(), shuffle_buffer, rng)), np.int64).reshape(-1, batch_size)
+    return plan
 
 
-def batches_before(quotas: list[int], start: int) -> list[int]:
-    """How many batches each worker has yielded once `start` batches came out of a DataLoader, which
-    takes batches round-robin from the workers that still have some."""
-    return _round_robin(quotas, start)[0]
-
-
-def next_worker(quotas: list[int], start: int) -> int:
-    """The worker whose turn comes after `start` batches (it may have none left; the loader then skips it)."""
-    return _round_robin(quotas, start)[1]
-
-
-def _round_robin(quotas: list[int], start: int) -> tuple[list[int], int]:
-    if start > sum(quotas):
-        raise ValueError(f"{start} batches asked of workers that hold {sum(quotas)}")
-    done = [0] * len(quotas)
-    w = 0
-    for _ in range(start):
-        while done[w] >= quotas[w]:
-            w = (w + 1) % len(quotas)
-        done[w] += 1
-        w = (w + 1) % len(quotas)
-    return done, w
+def shard_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
+    """The order streaming mode reads the shards in, one epoch."""
+    return np.random.default_rng(_seed(seed, epoch, "shards")).permutation(n_shards)
 
 
 def shuffle_buffer(items, size: int, rng: random.Random):
@@ -103,97 +130,163 @@ def shuffle_buffer(items, size: int, rng: random.Random):
     yield from buffer
 
 
-class CachedViews(IterableDataset):
-    """Batches `{"images": uint8 [B, 3, S, S], "tokens": fp32 [B, T, C] or None, "keys"}` for one rank and epoch."""
+# ---------------------------------------------------------------- readers
 
-    def __init__(self, cache: Path, manifest: dict, urls: dict[str, str], plan: EpochPlan, rank: int, workers: int,
-                 epoch: int, seed: int, batch_size: int, shuffle_buffer: int, skip_batches: int = 0,
-                 with_tokens: bool = True, on_corrupt: str = "error"):
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
-        self.workers = max(workers, 1)
-        self.codec = get_codec(manifest["codec"]["name"])
-        self.views = manifest["augment"]["views"]
-        self.size = manifest["augment"]["size"]
+def sample_view(index: CacheIndex, key: str, epoch: int, seed: int) -> int:
+    return int(view_order(seed, key, index.views)[epoch % index.views])
+
+
+def _sample(index: CacheIndex, s: int, row: int, image: bytes | None, view: int, packed) -> dict:
+    meta = index.shard(s).index[row]
+    return {"key": meta["key"].decode(), "shard": index.names[s], "image": image, "view": view,
+            "record": np.array(meta["views"][view]), "hw": (int(meta["height"]), int(meta["width"])),
+            "src_crc": int(meta["src_crc"]), "packed": packed}
+
+
+def _tokens(index: CacheIndex, shards, rows, keys, epoch, seed, with_tokens) -> tuple[list[int], list]:
+    """This epoch's view of each sample, and its packed tokens (None without tokens), read shard by shard."""
+    views = [sample_view(index, k, epoch, seed) for k in keys]
+    packed: list = [None] * len(rows)
+    if with_tokens:
+        for s in np.unique(shards):
+            at = np.flatnonzero(shards == s)
+            for j, p in zip(at, index.shard(int(s)).read_views(rows[at], [views[j] for j in at])):
+                packed[j] = p
+    return views, packed
+
+
+def read_batch(index: CacheIndex, ids: np.ndarray, epoch: int, seed: int, with_tokens: bool,
+               fds: dict) -> list[dict | CorruptSample]:
+    """Random access: each sample's image bytes read at their recorded place, and its view's tokens."""
+    shards, rows = index.locate(np.asarray(ids))
+    keys = [index.shard(int(s)).key(int(r)) for s, r in zip(shards, rows)]
+    views, packed = _tokens(index, shards, rows, keys, epoch, seed, with_tokens)
+    out = []
+    for j in np.lexsort((rows, shards)):  # read in file order; the batch's order is restored below
+        s, r = int(shards[j]), int(rows[j])
+        meta = index.shard(s).index[r]
+        image = read_source(index.urls[index.names[s]], int(meta["src_offset"]), int(meta["src_size"]), fds)
+        out.append((j, _sample(index, s, r, image, views[j], packed[j])))
+    return [sample for _, sample in sorted(out, key=lambda x: x[0])]
+
+
+def stream_batches(index: CacheIndex, batches: np.ndarray, epoch: int, seed: int,
+                   with_tokens: bool) -> Iterator[list[dict | CorruptSample]]:
+    """Streaming: read the source shards that hold these batches' samples, in order, keep the samples
+    the batches need (at most a shuffle buffer's worth waits), and emit each batch once it is complete."""
+    needed = {int(i) for i in batches.ravel()}
+    holding = set(index.locate(np.unique(batches))[0].tolist())
+    ready: dict[int, tuple] = {}
+    b = 0
+    for s in (int(x) for x in shard_order(len(index.names), seed, epoch) if int(x) in holding):
+        fs, base = index.shard(s), int(index.starts[s])
+        keys = {fs.key(r): r for r in range(len(fs.index))}
+        url = index.urls[index.names[s]]
+        for src in iter_samples(url):
+            r = keys.get(src["key"])
+            if r is None or base + r not in needed or src["duplicate"]:
+                continue
+            ready[base + r] = (s, r, src["image"])
+            while b < len(batches) and all(int(i) in ready for i in batches[b]):
+                yield _complete(index, [ready.pop(int(i)) for i in batches[b]], epoch, seed, with_tokens)
+                b += 1
+    if b < len(batches):
+        missing = [int(i) for i in batches[b] if int(i) not in ready][:3]
+        s, r = index.locate(np.array(missing))
+        raise ShardError(index.urls[index.names[int(s[0])]],
+                         f"samples {[index.shard(int(x)).key(int(y)) for x, y in zip(s, r)]} recorded at extraction "
+                         "are not in the shard any more")
+
+
+def _complete(index, items, epoch, seed, with_tokens):
+    shards, rows = np.array([i[0] for i in items]), np.array([i[1] for i in items])
+    keys = [index.shard(int(s)).key(int(r)) for s, r in zip(shards, rows)]
+    views, packed = _tokens(index, shards, rows, keys, epoch, seed, with_tokens)
+    return [_sample(index, s, r, img, views[j], packed[j]) for j, (s, r, img) in enumerate(items)]
+
+
+# ---------------------------------------------------------------- decode and replay
+
+def decode(sample: dict, size: int, codec) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """A read sample -> (key, replayed view uint8 [3, S, S], tokens fp32 [T, C] or None); raises
+    CorruptSample when the source bytes or the tokens are not what extraction recorded."""
+    key, shard = sample["key"], sample["shard"]
+    if isinstance(sample["packed"], CorruptSample):
+        raise sample["packed"]
+    image = sample["image"]
+    if zlib.crc32(image) != sample["src_crc"]:
+        raise CorruptSample(shard, key, "image bytes differ from those extracted (crc32); replaced, re-encoded or "
+                                        "truncated source", what="source shard")
+    try:
+        img = decode_image(image)
+    except Exception as e:  # noqa: BLE001
+        raise CorruptSample(shard, key, f"image no longer decodes: {type(e).__name__}", what="source shard") from None
+    if (img.height, img.width) != sample["hw"]:
+        raise CorruptSample(shard, key, f"decoded size {img.height}x{img.width}, extraction saw "
+                                        f"{sample['hw'][0]}x{sample['hw'][1]}", what="source shard")
+    pixels = replay(img, sample["record"], size)
+    tokens = torch.from_numpy(codec.decode(sample["packed"])) if sample["packed"] is not None else None
+    return key, pixels, tokens
+
+
+def collate(entries: list[tuple]) -> dict:
+    return {"images": torch.stack([e[1] for e in entries]),
+            "tokens": torch.stack([e[2] for e in entries]) if entries[0][2] is not None else None,
+            "keys": [e[0] for e in entries]}
+
+
+# ---------------------------------------------------------------- the dataset a DataLoader runs
+
+class EpochData(IterableDataset):
+    """Batches `{"images": uint8 [B, 3, S, S], "tokens": fp32 [B, T, C] or None, "keys"}` of one rank and
+    epoch, from batch `start` of `plan` on."""
+
+    def __init__(self, index: CacheIndex, plan: np.ndarray, epoch: int, seed: int, start: int = 0,
+                 mode: str = "random", with_tokens: bool = True, on_corrupt: str = "error"):
+        self.index, self.plan, self.epoch, self.seed, self.start = index, plan, epoch, seed, start
+        self.mode, self.with_tokens, self.on_corrupt = mode, with_tokens, on_corrupt
+        self.codec = get_codec(index.manifest["codec"]["name"])
+        self.size = index.manifest["augment"]["size"]
 
     def __iter__(self):
         info = get_worker_info()
-        wid = info.id if info else 0
-        if info is None and self.workers > 1:
-            raise RuntimeError("CachedViews with several workers must run inside a DataLoader")
-        quotas = self.plan.quotas[self.rank * self.workers:(self.rank + 1) * self.workers]
-        # a fresh DataLoader starts its round-robin at worker 0: after a fast-forward, worker 0 plays the
-        # slot whose turn is next, so the batches come in the order of an uninterrupted epoch
-        wid = (wid + next_worker(quotas, self.skip_batches)) % self.workers
-        slot = self.rank * self.workers + wid
-        quota = self.plan.quotas[slot]
-        skip = batches_before(quotas, self.skip_batches)[wid] * self.batch_size
-        made, batch, last_good, owed = 0, [], None, 0
-        for sample in self._shuffled(self.plan.slots[slot], slot):
-            if made == quota:
-                return
-            if skip:
-                skip -= 1  # fast-forward on resume: nothing is decoded
-                last_good = sample or last_good
-                continue
-            # a corrupt sample (on_corrupt = "skip") takes the last good one's place, or the next good one's
-            # before any: every place of the stream fills one batch entry, so the quota and resume hold
-            if sample is None:
-                if last_good is None:
-                    owed += 1
-                    continue
-                sample = last_good
-            last_good = sample
-            entry = self._decode(*sample)
-            for _ in range(owed + 1):
-                batch.append(entry)
-                if len(batch) == self.batch_size:
-                    yield {"images": torch.stack([b[1] for b in batch]),
-                           "tokens": torch.stack([b[2] for b in batch]) if self.with_tokens else None,
-                           "keys": [b[0] for b in batch]}
-                    made, batch = made + 1, []
-                    if made == quota:
-                        return
-            owed = 0
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.plan[self.start + wid::nw]
+        if self.mode == "random":
+            fds: dict = {}
+            raw = (read_batch(self.index, ids, self.epoch, self.seed, self.with_tokens, fds) for ids in mine)
+        else:
+            raw = stream_batches(self.index, mine, self.epoch, self.seed, self.with_tokens)
+        for samples in raw:
+            yield collate(self._decode_all(samples))
 
-    def _pairs(self, name: str):
-        """(key, image bytes, view record, arrays of that view) for this epoch's view of each sample,
-        paired by key: feature keys are the source keys minus those skipped at extraction."""
-        source = iter_samples(self.urls[name])
-        record_crc = read_record(self.cache, name)["crc32"]
-        for feat in iter_feature_shard(self.cache, name, self.manifest, check=False):
-            key = feat["key"]
-            for src in source:
-                if src["key"] == key:
-                    break
-            else:
-                raise CacheError(f"feature shard {name}: key {key!r} is not in source shard {self.urls[name]} "
-                                 "(in that order); was the source shard changed after extraction?")
-            if feat.get("error") or arrays_crc32(feat["arrays"]) != record_crc[key]:
-                err = CorruptSample(name, key, feat.get("error") or "crc32 differs from the completion record")
+    def _decode_all(self, samples: list[dict]) -> list[tuple]:
+        """Decode a batch; with on_corrupt = "skip", a corrupt sample is named and its place taken by another
+        sample of the batch, so every step keeps its batch size (and every rank its step count)."""
+        out, bad = [], []
+        for sample in samples:
+            try:
+                out.append(decode(sample, self.size, self.codec))
+            except CorruptSample as e:
                 if self.on_corrupt == "error":
-                    raise err
-                print(f"warning: skipping: {err}", flush=True)
-                yield None
-                continue
-            v = int(view_order(self.seed, key, self.views)[self.epoch % self.views])
-            arrays = {n: a[v:v + 1] for n, a in feat["arrays"].items()} if self.with_tokens else None
-            yield key, src["image"], feat["views"][v], arrays
-
-    def _shuffled(self, names: list[str], slot: int):
-        rng = random.Random(_seed(self.seed, self.epoch, slot, "buffer"))
-        return shuffle_buffer((pair for name in names for pair in self._pairs(name)), self.shuffle_buffer, rng)
-
-    def _decode(self, key: str, image: bytes, record, arrays):
-        pixels = replay(decode_image(image), record, self.size)
-        tokens = torch.from_numpy(self.codec.decode(arrays)[0]) if arrays is not None else None
-        return key, pixels, tokens
+                    raise
+                print(f"warning: skipping: {e}", flush=True)
+                bad.append(e)
+        if not out:
+            raise CacheError(f"every sample of a batch is corrupt (first: {bad[0]}); run `img2vec verify`")
+        return out + [out[i % len(out)] for i in range(len(bad))]
 
 
-def make_loader(dataset: CachedViews) -> DataLoader:
-    n = dataset.workers if len(dataset.plan.slots) > 1 or dataset.workers > 1 else 0
-    # its own generator: making an iterator must not draw from the global RNG (masks must not depend
-    # on where a run was resumed)
-    return DataLoader(dataset, batch_size=None, num_workers=n, persistent_workers=False,
-                      prefetch_factor=4 if n else None, pin_memory=torch.cuda.is_available(),
+def make_loader(dataset: EpochData, workers: int) -> DataLoader:
+    # its own generator: making an iterator must not draw from the global RNG
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                      prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(_seed(dataset.seed, dataset.epoch) % 2**63))
+
+
+def reader_mode(index: CacheIndex, wanted: str) -> str:
+    """"auto": random access when every source is a local uncompressed tar, else streaming."""
+    if wanted == "random" and not index.seekable():
+        raise CacheError("train.reader = 'random' needs every source shard to be a local uncompressed tar; "
+                         "use 'stream' (or 'auto') for pipe: URLs and compressed tars")
+    return ("random" if index.seekable() else "stream") if wanted == "auto" else wanted

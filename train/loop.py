@@ -19,10 +19,9 @@ import torch
 from common.config import Config, ConfigError, add_config_args, load_config
 from common.faults import fault_point
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
-from shards.features import CacheError, read_manifest
+from shards.features import CacheError, read_manifest, source_urls
 from shards.source import ShardError
-from shards.features import source_urls
-from train.data import CachedViews, check_cache, make_loader, plan_epoch
+from train import data
 from train.losses import normalize_targets
 from train.model import STUDENTS, param_groups
 
@@ -101,19 +100,21 @@ def train(cfg: Config, progress: bool = True) -> dict:
     run_dir = Path(t.run_dir)
     cache = Path(cfg.cache.path)
     manifest = read_manifest(cache)
-    counts = check_cache(cache, manifest)
-    urls = source_urls(manifest, cfg.data.shards)
+    index = data.CacheIndex(cache, manifest, source_urls(manifest, cfg.data.shards))
+    mode = data.reader_mode(index, t.reader)
     cpu = t.device == "cpu" or not torch.cuda.is_available()
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=t.grad_accum,
                               mixed_precision="no" if cpu or not torch.cuda.is_bf16_supported() else "bf16",
                               log_with="tensorboard" if t.tensorboard else None, project_dir=str(run_dir))
     set_seed(t.seed)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    plan0 = plan_epoch(counts, 0, t.seed, world, t.workers, t.batch_size)
-    batches_per_epoch = plan0.steps
+    batches_per_epoch = data.steps_per_epoch(len(index), world, t.batch_size)
     if batches_per_epoch == 0:
-        raise ConfigError(f"the cache holds {sum(counts.values())} samples: too few for {world} processes x "
-                          f"{max(t.workers, 1)} workers x train.batch_size {t.batch_size}")
+        raise ConfigError(f"the cache holds {len(index)} samples: too few for {world} processes x "
+                          f"train.batch_size {t.batch_size}")
+    if accelerator.is_main_process:
+        print(f"data: {len(index)} samples in {len(index.names)} shards, {mode} reader, {batches_per_epoch} steps "
+              f"of {world} x {t.batch_size} per epoch", file=sys.stderr)
     steps_per_epoch = max(batches_per_epoch // t.grad_accum, 1)
     total = t.max_steps or t.epochs * steps_per_epoch
     warmup = min(int(t.warmup_epochs * steps_per_epoch), total // 2)
@@ -157,11 +158,11 @@ def train(cfg: Config, progress: bool = True) -> dict:
     while step < total:
         batch_index = step * t.grad_accum
         epoch, skip = divmod(batch_index, batches_per_epoch)
-        plan = plan_epoch(counts, epoch, t.seed, world, t.workers, t.batch_size)
-        data = CachedViews(cache, manifest, urls, plan, rank, t.workers, epoch, t.seed, t.batch_size, t.shuffle_buffer,
-                           skip_batches=skip, with_tokens=teacher is None, on_corrupt=t.on_corrupt)
-        it = iter(make_loader(data))
-        for _ in range(skip, plan.steps):
+        plan = data.epoch_plan(index.counts, epoch, t.seed, world, rank, t.batch_size, mode, t.workers, t.shuffle_buffer)
+        dataset = data.EpochData(index, plan, epoch, t.seed, start=skip, mode=mode, with_tokens=teacher is None,
+                         on_corrupt=t.on_corrupt)
+        it = iter(data.make_loader(dataset, t.workers))
+        for batch_index in range(epoch * batches_per_epoch + skip, (epoch + 1) * batches_per_epoch):
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
@@ -173,8 +174,12 @@ def train(cfg: Config, progress: bool = True) -> dict:
             targets = normalize_targets(tokens, cfg.loss.target_norm, mean, var)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total, warmup, peak, t.min_lr)
+            # masks of this rank's own, from (seed, rank, batch): the same after a resume, with the online
+            # teacher, and for any number of ranks
+            mask_gen = torch.Generator().manual_seed(data._seed(t.seed, "mask", rank, batch_index) % 2**63)
+            unit_mask = accelerator.unwrap_model(model).draw_mask(images.shape[0], "cpu", mask_gen).to(device)
             with accelerator.accumulate(model):
-                out = model((images.float() - pix_mean) / pix_std, targets, beta=cfg.loss.beta,
+                out = model((images.float() - pix_mean) / pix_std, targets, unit_mask=unit_mask, beta=cfg.loss.beta,
                             global_weight=cfg.loss.global_weight)
                 accelerator.backward(out["loss"])
                 if accelerator.sync_gradients and t.clip_grad > 0:
