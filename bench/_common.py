@@ -128,7 +128,7 @@ def write_cache(cache: Path, shards_pattern: str, views: int, codec: str, token_
     from common.config import Config
     from common.stats import TokenStats
     from shards.features import FeatureShardWriter, finalize_manifest, make_manifest, write_json_atomic
-    from shards.source import expand_shards, iter_samples, shard_name
+    from shards.source import expand_shards, is_seekable, iter_samples, shard_names
 
     cfg = Config()
     cfg.data.shards = shards_pattern
@@ -142,14 +142,17 @@ def write_cache(cache: Path, shards_pattern: str, views: int, codec: str, token_
     a = cfg.augment
     stats = TokenStats()
     stats.update(torch.from_numpy(token_pool))
-    for url in urls:
-        from common.codecs import get_codec
+    import zlib
 
-        writer = FeatureShardWriter(cache, shard_name(url), fmt, get_codec(codec), views, *token_shape)
+    from common.codecs import get_codec
+
+    for url, name in zip(urls, shard_names(urls)):
+        writer = FeatureShardWriter(cache, name, fmt, get_codec(codec), views, *token_shape)
         for s in iter_samples(url):
             img = decode_image(s["image"])
             records = sample_views(a.seed, s["key"], img.height, img.width, views, a.scale, a.ratio, a.flip)
             pick = rng.choice(len(token_pool), views, replace=False)
-            writer.add(s["key"], records, (img.height, img.width), s["cls"], token_pool[pick])
-        writer.commit([], url, stats)
+            src = {"offset": s["offset"], "size": len(s["image"]), "crc": zlib.crc32(s["image"])}
+            writer.add(s["key"], records, src, (img.height, img.width), s["cls"], token_pool[pick])
+        writer.commit([], url, stats, is_seekable(url))
     return finalize_manifest(cache)

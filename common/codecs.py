@@ -167,11 +167,18 @@ class TokenCodec:
     def decode(self, packed: np.ndarray) -> np.ndarray:
         """packed [..., T, C'] -> tokens [..., T, C] fp32."""
         if self.kind == "fp32":
-            return packed.astype(np.float32, copy=False)
+            return packed.astype(np.float32)  # a copy: stored arrays may be read-only buffers
         if self.kind == "bf16":
             return from_bf16_bits(packed)
         side = np.ascontiguousarray(packed[..., -8:]).view(np.float32)  # [..., T, 2]
         return dequantize_u8(packed[..., :-8], side[..., 0], side[..., 1])
+
+    def to_tensor(self, packed: np.ndarray) -> torch.Tensor:
+        """One view for the training loader: bf16 codecs give the stored bits as a bfloat16 tensor (exact, half
+        the bytes of fp32 through the DataLoader's queue; the step casts on its device), the others fp32."""
+        if self.kind == "bf16":
+            return torch.from_numpy(np.array(packed, copy=True).view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(self.decode(packed))
 
     def blosc(self) -> numcodecs.Blosc | None:
         if self.shuffle is None:

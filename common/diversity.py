@@ -160,8 +160,8 @@ def cache_diversity(cache: str | Path, samples: int = 0, progress: bool = True) 
     bar = tqdm(total=samples or manifest.get("samples"), unit="sample", desc="diversity", disable=not progress,
                dynamic_ncols=True)
     for shard in manifest["shards"]:
-        for sample in iter_feature_shard(cache, shard["name"], manifest, check=True):
-            tokens = torch.from_numpy(codec.decode(sample["arrays"]))  # [V, T, C]
+        for sample in iter_feature_shard(cache, shard["name"], manifest):
+            tokens = torch.from_numpy(codec.decode(sample["packed"]))  # [V, T, C]
             per_view.append(token_diversity_per_image(tokens))
             n += 1
             bar.update(1)

@@ -164,6 +164,8 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
 
     mine = rank_shards(urls, rank, world)
     pending = [u for u in mine if not complete(cache, names[u])]
+    for u in set(mine) - set(pending):
+        Lease(cache, names[u]).clear_stale()  # a job killed between its last commit and releasing the lease
     already = len(mine) - len(pending)
     if cfg.extract.limit:
         pending = pending[:cfg.extract.limit]
@@ -179,7 +181,7 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
                         "job is dead)")
     pending = [u for u in pending if names[u] in leases]
     try:
-        result = _extract(cfg, cache, pending, names, teacher, token_shape, device, progress, f"{rank}/{world}")
+        result = _extract(cfg, cache, pending, names, leases, teacher, token_shape, device, progress, f"{rank}/{world}")
     finally:
         for lease in leases.values():
             lease.release()
@@ -195,8 +197,8 @@ def complete(cache: Path, name: str) -> bool:
     return record is not None and not record_problems(cache, name, record)
 
 
-def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str], teacher, token_shape, device,
-             progress: bool, rank: str) -> dict:
+def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str], leases: dict[str, Lease], teacher,
+             token_shape, device, progress: bool, rank: str) -> dict:
     loader = DataLoader(ViewBatches(pending, names, cfg), batch_size=None, num_workers=min(cfg.data.workers, len(pending)),
                         pin_memory=device.type == "cuda")
     jobs: dict[str, ShardJob] = {}
@@ -228,6 +230,7 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
                 else:
                     inflight.append(pool.submit(job.commit))
                     done += 1
+                inflight.append(pool.submit(leases[name].release))
                 del jobs[name]
             while len(inflight) > 4 or (inflight and inflight[0].done()):
                 inflight.pop(0).result()  # re-raises a writer error here, e.g. no space left on the device

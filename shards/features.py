@@ -25,6 +25,7 @@ import shutil
 import socket
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,10 @@ class Lease:
         except PermissionError:
             return False
         return False
+
+    def clear_stale(self) -> None:
+        if self.path.exists() and self._stale():
+            self.path.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.holder().get("pid") == self.me["pid"] and self.holder().get("host") == self.me["host"]:
@@ -385,7 +390,8 @@ class FeatureShard:
         import zarr
 
         if self._array is None:
-            self._array = zarr.open_array(str(shard_dir(self.cache, self.name) / "tokens.zarr" / "tokens"), mode="r")
+            store = _random_read_store(shard_dir(self.cache, self.name) / "tokens.zarr")
+            self._array = zarr.open_array(store=store, path="tokens", mode="r")
         out = []
         for v in np.unique(views):
             sel = ids[views == v]
@@ -405,6 +411,63 @@ class FeatureShard:
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
+
+
+def _random_read_store(root: Path):
+    """A read-only Zarr LocalStore whose byte-range reads (a shard's index, one inner chunk) are single
+    preads with readahead off: the kernel reads the chunk asked for, not its neighbours (other samples)."""
+    import asyncio
+
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import LocalStore
+
+    def pread(path: Path, byte_range) -> bytes:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            size = os.fstat(fd).st_size
+            if isinstance(byte_range, RangeByteRequest):
+                start, end = byte_range.start, byte_range.end
+            elif isinstance(byte_range, OffsetByteRequest):
+                start, end = byte_range.offset, size
+            elif isinstance(byte_range, SuffixByteRequest):
+                start, end = max(0, size - byte_range.suffix), size
+            else:
+                raise TypeError(f"unexpected byte range {byte_range!r}")
+            return os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+
+    class RandomReadStore(LocalStore):
+        async def get(self, key, prototype=None, byte_range=None):
+            if byte_range is None:
+                return await super().get(key, prototype, byte_range)
+            prototype = prototype or default_buffer_prototype()
+            try:
+                data = await asyncio.to_thread(pread, self.root / key, byte_range)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+            return prototype.buffer.from_bytes(data)
+
+    return RandomReadStore(root, read_only=True)
+
+
+def iter_feature_shard(cache: Path, name: str, manifest: dict) -> Iterator[dict]:
+    """Every sample of a recorded shard with ALL its views (tools and tests; training reads one view):
+    {"key", "cls", "views" [V, 5], "src_hw", "packed" [V, T, C']}. Raises CorruptSample on a damaged view."""
+    shard = FeatureShard(cache, name, manifest)
+    views = manifest["augment"]["views"]
+    try:
+        for i, meta in enumerate(shard.index):
+            packed = shard.read_views(np.full(views, i), np.arange(views))
+            bad = next((p for p in packed if isinstance(p, CorruptSample)), None)
+            if bad is not None:
+                raise bad
+            yield {"key": meta["key"].decode(), "cls": int(meta["cls"]), "views": np.array(meta["views"]),
+                   "src_hw": [int(meta["height"]), int(meta["width"])], "packed": np.stack(packed)}
+    finally:
+        shard.close()
 
 
 def read_source(url: str, offset: int, size: int, fds: dict | None = None) -> bytes:

@@ -2,13 +2,14 @@
 
 Three layers of checks; every problem names the shard, and the key when there is one:
 
-1. manifest and records: manifest.json parses; every listed shard has a completion record and a
-   file; each record agrees with itself (one crc32 per sample, statistics sized for the views) and
-   the manifest's merged statistics and counts equal the records'.
-2. bytes: the shard file's sha256 equals its record's, and every sample decodes, holds finite
-   tokens and has the crc32 its record lists. A file that matches its sha256 but not a crc32 means
-   the record changed; a sha256 mismatch with every crc32 intact means a byte outside the token
-   arrays changed (tar headers, view records) or the record's sha256 did.
+1. manifest and records: manifest.json parses; every listed shard has a completion record and its
+   files; each record agrees with itself (statistics sized for the views) and the manifest's merged
+   statistics and counts equal the records'.
+2. bytes: every file of the shard has the size and sha256 its record lists, the index holds the
+   recorded number of samples with unique keys, and every view of every sample decodes, holds
+   finite tokens and has the crc32 its index lists. A file that matches its sha256 but not a crc32
+   means the index changed; a sha256 mismatch with every crc32 intact means a byte outside the
+   token arrays changed (tar headers) or the record's sha256 did.
 3. `--recompute N`: N random (shard, key, view) triples are replayed from their source images and
    run through the teacher rebuilt from the manifest; the stored tokens must equal its output within
    the codec's error bound.
@@ -24,17 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-from common.codecs import arrays_crc32, get_codec
+from common.codecs import get_codec
 from shards.features import (
     CacheError,
     CorruptSample,
-    iter_feature_shard,
+    FeatureShard,
+    file_sha256,
+    read_index,
     read_manifest,
-    source_urls,
     read_record,
     record_path,
-    shard_path,
-    tree_sha256,
+    record_problems,
+    shard_dir,
+    source_urls,
 )
 
 REDO_HINT = ("to redo a shard: delete <cache>/<shard>.done.json and rerun extract-features with the same config "
@@ -152,7 +155,7 @@ def check_record(cache: Path, name: str, manifest: dict, report: Report) -> dict
                                                    "with the same config to finish it"))
         return None
     bad = []
-    missing = [f for f in ("samples", "crc32", "sha256", "stats", "skipped") if f not in record]
+    missing = [f for f in ("samples", "files", "stats", "skipped") if f not in record]
     if missing:
         bad.append(f"record lacks {', '.join(missing)}")
     else:
@@ -162,8 +165,8 @@ def check_record(cache: Path, name: str, manifest: dict, report: Report) -> dict
             bad.append(f"record names shard {record['shard']!r}")
         if record.get("format", manifest["cache_format"]) != manifest["cache_format"]:
             bad.append(f"record format {record['format']!r} but the manifest says {manifest['cache_format']!r}")
-        if not isinstance(record["samples"], int) or len(record["crc32"]) != record["samples"]:
-            bad.append(f"record says {record['samples']!r} samples but lists {len(record['crc32'])} crc32 values")
+        if not isinstance(record["samples"], int):
+            bad.append(f"record says {record['samples']!r} samples")
         if not isinstance(stats, dict) or any(f not in stats for f in STAT_FIELDS):
             bad.append(f"record statistics missing or incomplete (need {', '.join(STAT_FIELDS)})")
         elif isinstance(record["samples"], int):
@@ -222,7 +225,9 @@ def check_strays(cache: Path, manifest: dict, report: Report) -> None:
         if ".tmp-" in p.name:
             report.warnings.append(f"{p.name}: leftover temporary of an interrupted writer (harmless; extract-features "
                                    "removes it when it redoes that shard)")
-        elif p.name.endswith((".tar", ".zarr", ".done.json")) and p.name.split(".")[0] not in names:
+        elif p.name.endswith(".lock"):
+            report.warnings.append(f"{p.name}: an extraction job holds (or held) this shard: {p.read_text()[:200]}")
+        elif p.name != "manifest.json" and p.name.removesuffix(".done.json") not in names:
             report.warnings.append(f"{p.name}: not a shard of this cache's manifest (ignored by training)")
 
 
@@ -230,52 +235,62 @@ def check_strays(cache: Path, manifest: dict, report: Report) -> None:
 
 def check_shard(cache: Path, name: str, manifest: dict, record: dict, wanted: dict[str, list[int]],
                 report: Report, captured: dict) -> dict:
-    """sha256 of the shard file, then every sample: decodes, finite, crc32 as recorded. Samples in
-    `wanted` (key -> views) keep their view records and decoded tokens in `captured` for recompute."""
+    """Files (size, sha256), the index, then every view of every sample: decodes, finite, crc32 as indexed.
+    Samples in `wanted` (key -> views) keep their view records and decoded tokens in `captured` for recompute."""
     codec = get_codec(manifest["codec"]["name"])
-    path = shard_path(cache, name, manifest["cache_format"])
     row = {"shard": name, "samples": record["samples"], "skipped": len(record["skipped"]), "sha256": "-",
            "samples_ok": 0, "status": "FAILED"}
-    if not path.exists():
-        report.problems.append(Problem(name, None, f"shard file {path.name} is missing although it is recorded"))
+    missing = record_problems(cache, name, record)
+    if missing:
+        report.problems += [Problem(name, None, f"{m} although it is recorded") for m in missing]
         return row
-    sha_ok = tree_sha256(path) == record["sha256"]
-    row["sha256"] = "ok" if sha_ok else "MISMATCH"
+    root = shard_dir(cache, name)
+    changed = [rel for rel, meta in record["files"].items() if file_sha256(root / rel) != meta["sha256"]]
+    row["sha256"] = "MISMATCH" if changed else "ok"
     before = len(report.problems)
-    bad_crc, last_key = [], None
     try:
-        for sample in iter_feature_shard(cache, name, manifest, check=False):
-            key = last_key = sample["key"]
-            if arrays_crc32(sample["arrays"]) != record["crc32"][key]:
-                bad_crc.append(key)
-                continue
-            tokens = codec.decode(sample["arrays"])  # [V, T, C]
-            if not np.isfinite(tokens).all():
-                report.problems.append(Problem(name, key, "stored tokens are not finite (inf/nan from the teacher: "
-                                                          "was it run in float16?)"))
-                continue
-            row["samples_ok"] += 1
-            if key in wanted:
-                captured[(name, key)] = {"views": np.asarray(sample["views"]), "src_hw": list(sample["src_hw"]),
-                                         "tokens": tokens}
-    except CorruptSample as e:
-        reason = str(e).split("is corrupt (", 1)[-1].rsplit("); run", 1)[0]
-        report.problems.append(Problem(name, e.key, f"sample does not decode: {reason}"))
+        shard = FeatureShard(cache, name, manifest)
     except CacheError as e:
-        after = f" (after key {last_key!r})" if last_key is not None else ""
-        report.problems.append(Problem(name, None, f"{e}{after}"))
+        report.problems.append(Problem(name, None, str(e)))
+        return row
+    keys = [k.decode() for k in shard.index["key"]]
+    for key in sorted({k for k in keys if keys.count(k) > 1}):
+        report.problems.append(Problem(name, key, "key listed twice in the index"))
+    views = manifest["augment"]["views"]
+    bad = np.zeros(len(keys), bool)
+    tokens_of: dict[int, np.ndarray] = {}
+    ids = np.arange(len(keys))
+    try:
+        for v in range(views):
+            for i, packed in zip(ids, shard.read_views(ids, np.full(len(ids), v))):
+                if isinstance(packed, CorruptSample):
+                    reason = str(packed).split("is corrupt (", 1)[-1].rsplit("); run", 1)[0]
+                    report.problems.append(Problem(name, keys[i], reason + (
+                        " (the files match their recorded sha256, so the index was changed)" if not changed else "")))
+                    bad[i] = True
+                    continue
+                tokens = codec.decode(packed)
+                if not np.isfinite(tokens).all():
+                    report.problems.append(Problem(name, keys[i], f"view {v}: stored tokens are not finite (inf/nan "
+                                                                  "from the teacher: was it run in float16?)"))
+                    bad[i] = True
+                elif keys[i] in wanted and v in wanted[keys[i]]:
+                    tokens_of.setdefault(i, np.zeros((views, *tokens.shape), np.float32))[v] = tokens
     except Exception as e:  # noqa: BLE001 - a broken Zarr group raises the library's own errors
-        after = f" after key {last_key!r}" if last_key is not None else ""
-        report.problems.append(Problem(name, None, f"unreadable{after}: {type(e).__name__}: {e}"))
-    for key in bad_crc:
-        why = ("the file matches its recorded sha256, so the record's crc32 was changed" if sha_ok else
-               "the stored bytes changed")
-        report.problems.append(Problem(name, key, f"crc32 differs from the completion record ({why})"))
-    if not sha_ok:
-        why = ("every sample's crc32 matches, so a byte outside the token arrays (tar header, view record) or the "
-               "record's sha256 changed" if len(report.problems) == before else
-               "the file changed after it was recorded")
-        report.problems.append(Problem(name, None, f"sha256 of {path.name} differs from its record ({why})"))
+        report.problems.append(Problem(name, None, f"unreadable: {type(e).__name__}: {e}"))
+        bad[:] = True
+    finally:
+        shard.close()
+    row["samples_ok"] = int((~bad).sum())
+    for i, tokens in tokens_of.items():
+        if not bad[i]:
+            meta = shard.index[i]
+            captured[(name, keys[i])] = {"views": np.array(meta["views"]), "tokens": tokens,
+                                         "src_hw": [int(meta["height"]), int(meta["width"])]}
+    if changed:
+        why = ("every view's crc32 matches, so a byte outside the token arrays (tar header) or the record's sha256 "
+               "changed" if len(report.problems) == before else "the file changed after it was recorded")
+        report.problems.append(Problem(name, None, f"sha256 of {', '.join(changed)} differs from its record ({why})"))
     if len(report.problems) == before:
         row["status"] = "ok"
     return row
@@ -283,9 +298,16 @@ def check_shard(cache: Path, name: str, manifest: dict, record: dict, wanted: di
 
 # ---------------------------------------------------------------- layer 3: recompute views
 
-def pick_triples(records: dict[str, dict], views: int, n: int, seed: int) -> list[tuple[str, str, int]]:
+def pick_triples(cache: Path, records: dict[str, dict], views: int, n: int, seed: int) -> list[tuple[str, str, int]]:
     """n distinct (shard, key, view) triples, uniform over all cached views, in shard and key order."""
-    keys = [(name, key) for name, r in records.items() for key in r["crc32"]]
+    if n <= 0:
+        return []
+    keys = []
+    for name in records:
+        try:
+            keys += [(name, k.decode()) for k in read_index(cache, name)["key"]]
+        except CacheError:
+            continue  # reported by check_shard
     total = len(keys) * views
     if not total or n <= 0:
         return []
@@ -411,7 +433,7 @@ def verify_cache(cache: str | Path, recompute: int = 0, source_shards: str | Non
         if record is not None:
             records[name] = record
     check_merged_stats(manifest, records, report)
-    triples = pick_triples(records, manifest["augment"]["views"], recompute, seed)
+    triples = pick_triples(cache, records, manifest["augment"]["views"], recompute, seed)
     report.recompute_requested = len(triples)
     wanted: dict[str, dict[str, list[int]]] = {}
     for name, key, view in triples:

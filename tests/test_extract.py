@@ -26,7 +26,7 @@ def cache_files(cache: Path) -> dict[str, bytes]:
 def stored_tokens(cache: Path) -> dict[str, np.ndarray]:
     manifest = read_manifest(cache)
     codec = get_codec(manifest["codec"]["name"])
-    return {s["key"]: codec.decode(s["arrays"]) for sh in manifest["shards"]
+    return {s["key"]: codec.decode(s["packed"]) for sh in manifest["shards"]
             for s in iter_feature_shard(cache, sh["name"], manifest)}
 
 

@@ -75,8 +75,9 @@ def test_odd_and_corrupt_images_are_converted_or_skipped_and_recorded(tmp_path):
     record = json.loads((tmp_path / "cache" / "shard-000000.done.json").read_text())
     assert {s["key"] for s in record["skipped"]} == bad
     assert all(s["reason"] for s in record["skipped"])
-    assert set(record["crc32"]) == {s["key"] for s in samples} - bad
-    assert list(record["crc32"]) == [s["key"] for s in samples if s["key"] not in bad]  # same order
+    from shards.features import read_index
+    keys = [k.decode() for k in read_index(tmp_path / "cache", "shard-000000")["key"]]
+    assert keys == [s["key"] for s in samples if s["key"] not in bad]  # same order
     assert summary["skipped_samples"] == len(bad) and summary["cache_complete"]
 
 
@@ -115,9 +116,9 @@ def test_no_space_left_is_a_clear_error_and_rerun_finishes(tmp_path, source):
         records = list((disk / "cache").glob("*.done.json"))
         assert len(records) < 3
         for rec in records:  # what is recorded is complete and intact
-            from shards.features import shard_path, tree_sha256
+            from shards.features import shard_dir, tree_files
             rec_d = json.loads(rec.read_text())
-            assert tree_sha256(shard_path(disk / "cache", rec_d["shard"], "wds")) == rec_d["sha256"]
+            assert tree_files(shard_dir(disk / "cache", rec_d["shard"])) == rec_d["files"]
         subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
         r = run_cli(["extract-features", "--config", str(path), "--no-progress"])
         assert r.returncode == 0, r.stderr[-1500:]
@@ -199,14 +200,14 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path):
     assert victim.exists()
 
 
-def _flip_payload_byte(tar_path: Path, member_suffix: str = ".q.bin") -> str:
-    """Flip one byte inside the first sample's token payload; returns that sample's key."""
-    with tarfile.open(tar_path) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(member_suffix))
-    data = bytearray(tar_path.read_bytes())
-    pos = member.offset_data + member.size // 2
-    data[pos] ^= 0x5A
-    tar_path.write_bytes(bytes(data))
+def _flip_payload_byte(shard: Path) -> str:
+    """Flip one byte inside the first sample's tokens, in every view file; returns that sample's key."""
+    for tar_path in sorted(shard.glob("v*.tar")):
+        with tarfile.open(tar_path) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith(".tokens"))
+        data = bytearray(tar_path.read_bytes())
+        data[member.offset_data + member.size // 2] ^= 0x5A
+        tar_path.write_bytes(bytes(data))
     return member.name.split(".")[0]
 
 
@@ -216,7 +217,7 @@ def test_training_refuses_or_skips_a_corrupt_sample(tmp_path, extracted, on_corr
 
     cache = tmp_path / "cache"
     shutil.copytree(extracted[1].cache.path, cache)
-    key = _flip_payload_byte(cache / "shard-000001.tar")
+    key = _flip_payload_byte(cache / "shard-000001")
     path = write_config(tmp_path, Path(extracted[1].data.shards).parent, 3)
     args = ["--config", str(path), "--no-progress", "--set", "train.max_steps=5", "--set", f"train.on_corrupt={on_corrupt}"]
     code = train_main(args)

@@ -61,7 +61,7 @@ def test_verify_fresh_cache_with_recompute_console_script(tmp_path, extracted):
 
 def test_verify_flipped_byte_in_shard_names_shard_and_key(tmp_path, extracted, capsys):
     cache = copy_cache(extracted, tmp_path)
-    path = cache / "shard-000001.tar"
+    path = cache / "shard-000001" / "v01.tar"
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
     with tarfile.open(path) as tar:  # which sample, if any, holds the middle byte
@@ -70,30 +70,32 @@ def test_verify_flipped_byte_in_shard_names_shard_and_key(tmp_path, extracted, c
     path.write_bytes(bytes(data))
     rc, out = tool(capsys, "verify", cache)
     assert rc == 1 and "FAILED" in out
-    assert "shard-000001: sha256 of shard-000001.tar differs from its record" in out
+    assert "shard-000001: sha256 of v01.tar differs from its record" in out
     if hit:
-        assert f"shard-000001 key '{hit[0].split('.')[0]}'" in out, out
+        assert f"shard-000001 key '{hit[0].split('.')[0]}': view 1" in out, out
     assert "shard-000000" not in out.split("problems")[-1]  # only the damaged shard is named
 
 
-def test_verify_edited_record_names_shard_and_key(tmp_path, extracted, capsys):
+def test_verify_edited_index_and_record_name_shard_and_key(tmp_path, extracted, capsys):
     cache = copy_cache(extracted, tmp_path)
-    rec_path = cache / "shard-000002.done.json"
-    record = json.loads(rec_path.read_text())
-    key = list(record["crc32"])[2]
-    record["crc32"][key] ^= 1 << 7
-    rec_path.write_text(json.dumps(record))
+    index_path = cache / "shard-000002" / "index.npy"
+    index = np.load(index_path, allow_pickle=False)
+    key = index["key"][2].decode()
+    index["crc"][2, 1] ^= 1 << 7
+    np.save(index_path, index, allow_pickle=False)
     rec_path = cache / "shard-000000.done.json"
     record = json.loads(rec_path.read_text())
-    record["sha256"] = record["sha256"][:-1] + ("0" if record["sha256"][-1] != "0" else "1")
+    sha = record["files"]["v00.tar"]["sha256"]
+    record["files"]["v00.tar"]["sha256"] = sha[:-1] + ("0" if sha[-1] != "0" else "1")
     rec_path.write_text(json.dumps(record))
     rc, out = tool(capsys, "verify", cache, "--json", tmp_path / "v.json")
     assert rc == 1
-    assert f"shard-000002 key '{key}': crc32 differs from the completion record (the file matches its recorded " \
-           "sha256, so the record's crc32 was changed)" in out
-    assert "shard-000000: sha256 of shard-000000.tar differs from its record" in out
+    assert f"shard-000002 key '{key}': view 1: crc32 differs from the index" in out
+    assert "shard-000002: sha256 of index.npy differs from its record" in out
+    assert "shard-000000: sha256 of v00.tar differs from its record (every view's crc32 matches" in out
     problems = json.loads((tmp_path / "v.json").read_text())["problems"]
-    assert {(p["shard"], p["key"]) for p in problems} == {("shard-000002", key), ("shard-000000", None)}
+    assert {(p["shard"], p["key"]) for p in problems} == {("shard-000002", key), ("shard-000002", None),
+                                                         ("shard-000000", None)}
 
 
 def test_verify_zarr_u8_cache_and_moved_sources(tmp_path, source, capsys):
@@ -151,7 +153,7 @@ def test_diversity_of_cache_equals_brute_force(extracted, tmp_path, capsys):
     assert (row["images"], row["views"]) == (4, 12) and "resnet18 (cache)" in out
     manifest = read_manifest(cache)
     codec = get_codec(manifest["codec"]["name"])
-    tokens = [codec.decode(s["arrays"]) for s in iter_feature_shard(cache, "shard-000000", manifest)][:4]
+    tokens = [codec.decode(s["packed"]) for s in iter_feature_shard(cache, "shard-000000", manifest)][:4]
     assert row["token_diversity"] == pytest.approx(brute_force_td(np.concatenate(tokens)), abs=1e-5)
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,10 +19,9 @@ from safetensors.torch import load_file
 from common.config import load_config
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD
 from extract.pipeline import run_extraction
-from shards.features import CorruptSample, iter_feature_shard, read_manifest
+from shards.features import CorruptSample, iter_feature_shard, read_index, read_manifest, source_urls
 from tests.conftest import BIN, REPO, make_source, run_cli, write_config
-from shards.features import source_urls
-from train.data import CachedViews, batches_before, check_cache, make_loader, next_worker, plan_epoch
+from train.data import CacheIndex, EpochData, epoch_plan, make_loader, steps_per_epoch
 from train.loop import Checkpoints, build_student, main, online_teacher, train
 from train.losses import normalize_targets
 
@@ -62,14 +62,15 @@ def uneven(tmp_path_factory):
 def shard_of_key(cache: Path) -> dict[str, str]:
     manifest = read_manifest(cache)
     return {s["key"]: sh["name"] for sh in manifest["shards"]
-            for s in iter_feature_shard(cache, sh["name"], manifest, check=False)}
+            for s in iter_feature_shard(cache, sh["name"], manifest)}
 
 
-def read_trace(path: Path) -> dict[int, list[str]]:
+def read_trace(path: Path, resumed: bool = False) -> dict[int, list[str]]:
+    """step -> keys (or mask hash); in a run resumed after a kill, the steps it redid replace the killed run's."""
     out = {}
     for line in path.read_text().splitlines():
         step, *keys = line.split()
-        assert int(step) not in out, f"{path}: step {step} traced twice"
+        assert resumed or int(step) not in out, f"{path}: step {step} traced twice"
         out[int(step)] = keys
     return out
 
@@ -95,6 +96,15 @@ def launch(config: Path, *overrides: str, processes: int = 2, timeout: int = 240
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def epoch_batches(cache: Path, epoch: int, bs: int, seed: int = 0, world: int = 1, rank: int = 0, workers: int = 0,
+                  start: int = 0, **kw) -> tuple[list[dict], np.ndarray]:
+    """The batches one rank's loader yields in one epoch (random reader), and the plan they follow."""
+    manifest = read_manifest(cache)
+    index = CacheIndex(cache, manifest, source_urls(manifest))
+    plan = epoch_plan(index.counts, epoch, seed, world, rank, bs, "random", workers)
+    return list(make_loader(EpochData(index, plan, epoch, seed, start, "random", **kw), workers)), plan
+
+
 def run_in_process(config: Path, run: Path, *overrides: str) -> dict:
     cfg = load_config(config, list(overrides))
     cfg.train.run_dir = str(run)
@@ -111,8 +121,6 @@ def test_cached_targets_equal_online_teacher(extracted):
     cfg = load_config(path)  # own copy: online_teacher writes the manifest's teacher into cfg.teacher
     cache = Path(cfg.cache.path)
     manifest = read_manifest(cache)
-    counts = check_cache(cache, manifest)
-    urls = source_urls(manifest, cfg.data.shards)
     teacher = online_teacher(cfg, manifest, torch.device("cpu"))
     torch.manual_seed(0)
     model = build_student(cfg, manifest).eval()
@@ -121,12 +129,10 @@ def test_cached_targets_equal_online_teacher(extracted):
     pix_std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
     bs = cfg.train.batch_size
     for epoch in range(manifest["augment"]["views"]):  # every recorded view is used once
-        plan = plan_epoch(counts, epoch, cfg.train.seed, 1, 0, bs)
-        batches = list(CachedViews(cache, manifest, urls, plan, 0, 0, epoch, cfg.train.seed, bs,
-                                   cfg.train.shuffle_buffer, with_tokens=True))
-        assert len(batches) == plan.steps == sum(counts.values()) // bs
+        batches, _ = epoch_batches(cache, epoch, bs, cfg.train.seed)
+        assert len(batches) == manifest["samples"] // bs
         for i, batch in enumerate(batches):
-            images, cached = batch["images"], batch["tokens"]
+            images, cached = batch["images"], batch["tokens"].float()
             assert images.dtype == torch.uint8 and images.shape == (bs, 3, 64, 64)
             assert cached.shape == (bs, *manifest["token_shape"])
             with torch.no_grad():
@@ -150,11 +156,15 @@ def test_cached_targets_equal_online_teacher(extracted):
 # ---------------------------------------------------------------------------------------------------- 2 processes
 
 
-@pytest.mark.parametrize("which,workers,steps", [("even", 0, 3), ("uneven", 2, 5)])
+def keys_per_step(run: Path, rank: int) -> dict[int, list[str]]:
+    return read_trace(run / f"keys-rank{rank}.txt")
+
+
+@pytest.mark.parametrize("which,workers,steps", [("even", 10, 3), ("uneven", 2, 5)])
 def test_two_processes(tmp_path, extracted, uneven, which, workers, steps):
-    """3 shards over 2 ranks (12 samples against 6), 5 uneven shards over 2 ranks x 2 workers (one shard
-    smaller than a batch; rank 0 holds more batches than it runs): the run ends, both ranks take the same
-    steps, each rank reads only its own shards, and within an epoch no sample is seen twice."""
+    """2 ranks x 10 workers on 3 shards (20 loader slots, 18 samples), and 2 x 2 on 5 uneven shards: both ranks
+    take the same steps, an epoch's batches over the ranks are disjoint and cover all but < one global batch of
+    the samples, and every rank draws its own masks."""
     path, cfg = extracted if which == "even" else uneven
     cache = Path(cfg.cache.path)
     run = tmp_path / "run"
@@ -163,21 +173,18 @@ def test_two_processes(tmp_path, extracted, uneven, which, workers, steps):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == steps
 
-    counts = check_cache(cache, read_manifest(cache))
-    per_epoch = plan_epoch(counts, 0, cfg.train.seed, 2, workers, cfg.train.batch_size).steps
-    traces = [read_trace(run / f"keys-rank{r}.txt") for r in (0, 1)]
+    n, bs = read_manifest(cache)["samples"], cfg.train.batch_size
+    per_epoch = steps_per_epoch(n, 2, bs)
+    traces = [keys_per_step(run, r) for r in (0, 1)]
     assert sorted(traces[0]) == sorted(traces[1]) == list(range(steps))
-    home = shard_of_key(cache)
     for epoch in range(math.ceil(steps / per_epoch)):
-        plan = plan_epoch(counts, epoch, cfg.train.seed, 2, workers, cfg.train.batch_size)
-        seen = []
-        for rank, trace in enumerate(traces):
-            keys = [k for s in range(epoch * per_epoch, min((epoch + 1) * per_epoch, steps)) for k in trace[s]]
-            assert len(keys) == len(set(keys)), f"rank {rank} saw a sample twice in epoch {epoch}"
-            own = {n for slot in plan.slots[rank * max(workers, 1):(rank + 1) * max(workers, 1)] for n in slot}
-            assert {home[k] for k in keys} <= own, f"rank {rank} read another rank's shard in epoch {epoch}"
-            seen.append(set(keys))
-        assert not seen[0] & seen[1], f"epoch {epoch}: both ranks saw {sorted(seen[0] & seen[1])}"
+        in_epoch = range(epoch * per_epoch, min((epoch + 1) * per_epoch, steps))
+        keys = [k for trace in traces for s in in_epoch for k in trace[s]]
+        assert len(keys) == len(set(keys)) == 2 * bs * len(in_epoch), f"a sample was used twice in epoch {epoch}"
+        if len(in_epoch) == per_epoch:
+            assert n - len(keys) < 2 * bs  # less than one global batch left out
+    masks = [read_trace(run / f"masks-rank{r}.txt") for r in (0, 1)]
+    assert all(masks[0][s] != masks[1][s] for s in range(steps))  # its own masks on every rank
 
     ckpt = run / "checkpoints" / f"step_{steps:08d}"
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "optimizer.bin").is_file()
@@ -186,6 +193,30 @@ def test_two_processes(tmp_path, extracted, uneven, which, workers, steps):
     rows = read_metrics(run)
     assert [row["step"] for row in rows] == list(range(1, steps + 1))
     assert all(math.isfinite(row["loss"]) and row["samples_per_s"] > 0 and 0 <= row["data_wait"] <= 1 for row in rows)
+
+
+def test_two_processes_resume_after_sigkill(tmp_path, uneven):
+    """Two ranks, rank processes SIGKILLed at step 5 (checkpoint at 3): the rerun resumes at 3, and every
+    rank's batches and masks, and the losses, match an uninterrupted 2-process run."""
+    path, _ = uneven
+    sets = ["train.trace_keys=true", "train.max_steps=7", "train.checkpoint_every=3", "train.workers=1"]
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert launch(path, f"train.run_dir={json.dumps(str(a))}", *sets).returncode == 0
+    os.environ["IMG2VEC_FAULT"] = "step:5"
+    try:
+        killed = launch(path, f"train.run_dir={json.dumps(str(b))}", *sets)
+    finally:
+        del os.environ["IMG2VEC_FAULT"]
+    assert killed.returncode != 0 and not (b / "checkpoints" / "step_00000007").exists()
+    r = launch(path, f"train.run_dir={json.dumps(str(b))}", *sets)
+    assert r.returncode == 0 and "step_00000003" in r.stderr, r.stderr[-2000:]
+    for rank in (0, 1):
+        for name in (f"keys-rank{rank}.txt", f"masks-rank{rank}.txt"):
+            assert read_trace(a / name) == read_trace(b / name, resumed=True)
+    la, lb = ({r["step"]: r["loss"] for r in read_metrics(x)} for x in (a, b))
+    assert sorted(la) == sorted(lb) == list(range(1, 8))
+    for s in la:
+        assert lb[s] == pytest.approx(la[s], rel=1e-5, abs=1e-7), s
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -210,9 +241,9 @@ def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
 @pytest.mark.parametrize("how,workers", [("max_steps", 0), ("crash", 2)])
 def test_resume_is_exact(tmp_path, extracted, capsys, monkeypatch, how, workers):
     """B stops at step c (a shorter max_steps, or a crash right after the step-c checkpoint), then reruns in
-    the same run dir to 2c; it ends with A's weights, optimizer state, losses and batches, A never stopping.
-    c = 5 is one batch into epoch 1 (4 batches per epoch; with 2 workers the second worker's turn), so the
-    data is fast-forwarded to the batch, and the run goes on into epoch 2."""
+    the same run dir to 2c; it ends with A's weights, optimizer state, losses, batches and masks, A never
+    stopping. c = 5 is one batch into epoch 1 (4 batches per epoch; with 2 workers the second worker's turn),
+    so the loader starts mid-epoch, and the run goes on into epoch 2."""
     path, _ = extracted
     c = 5
     sets = [f"train.workers={workers}", f"train.checkpoint_every={c}", "train.trace_keys=true", "train.lr=0.064"]
@@ -251,7 +282,8 @@ def test_resume_is_exact(tmp_path, extracted, capsys, monkeypatch, how, workers)
     for ra, rb in zip(a, b):
         for k in ("loss", "patch_loss", "global_loss", "lr"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-8), (ra["step"], k)
-    assert read_trace(tmp_path / "A" / "keys-rank0.txt") == read_trace(tmp_path / "B" / "keys-rank0.txt")
+    for name in ("keys-rank0.txt", "masks-rank0.txt"):
+        assert read_trace(tmp_path / "A" / name) == read_trace(tmp_path / "B" / name)
 
 
 # ---------------------------------------------------------------------------------------------------- refused caches
@@ -277,6 +309,13 @@ def test_missing_or_incomplete_cache_fails_with_code_2(tmp_path, extracted, caps
     r = run_cli(["python", "-m", "train", *args, "--set", f"cache.path={json.dumps(str(broken))}"])
     assert r.returncode == 2 and "shard-000001" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
+    old = tmp_path / "format1"
+    shutil.copytree(cfg.cache.path, old)
+    m = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps(dict(m, format_version=1)))
+    assert main([*args, "--set", f"cache.path={json.dumps(str(old))}"]) == 2
+    assert "format 1" in capsys.readouterr().err
+
 
 # ---------------------------------------------------------------------------------------------------- learning
 
@@ -292,135 +331,211 @@ def test_loss_falls(tmp_path, extracted):
     assert last < 0.5 * first, losses
 
 
+def test_cached_and_online_runs_take_the_same_samples_masks_and_losses(tmp_path, source):
+    """With an fp32 cache, a cached run and an online-teacher run with one seed see the same batches and
+    masks, and their losses agree to 1e-3 relative."""
+    from extract.pipeline import run_extraction
+
+    path = write_config(tmp_path, source, 3, codec="fp32")
+    run_extraction(load_config(path), progress=False)
+    sets = ["train.max_steps=6", "train.trace_keys=true", "train.lr=0.064"]
+    run_in_process(path, tmp_path / "cached", *sets)
+    run_in_process(path, tmp_path / "online", *sets, "train.targets=online")
+    for name in ("keys-rank0.txt", "masks-rank0.txt"):
+        assert read_trace(tmp_path / "cached" / name) == read_trace(tmp_path / "online" / name)
+    for a, b in zip(read_metrics(tmp_path / "cached"), read_metrics(tmp_path / "online"), strict=True):
+        for k in ("loss", "patch_loss", "global_loss"):
+            assert b[k] == pytest.approx(a[k], rel=1e-3), (a["step"], k)
+
+
 # ---------------------------------------------------------------------------------------------------- epoch plan
 
 
-COUNTS = [
-    {"a": 6, "b": 6, "c": 6},
-    {f"s{i}": n for i, n in enumerate(UNEVEN)},
-    {f"s{i:02d}": 3 + (7 * i) % 11 for i in range(13)},
-    {"x": 40, "y": 1, "z": 2},
-]
+COUNTS = [[6, 6, 6], UNEVEN, [3 + (7 * i) % 11 for i in range(13)], [40, 1, 2], [1000, 0, 3]]
 
 
 @pytest.mark.parametrize("counts", COUNTS)
-@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 0), (2, 2), (3, 1), (4, 3)])
-def test_plan_epoch(counts, world, workers):
-    n_slots = world * max(workers, 1)
-    steps0 = None
+@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 0), (2, 10), (3, 1), (8, 3)])
+@pytest.mark.parametrize("mode", ["random", "stream"])
+def test_epoch_plan(counts, world, workers, mode):
+    """Brute force over ranks: the same steps on every rank, disjoint batches covering all but < one global
+    batch, the same plan whatever a rank computes it, another order in another epoch."""
+    n = sum(counts)
     for bs in (1, 2, 4):
-        for epoch in range(4):
-            plan = plan_epoch(counts, epoch, 7, world, workers, bs)
-            again = plan_epoch(counts, epoch, 7, world, workers, bs)  # what the other ranks compute
-            assert (plan.slots, plan.quotas, plan.steps) == (again.slots, again.quotas, again.steps)
-            assert len(plan.slots) == len(plan.quotas) == n_slots
-            names = [n for slot in plan.slots for n in slot]
-            assert sorted(names) == sorted(counts)  # disjoint, covering
-            assert plan.quotas == [sum(counts[n] for n in slot) // bs for slot in plan.slots]
-            per_rank = [sum(plan.quotas[r * max(workers, 1):(r + 1) * max(workers, 1)]) for r in range(world)]
-            assert plan.steps == min(per_rank)  # every rank can run `steps` batches, and runs no more
-            if epoch == 0:
-                steps0 = plan.steps
-            assert plan.steps == steps0  # the loop maps steps to epochs with epoch 0's count
-        if world * max(workers, 1) < len(counts):
-            orders = {tuple(map(tuple, plan_epoch(counts, e, 7, world, workers, 1).slots)) for e in range(8)}
-            assert len(orders) > 1  # the shard order changes between epochs
+        steps = n // (world * bs)
+        orders = set()
+        for epoch in range(3):
+            plans = [epoch_plan(counts, epoch, 7, world, r, bs, mode, workers, 5) for r in range(world)]
+            assert all(p.shape == (steps, bs) for p in plans)
+            ids = np.concatenate([p.ravel() for p in plans])
+            assert len(np.unique(ids)) == len(ids) == steps * world * bs and n - len(ids) < world * bs
+            assert ((ids >= 0) & (ids < n)).all()
+            assert (epoch_plan(counts, epoch, 7, world, 0, bs, mode, workers, 5) == plans[0]).all()
+            orders.add(tuple(plans[0].ravel()))
+        assert len(orders) > 1 or steps * bs <= 1 or (mode == "stream" and len(counts) == 1)
 
 
-def round_robin(quotas: list[int]) -> list[int]:
-    """Brute force: the worker of each batch when workers take turns and a finished worker drops out."""
-    done, order = [0] * len(quotas), []
-    while len(order) < sum(quotas):
-        for w, q in enumerate(quotas):
-            if done[w] < q:
-                done[w] += 1
-                order.append(w)
-    return order
+def expected_distinct(n: int, classes: int, b: int) -> float:
+    """E[distinct classes] in b samples drawn without replacement from n = classes x (n / classes)."""
+    per = n // classes
+    return classes * (1 - math.comb(n - per, b) / math.comb(n, b))
 
 
-@pytest.mark.parametrize("quotas", [[0], [5], [3, 1], [1, 3], [2, 0, 4], [0, 0, 3], [4, 4, 1, 0, 2], [1, 1, 1, 1]])
-def test_batches_before_is_round_robin(quotas):
-    order = round_robin(quotas)
-    for start in range(sum(quotas) + 1):
-        assert batches_before(quotas, start) == [order[:start].count(w) for w in range(len(quotas))]
-        if start < len(order):  # resumed here, the loader's first turn must be this worker's
-            w = next_worker(quotas, start)
-            assert order[start] == next(v % len(quotas) for v in range(w, w + len(quotas)) if
-                                        order[:start].count(v % len(quotas)) < quotas[v % len(quotas)])
-    with pytest.raises(ValueError):
-        batches_before(quotas, sum(quotas) + 1)
+def test_random_plan_batches_are_iid_on_class_sorted_shards():
+    """ImageNet-like class-sorted shards (shard s holds class s only): a batch of 128 from the random plan
+    holds as many classes as i.i.d. sampling (>= 0.85 of the expectation); the stream plan, for contrast, far fewer."""
+    shards, per, bs = 100, 100, 128
+    label = np.repeat(np.arange(shards), per)
+    want = expected_distinct(shards * per, shards, bs)
+    for mode, ok in (("random", True), ("stream", False)):
+        plan = epoch_plan([per] * shards, 0, 0, 4, 1, bs, mode, workers=10, buffer=1000)
+        got = np.mean([len(np.unique(label[b])) for b in plan])
+        assert (got >= 0.85 * want) == ok, (mode, got, want)
 
 
-class Tagged(torch.utils.data.IterableDataset):
-    def __init__(self, quotas):
-        self.quotas = quotas
-
-    def __iter__(self):
-        w = torch.utils.data.get_worker_info().id
-        for i in range(self.quotas[w]):
-            yield w, i
-
-
-@pytest.mark.parametrize("quotas", [[3, 1], [2, 0, 3, 1]])
-def test_dataloader_takes_batches_round_robin(quotas):
-    """What batches_before assumes of torch's DataLoader, checked on the real thing."""
-    loader = torch.utils.data.DataLoader(Tagged(quotas), batch_size=None, num_workers=len(quotas), prefetch_factor=4)
-    assert [w for w, _ in loader] == round_robin(quotas)
+@pytest.mark.parametrize("workers,world", [(2, 1), (3, 2)])
+def test_resumed_loader_continues_the_epoch(extracted, uneven, workers, world):
+    """Started at batch k of an epoch, the real multi-worker loader yields exactly the rest of the full pass."""
+    for _, cfg in (extracted, uneven):
+        cache = Path(cfg.cache.path)
+        full, plan = epoch_batches(cache, 1, 4, world=world, rank=world - 1, workers=workers, with_tokens=False)
+        assert len(full) == len(plan) and [b["keys"] for b in full] == [
+            [k.decode() for k in keys] for keys in keys_of_ids(cache, plan)]
+        for start in range(1, len(plan)):
+            rest, _ = epoch_batches(cache, 1, 4, world=world, rank=world - 1, workers=workers, start=start,
+                                    with_tokens=False)
+            assert [b["keys"] for b in rest] == [b["keys"] for b in full[start:]]
 
 
-@pytest.mark.parametrize("which", ["even", "uneven"])
-@pytest.mark.parametrize("world,workers", [(1, 2), (2, 2)])
-def test_fast_forward_gives_the_rest_of_the_epoch(extracted, uneven, which, world, workers):
-    """CachedViews started `skip` batches into an epoch yields exactly the batches a full pass yields after
-    them, through the real multi-worker loader (what resume relies on)."""
-    _, cfg = extracted if which == "even" else uneven
-    cache = Path(cfg.cache.path)
+def keys_of_ids(cache: Path, plan: np.ndarray) -> np.ndarray:
     manifest = read_manifest(cache)
-    counts = check_cache(cache, manifest)
-    urls = source_urls(manifest, None)
-    plan = plan_epoch(counts, 1, 0, world, workers, 4)
+    keys = np.concatenate([read_index(cache, s["name"])["key"] for s in manifest["shards"]])
+    return keys[plan]
 
-    def keys(rank, skip):
-        data = CachedViews(cache, manifest, urls, plan, rank, workers, 1, 0, 4, 8, skip_batches=skip,
-                           with_tokens=False)
-        return [b["keys"] for b in make_loader(data)][: plan.steps - skip]
 
-    full = [keys(rank, 0) for rank in range(world)]
-    assert all(len(f) == plan.steps for f in full)
-    if world == 2:
-        assert not {k for b in full[0] for k in b} & {k for b in full[1] for k in b}
-    for skip in range(1, plan.steps):
-        assert keys(0, skip) == full[0][skip:]
+# ---------------------------------------------------------------------------------------------------- checked samples
+
+
+def corrupt_index_crc(cache: Path, shard: str, rows: list[int]) -> list[str]:
+    """Flip the recorded crc32 of every view of some samples (index.npy is rewritten in place)."""
+    path = cache / shard / "index.npy"
+    index = np.load(path, allow_pickle=False)
+    index["crc"][rows] ^= 1
+    np.save(path, index, allow_pickle=False)
+    return [k.decode() for k in index["key"][rows]]
 
 
 def test_skipped_corrupt_samples_keep_the_batch_count(tmp_path, extracted):
-    """on_corrupt = "skip" fills a corrupt sample's place with a good one, also when the corrupt samples come
-    first in a worker's stream; every batch is full, the quota is met, and fast-forward stays exact."""
+    """on_corrupt = "skip": a corrupt sample's place goes to another sample of its batch; every batch is full,
+    and the batch count holds; with "error" the first one is raised naming shard and key."""
     _, cfg = extracted
     cache = tmp_path / "cache"
     shutil.copytree(cfg.cache.path, cache)
-    manifest = read_manifest(cache)
-    counts = check_cache(cache, manifest)
-    urls = source_urls(manifest, None)
-    bs = 3  # 18 samples: quota 6 uses every one, so a lost place would cost a batch
-    plan = plan_epoch(counts, 0, 0, 1, 0, bs)
-    first = plan.slots[0][0]  # shuffle_buffer 1 keeps the stream in shard order: this shard comes first
-    record = json.loads((cache / f"{first}.done.json").read_text())
-    keys = list(record["crc32"])
-    bad = {keys[0], keys[1], keys[4]}
-    for k in bad:
-        record["crc32"][k] ^= 1
-    (cache / f"{first}.done.json").write_text(json.dumps(record))
-
-    def batches(skip=0, on_corrupt="skip"):
-        return list(CachedViews(cache, manifest, urls, plan, 0, 0, 0, 0, bs, 1, skip_batches=skip,
-                                with_tokens=True, on_corrupt=on_corrupt))
-
-    full = batches()
-    assert len(full) == plan.quotas[0] == 6
+    bad = set(corrupt_index_crc(cache, "shard-000001", [0, 1, 4]))
+    bs = 3
+    full, plan = epoch_batches(cache, 0, bs, on_corrupt="skip")
+    assert len(full) == len(plan) == 6
     assert all(len(b["keys"]) == bs and b["tokens"].shape[0] == bs for b in full)
     assert not bad & {k for b in full for k in b["keys"]}
-    for skip in range(1, len(full)):
-        assert [b["keys"] for b in batches(skip)] == [b["keys"] for b in full[skip:]]
-    with pytest.raises(CorruptSample, match=keys[0]):
-        batches(on_corrupt="error")
+    with pytest.raises(CorruptSample, match="shard-000001"):
+        epoch_batches(cache, 0, bs, on_corrupt="error")
+
+
+def rewrite_source(src: Path, dst: Path, change) -> None:
+    """Copy a source tar member by member; change(name, data) -> new data (None drops the member)."""
+    import tarfile
+
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for m in tin.getmembers():
+            data = change(m.name, tin.extractfile(m).read())
+            if data is not None:
+                m.size = len(data)
+                tout.addfile(m, __import__("io").BytesIO(data))
+
+
+@pytest.mark.parametrize("change", ["reencoded", "replaced", "truncated"])
+def test_changed_source_image_is_a_corrupt_sample(tmp_path, extracted, change):
+    """After extraction, one source image is re-encoded (other bytes, same picture), replaced by a smaller image,
+    or the tar is cut inside an image: training names shard and key (CorruptSample), and with "skip" warns and
+    keeps its step count."""
+    import io
+
+    from PIL import Image
+
+    _, cfg = extracted
+    src = tmp_path / "src"
+    shutil.copytree(Path(cfg.data.shards).parent, src)
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg.cache.path, cache)
+    tar = src / "shard-000002.tar"
+    keys = [k.decode() for k in read_index(cache, "shard-000002")["key"]]
+    victim = keys[3]
+    lost = set(keys[3:])  # the members after the changed one moved (or were cut): their recorded offsets miss too
+
+    def edit(name, data):
+        if name != f"{victim}.jpg":
+            return data
+        img = Image.open(io.BytesIO(data))
+        out = io.BytesIO()
+        (img if change == "reencoded" else img.resize((img.width // 2, img.height // 2))).save(out, "JPEG", quality=70)
+        return out.getvalue()
+
+    if change == "truncated":
+        meta = read_index(cache, "shard-000002")[3]
+        tar.write_bytes(tar.read_bytes()[:int(meta["src_offset"]) + int(meta["src_size"]) // 2])
+    else:
+        rewrite_source(Path(cfg.data.shards).parent / "shard-000002.tar", tar, edit)
+    m = json.loads((cache / "manifest.json").read_text())
+    for s in m["shards"]:
+        s["source"] = str(src / Path(s["source"]).name)
+    (cache / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CorruptSample, match=f"shard-000002.*({'|'.join(lost)})"):
+        for epoch in range(2):
+            epoch_batches(cache, epoch, 2)
+    batches, plan = epoch_batches(cache, 0, 2, on_corrupt="skip")
+    assert len(batches) == len(plan) and all(len(b["keys"]) == 2 for b in batches)
+    assert not lost & {k for b in batches for k in b["keys"]}
+
+
+# ---------------------------------------------------------------------------------------------------- bytes read
+
+
+def resident_bytes(paths: list[Path]) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, paths)],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(x) for x in out.split())
+
+
+def evict(paths: list[Path]) -> None:
+    os.sync()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="fincore (util-linux) not installed")
+@pytest.mark.parametrize("fmt", ["wds", "zarr"])
+def test_an_epoch_reads_one_view(tmp_path, source, fmt):
+    """Evict the cache from the page cache, train on one epoch's batches, count what the kernel read: the token
+    bytes of one view per sample (plus the pages they straddle and, in Zarr, each read's shard index), ~1/V of
+    the token files. Reading every view, as format 1 did, would be all of them."""
+    from extract.pipeline import run_extraction
+
+    path = write_config(tmp_path, source, 3, fmt=fmt, codec="fp32")
+    cfg = load_config(path, ["augment.size=128", "augment.views=4"])  # 32 KiB per view
+    run_extraction(cfg, progress=False)
+    cache = Path(cfg.cache.path)
+    token_files = [p for p in cache.rglob("*") if p.is_file() and p.parent.name != "c" and p.name.startswith("v")
+                   or p.is_file() and "/c/" in str(p)]
+    total = sum(p.stat().st_size for p in token_files)
+    evict(token_files)
+    assert resident_bytes(token_files) == 0
+    batches, plan = epoch_batches(cache, 0, 3)
+    read = resident_bytes(token_files)
+    one_view = 18 * 4 * 16 * 512  # samples x fp32 x T x C
+    page = 4096
+    bound = one_view + len(plan.ravel()) * (2 * page if fmt == "zarr" else page)
+    assert one_view <= read <= bound, (read, one_view, total)
+    assert read / total < 1 / 4 * (1 + 2 * page / (one_view / 18))
+    print(f"{fmt}: read {read} of {total} token bytes ({read / total:.3f}; 1/V = 0.25)")

@@ -86,7 +86,7 @@ def steps_per_epoch(samples: int, world: int, batch_size: int) -> int:
 
 
 def epoch_plan(counts: np.ndarray, epoch: int, seed: int, world: int, rank: int, batch_size: int,
-               mode: str = "random", workers: int = 0, shuffle_buffer: int = 1000) -> np.ndarray:
+               mode: str = "random", workers: int = 0, buffer: int = 1000) -> np.ndarray:
     """This rank's batches of one epoch: [steps, batch_size] global sample ids, in loader order."""
     counts = np.asarray(counts, np.int64)
     steps = steps_per_epoch(int(counts.sum()), world, batch_size)
@@ -107,7 +107,7 @@ def epoch_plan(counts: np.ndarray, epoch: int, seed: int, world: int, rank: int,
         run = mine[at:at + len(rows) * batch_size]
         at += len(run)
         rng = random.Random(_seed(seed, epoch, rank, w, "buffer"))
-        plan[rows] = np.array(list(shuffle_buffer(run.tolist(), shuffle_buffer, rng)), np.int64).reshape(-1, batch_size)
+        plan[rows] = np.array(list(shuffle_buffer(run.tolist(), buffer, rng)), np.int64).reshape(-1, batch_size)
     return plan
 
 
@@ -208,7 +208,7 @@ def _complete(index, items, epoch, seed, with_tokens):
 # ---------------------------------------------------------------- decode and replay
 
 def decode(sample: dict, size: int, codec) -> tuple[str, torch.Tensor, torch.Tensor | None]:
-    """A read sample -> (key, replayed view uint8 [3, S, S], tokens fp32 [T, C] or None); raises
+    """A read sample -> (key, replayed view uint8 [3, S, S], tokens [T, C] (see to_tensor) or None); raises
     CorruptSample when the source bytes or the tokens are not what extraction recorded."""
     key, shard = sample["key"], sample["shard"]
     if isinstance(sample["packed"], CorruptSample):
@@ -225,7 +225,7 @@ def decode(sample: dict, size: int, codec) -> tuple[str, torch.Tensor, torch.Ten
         raise CorruptSample(shard, key, f"decoded size {img.height}x{img.width}, extraction saw "
                                         f"{sample['hw'][0]}x{sample['hw'][1]}", what="source shard")
     pixels = replay(img, sample["record"], size)
-    tokens = torch.from_numpy(codec.decode(sample["packed"])) if sample["packed"] is not None else None
+    tokens = codec.to_tensor(sample["packed"]) if sample["packed"] is not None else None
     return key, pixels, tokens
 
 
@@ -238,7 +238,7 @@ def collate(entries: list[tuple]) -> dict:
 # ---------------------------------------------------------------- the dataset a DataLoader runs
 
 class EpochData(IterableDataset):
-    """Batches `{"images": uint8 [B, 3, S, S], "tokens": fp32 [B, T, C] or None, "keys"}` of one rank and
+    """Batches `{"images": uint8 [B, 3, S, S], "tokens": [B, T, C] (bf16 or fp32) or None, "keys"}` of one rank and
     epoch, from batch `start` of `plan` on."""
 
     def __init__(self, index: CacheIndex, plan: np.ndarray, epoch: int, seed: int, start: int = 0,

@@ -12,6 +12,7 @@ import math
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -149,6 +150,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
         drop_rows_after(run_dir / "metrics.jsonl", step)  # steps a killed run took past its last checkpoint
     log = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
     trace = open(run_dir / f"keys-rank{rank}.txt", "a") if t.trace_keys else None
+    masks = open(run_dir / f"masks-rank{rank}.txt", "a") if t.trace_keys else None
     bar = tqdm(total=total, initial=step, disable=not (progress and accelerator.is_main_process), unit="step",
                dynamic_ncols=True)
     model.train()
@@ -160,26 +162,28 @@ def train(cfg: Config, progress: bool = True) -> dict:
         epoch, skip = divmod(batch_index, batches_per_epoch)
         plan = data.epoch_plan(index.counts, epoch, t.seed, world, rank, t.batch_size, mode, t.workers, t.shuffle_buffer)
         dataset = data.EpochData(index, plan, epoch, t.seed, start=skip, mode=mode, with_tokens=teacher is None,
-                         on_corrupt=t.on_corrupt)
+                                 on_corrupt=t.on_corrupt)
         it = iter(data.make_loader(dataset, t.workers))
         for batch_index in range(epoch * batches_per_epoch + skip, (epoch + 1) * batches_per_epoch):
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
-            if trace:
-                trace.write(f"{step} {' '.join(batch['keys'])}\n")
-                trace.flush()  # a killed run keeps the lines of the steps it took
-            images = batch["images"].to(device, non_blocking=True)
-            tokens = teacher(images) if teacher is not None else batch["tokens"].to(device, non_blocking=True)
-            targets = normalize_targets(tokens, cfg.loss.target_norm, mean, var)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total, warmup, peak, t.min_lr)
             # masks of this rank's own, from (seed, rank, batch): the same after a resume, with the online
             # teacher, and for any number of ranks
             mask_gen = torch.Generator().manual_seed(data._seed(t.seed, "mask", rank, batch_index) % 2**63)
-            unit_mask = accelerator.unwrap_model(model).draw_mask(images.shape[0], "cpu", mask_gen).to(device)
+            unit_mask = accelerator.unwrap_model(model).draw_mask(len(batch["keys"]), "cpu", mask_gen)
+            if trace:
+                trace.write(f"{step} {' '.join(batch['keys'])}\n")
+                masks.write(f"{step} {zlib.crc32(unit_mask.numpy().tobytes()):08x}\n")
+                trace.flush()  # a killed run keeps the lines of the steps it took
+                masks.flush()
+            images = batch["images"].to(device, non_blocking=True)
+            tokens = teacher(images) if teacher is not None else batch["tokens"].to(device, non_blocking=True).float()
+            targets = normalize_targets(tokens, cfg.loss.target_norm, mean, var)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, total, warmup, peak, t.min_lr)
             with accelerator.accumulate(model):
-                out = model((images.float() - pix_mean) / pix_std, targets, unit_mask=unit_mask, beta=cfg.loss.beta,
+                out = model((images.float() - pix_mean) / pix_std, targets, unit_mask=unit_mask.to(device), beta=cfg.loss.beta,
                             global_weight=cfg.loss.global_weight)
                 accelerator.backward(out["loss"])
                 if accelerator.sync_gradients and t.clip_grad > 0:
@@ -212,7 +216,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
         del it
     bar.close()
     accelerator.end_training()
-    for f in (log, trace):
+    for f in (log, trace, masks):
         if f:
             f.close()
     return {"step": step, "run_dir": str(run_dir), "rank": rank, **last}
