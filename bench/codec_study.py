@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from _common import header, median, random_teacher, recalibrate_bn, source_views, table, teacher_tokens, Timer
 
-from common.codecs import CODECS, TokenCodec, quantize_u8, token_cosines
+from common.codecs import CODECS, TokenCodec, pack_u8, quantize_u8, token_cosines
 from common.stats import token_diversity
 
 RAW_FP32_VIEW = 7 * 7 * 2048 * 4
@@ -40,7 +40,7 @@ class FixedLevels(TokenCodec):
         step = (y.max(-1) - lo) / self.levels
         step = np.where(step > 0, step, 1.0).astype(np.float32)
         q = np.clip(np.rint((y - lo[..., None]) / step[..., None]), 0, 255).astype(np.uint8)
-        return {"q": q, "lo": lo.astype(np.float32), "scale": -step if self.compand else step}
+        return pack_u8(q, lo, -step if self.compand else step)
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,15 @@ class CosineSized(TokenCodec):
     def encode(self, tokens):
         t = np.ascontiguousarray(tokens, np.float32)
         q, lo, scale = quantize_u8(t.reshape(-1, t.shape[-1]), self.target)
-        return {"q": q.reshape(t.shape), "lo": lo.reshape(t.shape[:-1]), "scale": scale.reshape(t.shape[:-1])}
+        return pack_u8(q, lo, scale).reshape(*t.shape[:-1], t.shape[-1] + 8)
 
 
 @dataclass(frozen=True)
 class PerChannel(TokenCodec):
     """uint8 with a scale per (view, channel) over the view's tokens, scales stored as fp16."""
 
-    def array_specs(self, views, tokens, channels):
-        return {"q": ((views, tokens, channels), "uint8"), "lo": ((views, channels), "float16"),
-                "scale": ((views, channels), "float16")}
+    def packed_spec(self, tokens, channels):  # 4 extra rows: lo and scale (fp16) per channel
+        return (tokens + 4, channels), "uint8"
 
     def encode(self, tokens):
         t = np.ascontiguousarray(tokens, np.float32)
@@ -68,11 +67,13 @@ class PerChannel(TokenCodec):
         step = ((t.max(1) - lo) / 255).astype(np.float16)
         step = np.where(step > 0, step, np.float16(1))
         q = np.rint((t - lo[:, None].astype(np.float32)) / step[:, None].astype(np.float32))
-        return {"q": np.clip(q, 0, 255).astype(np.uint8), "lo": lo, "scale": step}
+        side = np.stack([lo, step], 1).view(np.uint8).reshape(len(t), 4, -1)  # [V, 4, C] bytes of fp16 lo, scale
+        return np.concatenate([np.clip(q, 0, 255).astype(np.uint8), side], 1)
 
-    def decode(self, arrays):
-        return (arrays["q"].astype(np.float32) * arrays["scale"][:, None].astype(np.float32)
-                + arrays["lo"][:, None].astype(np.float32))
+    def decode(self, packed):
+        q, side = packed[:, :-4], np.ascontiguousarray(packed[:, -4:]).reshape(len(packed), -1).view(np.float16)
+        lo, scale = np.split(side.reshape(len(packed), 2, -1).astype(np.float32), 2, axis=1)
+        return q.astype(np.float32) * scale + lo
 
 
 SH, BIT, NO = numcodecs.Blosc.SHUFFLE, numcodecs.Blosc.BITSHUFFLE, numcodecs.Blosc.NOSHUFFLE
@@ -98,18 +99,17 @@ def measure(codecs, samples: np.ndarray, reps: int) -> dict[str, dict]:
     out = {}
     for rep in range(reps):
         for codec in codecs:  # interleaved, so load on the shared machine hits every codec alike
-            specs = codec.array_specs(v, t, c)
             with Timer() as te:
-                blobs = [{n: codec.to_bytes(n, a) for n, a in codec.encode(x).items()} for x in samples]
+                blobs = [[codec.compress(view) for view in codec.encode(x)] for x in samples]
             with Timer() as td:
-                dec = [codec.decode({n: codec.from_bytes(n, b[n], *specs[n]) for n in specs}) for b in blobs]
+                dec = [codec.decode(np.stack([codec.decompress(b, t, c) for b in views])) for views in blobs]
             enc_t[codec.name].append(te.s)
             dec_t[codec.name].append(td.s)
             if rep == 0:
                 dec = np.stack(dec).reshape(-1, c)
                 cos_n = token_cosines((dec - mean) / std, (flat - mean) / std)
                 out[codec.name] = {
-                    "bytes": sum(len(b) for x in blobs for b in x.values()) / (s * v),
+                    "bytes": sum(len(b) for x in blobs for b in x) / (s * v),
                     "max_err": float(np.abs(dec - flat).max()),
                     "rel_err": float((np.abs(dec - flat).max(-1) / np.maximum(np.abs(flat).max(-1), 1e-30)).max()),
                     "min_cos": float(token_cosines(dec, flat).min()),

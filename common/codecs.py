@@ -114,6 +114,12 @@ def dequantize_u8(q: np.ndarray, lo: np.ndarray, scale: np.ndarray) -> np.ndarra
     return y
 
 
+def pack_u8(q: np.ndarray, lo: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """q [..., C] uint8, lo / scale [...] float32 -> [..., C + 8] uint8: each token's lo and scale as 8 trailing bytes."""
+    side = np.stack([lo.astype(np.float32), scale.astype(np.float32)], -1).view(np.uint8)  # [..., 8]
+    return np.concatenate([q, side], -1)
+
+
 @dataclass(frozen=True)
 class TokenCodec:
     name: str
@@ -161,8 +167,7 @@ class TokenCodec:
         if self.kind == "bf16":
             return to_bf16_bits(tokens)
         q, lo, scale = quantize_u8(tokens.reshape(-1, tokens.shape[-1]), U8_TARGET_COS if self.kind == "u8" else None)
-        side = np.stack([lo, scale], -1).view(np.uint8)  # [N, 8]
-        return np.concatenate([q, side], -1).reshape(*tokens.shape[:-1], tokens.shape[-1] + 8)
+        return pack_u8(q, lo, scale).reshape(*tokens.shape[:-1], tokens.shape[-1] + 8)
 
     def decode(self, packed: np.ndarray) -> np.ndarray:
         """packed [..., T, C'] -> tokens [..., T, C] fp32."""

@@ -1,0 +1,166 @@
+"""What a cluster does to the data plane, caused for real: shards behind `pipe:` URLs ending in `-`, one file
+name in two folders, a shard listed twice, two extraction jobs on one cache, a dead job's lease, a recorded
+shard whose files went missing, a tar cut at a member boundary, a key twice in one shard."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import ConfigError, load_config
+from extract.pipeline import run_extraction
+from shards.features import Lease, read_index, read_manifest
+from shards.source import ShardError, iter_samples, shard_name, shard_names
+from shards.verify import verify_cache
+from tests.conftest import REPO, BIN, make_source, write_config
+
+
+def cache_files(cache: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+def config_for(tmp: Path, shards: list[str], name: str = "cache") -> Path:
+    """The test config with data.shards set to an explicit list."""
+    path = write_config(tmp, tmp, 1, cache=name, run=f"run-{name}")
+    text = path.read_text()
+    path.write_text(text.replace(text.split("\n")[2], f"shards = {json.dumps(shards)}"))
+    return path
+
+
+def test_shard_names_are_unique():
+    urls = [f"pipe:aws s3 cp s3://bucket/train-{i:06d}.tar -" for i in range(3)]
+    assert shard_names(urls) == ["train-000000", "train-000001", "train-000002"]
+    assert shard_name("pipe:curl -s https://host/a/b/val-000007.tar.gz") == "val-000007"
+    assert shard_name("/data/in1k/train-000001.tar") == "train-000001"
+    assert shard_name("pipe:some-command --no-file-name -").startswith("shard-")
+    a, b = shard_names(["/x/a/train-0.tar", "/x/b/train-0.tar"])
+    assert a != b and a.startswith("train-0-") and b.startswith("train-0-")
+    with pytest.raises(ConfigError, match="twice"):
+        shard_names(["/x/a/train-0.tar", "/x/b/train-1.tar", "/x/a/train-0.tar"])
+
+
+def test_pipe_urls_ending_in_dash_extract_and_stream(tmp_path, source):
+    """`pipe:cat .../shard-00000k.tar | cat -`: every URL ends in `-` (as `aws s3 cp ... -` does). Each source
+    gets its own feature shard, and training streams them (no seeking in a pipe): one epoch covers all but
+    less than a batch of the samples, none twice."""
+    from train.loop import train
+
+    urls = [f"pipe:cat {source}/shard-{i:06d}.tar | cat -" for i in range(3)]
+    path = config_for(tmp_path, urls)
+    summary = run_extraction(load_config(path), progress=False)
+    assert summary["shards_done"] == 3 and summary["images"] == 18
+    manifest = read_manifest(tmp_path / "cache")
+    assert [s["name"] for s in manifest["shards"]] == ["shard-000000", "shard-000001", "shard-000002"]
+    assert manifest["samples"] == 18
+    assert not json.loads((tmp_path / "cache" / "shard-000000.done.json").read_text())["seekable"]
+    assert verify_cache(tmp_path / "cache", progress=False).ok
+
+    cfg = load_config(path, ["train.max_steps=4", "train.trace_keys=true", "train.workers=2"])
+    out = train(cfg, progress=False)
+    assert out["step"] == 4
+    lines = (tmp_path / "run-cache" / "keys-rank0.txt").read_text().splitlines()
+    keys = [k for line in lines for k in line.split()[1:]]
+    assert len(keys) == len(set(keys)) == 16  # 18 samples, batch 4: 4 steps, 2 left out
+
+
+def test_same_file_name_in_two_folders_and_a_shard_listed_twice(tmp_path):
+    a = make_source(tmp_path / "a", n=6, per_shard=6, seed=0)
+    b = make_source(tmp_path / "b", n=6, per_shard=6, seed=1)
+    path = config_for(tmp_path, [str(a / "shard-000000.tar"), str(b / "shard-000000.tar")])
+    run_extraction(load_config(path), progress=False)
+    manifest = read_manifest(tmp_path / "cache")
+    assert len({s["name"] for s in manifest["shards"]}) == 2 and manifest["samples"] == 12
+
+    twice = config_for(tmp_path, [str(a / "shard-000000.tar")] * 2, name="twice")
+    r = subprocess.run([str(BIN / "extract-features"), "--config", str(twice), "--no-progress"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "twice" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert not (tmp_path / "twice").exists()  # refused before any work
+
+
+def test_two_jobs_on_one_cache(tmp_path, source, extracted):
+    """A job launched twice: both run at once on one cache. Each shard is written by one of them (leases), both
+    exit 0, and the cache is byte-identical to a single job's."""
+    path = write_config(tmp_path, source, 3)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [str(BIN / "extract-features"), "--config", str(path), "--no-progress"]
+    jobs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [j.communicate(timeout=300) for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0], [o[1][-1500:] for o in outs]
+    done = [json.loads(o[0])["shards_done"] for o in outs]
+    busy = [len(json.loads(o[0])["shards_busy_elsewhere"]) for o in outs]
+    assert sum(done) == 3, (done, busy)
+    files = cache_files(tmp_path / "cache")
+    files.pop("manifest.json")
+    want = cache_files(Path(extracted[1].cache.path))
+    want.pop("manifest.json")
+    assert files == want
+
+
+def test_dead_jobs_lease_is_taken_over_and_missing_files_are_redone(tmp_path, source, extracted):
+    path = write_config(tmp_path, source, 3)
+    cache = tmp_path / "cache"
+    shutil.copytree(extracted[1].cache.path, cache)
+    shutil.rmtree(cache / "shard-000001")
+    (cache / "shard-000001.done.json").unlink()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (cache / "shard-000001.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "since": 0}))
+    (cache / "shard-000002" / "v01.tar").unlink()  # recorded, but a file is gone
+    summary = run_extraction(load_config(path), progress=False)
+    assert summary["shards_done"] == 2 and summary["shards_already_complete"] == 1
+    assert cache_files(cache) == cache_files(Path(extracted[1].cache.path))
+
+    (cache / "shard-000001.done.json").unlink()
+    Path(cache / "shard-000001.lock").write_text(json.dumps({"host": "another-node", "pid": 1, "since": 0}))
+    summary = run_extraction(load_config(path), progress=False)
+    assert summary["shards_done"] == 0 and "another-node" in summary["shards_busy_elsewhere"][0]
+    assert not summary["cache_complete"]
+
+
+def test_tar_cut_at_a_member_boundary_is_truncated(tmp_path, source):
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(source / "shard-000000.tar") as tar:
+        members = tar.getmembers()
+    cut = members[4].offset  # the header of the 5th member: a clean member boundary
+    (src / "shard-000000.tar").write_bytes((source / "shard-000000.tar").read_bytes()[:cut])
+    with pytest.raises(ShardError, match="end-of-archive"):
+        list(iter_samples(str(src / "shard-000000.tar")))
+    summary = run_extraction(load_config(write_config(tmp_path, src, 1)), progress=False)
+    assert summary["shards_failed"] and "end-of-archive" in summary["shards_failed"][0]
+    assert not (tmp_path / "cache" / "shard-000000.done.json").exists()
+
+
+def test_a_key_twice_in_a_shard_is_skipped_and_recorded(tmp_path, source):
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(source / "shard-000000.tar") as tin, tarfile.open(src / "shard-000000.tar", "w") as tout:
+        members = tin.getmembers()
+        for m in members + members[:2]:  # the first sample's .cls and .jpg again, at the end
+            tout.addfile(m, tin.extractfile(m))
+    first = members[0].name.split(".")[0]
+    cfg = load_config(write_config(tmp_path, src, 1))
+    summary = run_extraction(cfg, progress=False)
+    record = json.loads((tmp_path / "cache" / "shard-000000.done.json").read_text())
+    assert record["skipped"] == [{"key": first, "reason": record["skipped"][0]["reason"]}]
+    assert "duplicate key" in record["skipped"][0]["reason"] and summary["skipped_samples"] == 1
+    keys = [k.decode() for k in read_index(tmp_path / "cache", "shard-000000")["key"]]
+    assert len(keys) == len(set(keys)) == 6 and keys[0] == first
+    report = verify_cache(tmp_path / "cache", recompute=2, progress=False)
+    assert report.ok, [p.line() for p in report.problems]
+    assert np.array_equal(np.sort(keys), np.sort([s["key"] for s in iter_samples(str(source / "shard-000000.tar"))]))
+
+
+def test_lease_is_exclusive(tmp_path):
+    a, b = Lease(tmp_path, "x"), Lease(tmp_path, "x")
+    assert a.acquire() and not b.acquire()
+    a.release()
+    assert b.acquire()
