@@ -25,6 +25,7 @@ import shutil
 import socket
 import tarfile
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -324,29 +325,34 @@ class FeatureShardWriter:
 
 # ---------------------------------------------------------------- reading
 
-class FeatureShard:
-    """Random access to one recorded feature shard: its index, and one view of any samples.
-    Open file handles are kept (one per view file, opened on first use, read with no readahead)."""
+def check_recorded(cache: Path, name: str) -> dict:
+    """The record of a shard that is complete (recorded, every file there), or a CacheError saying what to do."""
+    record = read_record(cache, name)
+    if record is None:
+        raise CacheError(f"cache {cache}: shard {name} has no completion record (extraction unfinished or "
+                         "interrupted); rerun extract-features with the same config to finish it")
+    problems = record_problems(cache, name, record)
+    if problems:
+        raise CacheError(f"cache {cache}: shard {name}: {problems[0]}; rerun extract-features with the same "
+                         "config to redo it")
+    return record
 
-    def __init__(self, cache: Path, name: str, manifest: dict):
+
+class FeatureShard:
+    """Random access to one recorded feature shard: its index (memory-mapped), and one view of any samples.
+    Cheap to open (training opens and drops many); `samples` is the recorded count, checked against the index."""
+
+    def __init__(self, cache: Path, name: str, manifest: dict, samples: int | None = None):
         self.cache, self.name = Path(cache), name
-        record = read_record(cache, name)
-        if record is None:
-            raise CacheError(f"cache {cache}: shard {name} has no completion record (extraction unfinished or "
-                             "interrupted); rerun extract-features with the same config to finish it")
-        problems = record_problems(cache, name, record)
-        if problems:
-            raise CacheError(f"cache {cache}: shard {name}: {problems[0]}; rerun extract-features with the same "
-                             "config to redo it")
-        self.record = record
+        if samples is None:
+            samples = check_recorded(cache, name)["samples"]
         self.fmt = manifest["cache_format"]
         self.codec = get_codec(manifest["codec"]["name"])
         self.tokens, self.channels = manifest["token_shape"]
         self.index = read_index(cache, name)
-        if len(self.index) != record["samples"]:
+        if len(self.index) != samples:
             raise CacheError(f"cache {cache}: shard {name}: index holds {len(self.index)} samples, its record "
-                             f"{record['samples']}; run `img2vec verify`")
-        self._fds: dict[int, int] = {}
+                             f"{samples}; run `img2vec verify`")
         self._array = None
 
     def key(self, i: int) -> str:
@@ -366,18 +372,11 @@ class FeatureShard:
             out[j] = data
         return out
 
-    def _fd(self, v: int) -> int:
-        if v not in self._fds:
-            fd = os.open(shard_dir(self.cache, self.name) / f"v{v:02d}.tar", os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # read what is asked, no readahead into other views
-            self._fds[v] = fd
-        return self._fds[v]
-
     def _read_wds(self, ids, views):
         out = []
         for i, v in zip(ids, views):
             size, offset = int(self.index["nbytes"][i, v]), int(self.index["offset"][i, v])
-            data = os.pread(self._fd(int(v)), size, offset)
+            data = pread(shard_dir(self.cache, self.name) / f"v{v:02d}.tar", size, offset)
             try:
                 if len(data) != size:
                     raise ValueError(f"v{v:02d}.tar ends {size - len(data)} bytes early")
@@ -408,9 +407,7 @@ class FeatureShard:
         return out
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        self._array = None
 
 
 def _random_read_store(root: Path):
@@ -470,13 +467,23 @@ def iter_feature_shard(cache: Path, name: str, manifest: dict) -> Iterator[dict]
         shard.close()
 
 
-def read_source(url: str, offset: int, size: int, fds: dict | None = None) -> bytes:
-    """The bytes of one member of a local uncompressed tar, read at its recorded offset."""
-    fds = {} if fds is None else fds
-    if url not in fds:
-        fds[url] = os.open(url, os.O_RDONLY)
-        os.posix_fadvise(fds[url], 0, 0, os.POSIX_FADV_RANDOM)
-    return os.pread(fds[url], size, offset)
+MAX_OPEN_FILES = 256  # per process: ImageNet's 1,282 shards x (V view files + 1 source) would pass ulimit -n
+_open_files: OrderedDict[str, int] = OrderedDict()
+
+
+def pread(path, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset`, through a small per-process LRU of open files read without readahead (the
+    kernel reads what is asked, not the neighbouring samples or views). A forked worker starts with the
+    parent's descriptors, which pread shares safely (no file position)."""
+    path = str(path)
+    fd = _open_files.pop(path, None)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        while len(_open_files) >= MAX_OPEN_FILES:
+            os.close(_open_files.popitem(last=False)[1])
+    _open_files[path] = fd
+    return os.pread(fd, size, offset)
 
 
 # ---------------------------------------------------------------- manifest

@@ -91,7 +91,7 @@ def _split_member(path: str) -> tuple[str, str]:
 def iter_members(url: str) -> Iterator[tuple[str, str, bytes, int]]:
     """(key, ext, bytes, data offset) of each regular member, streamed. Raises ShardError on a broken tar,
     including one cut at a member boundary (no end-of-archive marker). The offset is into the uncompressed
-    tar: with a local, uncompressed tar it is where `shards.features.read_source` finds the bytes again."""
+    tar: with a local, uncompressed tar it is where `shards.features.pread` finds the bytes again."""
     if not url.startswith("pipe:") and not Path(url).exists():
         raise ShardError(url, "file not found (check data.shards)")
     try:

@@ -164,3 +164,31 @@ def test_lease_is_exclusive(tmp_path):
     assert a.acquire() and not b.acquire()
     a.release()
     assert b.acquire()
+
+
+def test_open_files_stay_bounded(monkeypatch, uneven_cache):
+    """ImageNet has 1,282 shards of V view files each: a loader process must not hold one descriptor per
+    file. With the limits set low, an epoch over 5 shards x 3 views + 5 sources keeps within them."""
+    import shards.features as features
+    from shards.features import source_urls
+    from train.data import CacheIndex, EpochData, epoch_plan
+
+    monkeypatch.setattr(features, "MAX_OPEN_FILES", 3)
+    cache = Path(uneven_cache)
+    manifest = read_manifest(cache)
+    index = CacheIndex(cache, manifest, source_urls(manifest), open_shards=2)
+    before = len(os.listdir("/proc/self/fd"))
+    plan = epoch_plan(index.counts, 0, 0, 1, 0, 2)
+    batches = list(EpochData(index, plan, 0, 0))
+    assert len(batches) == len(plan) == 14
+    assert len(os.listdir("/proc/self/fd")) - before <= 3 + 2
+
+
+@pytest.fixture(scope="module")
+def uneven_cache(tmp_path_factory):
+    from tests.test_train import UNEVEN, make_uneven_source
+
+    tmp = tmp_path_factory.mktemp("uneven-cluster")
+    cfg = load_config(write_config(tmp, make_uneven_source(tmp / "src", UNEVEN), len(UNEVEN)))
+    run_extraction(cfg, progress=False)
+    return cfg.cache.path

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import random
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.augment import decode_image, replay, view_order
 from common.codecs import get_codec
-from shards.features import CacheError, CorruptSample, FeatureShard, read_record, read_source
+from shards.features import CacheError, CorruptSample, FeatureShard, check_recorded, pread, read_record
 from shards.source import ShardError, is_seekable, iter_samples
 
 
@@ -39,27 +40,23 @@ def _seed(*parts) -> int:
 # ---------------------------------------------------------------- the sample index
 
 class CacheIndex:
-    """The samples of a complete cache: global id -> (shard, row of its index). Opens shards lazily, so a
-    DataLoader worker holds only the shards it reads (indexes are memory-mapped, shared by the node)."""
+    """The samples of a complete cache: global id -> (shard, row of its index). Shards are opened lazily and
+    at most `open_shards` at a time (an index is memory-mapped: the node's processes share its pages, and
+    ImageNet's 1,282 maps, one descriptor each, would pass a process's open-file limit)."""
 
-    def __init__(self, cache: Path, manifest: dict, urls: dict[str, str | None]):
+    def __init__(self, cache: Path, manifest: dict, urls: dict[str, str | None], open_shards: int = 64):
         self.cache, self.manifest, self.urls = Path(cache), manifest, urls
         self.names = [s["name"] for s in manifest["shards"]]
-        counts, missing = [], []
-        for name in self.names:
-            record = read_record(cache, name)
-            if record is None:
-                missing.append(name)
-            else:
-                counts.append(record["samples"])
+        missing = [name for name in self.names if read_record(cache, name) is None]
         if missing:
             raise CacheError(f"cache {cache} is incomplete: {len(missing)} of {len(self.names)} shards have no "
                              f"completion record ({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); "
                              "finish it with extract-features (same config) before training")
-        self.counts = np.array(counts, np.int64)
+        self.counts = np.array([check_recorded(cache, name)["samples"] for name in self.names], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.views = manifest["augment"]["views"]
-        self._shards: dict[int, FeatureShard] = {}
+        self.open_shards = open_shards
+        self._shards: OrderedDict[int, FeatureShard] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -70,9 +67,13 @@ class CacheIndex:
         return shard, ids - self.starts[shard]
 
     def shard(self, s: int) -> FeatureShard:
-        if s not in self._shards:
-            self._shards[s] = FeatureShard(self.cache, self.names[s], self.manifest)
-        return self._shards[s]
+        shard = self._shards.pop(s, None)
+        if shard is None:
+            shard = FeatureShard(self.cache, self.names[s], self.manifest, samples=int(self.counts[s]))
+            while len(self._shards) >= self.open_shards:
+                self._shards.popitem(last=False)[1].close()
+        self._shards[s] = shard
+        return shard
 
     def seekable(self) -> bool:
         """Random access needs every source to be a local uncompressed tar."""
@@ -155,8 +156,7 @@ def _tokens(index: CacheIndex, shards, rows, keys, epoch, seed, with_tokens) -> 
     return views, packed
 
 
-def read_batch(index: CacheIndex, ids: np.ndarray, epoch: int, seed: int, with_tokens: bool,
-               fds: dict) -> list[dict | CorruptSample]:
+def read_batch(index: CacheIndex, ids: np.ndarray, epoch: int, seed: int, with_tokens: bool) -> list[dict]:
     """Random access: each sample's image bytes read at their recorded place, and its view's tokens."""
     shards, rows = index.locate(np.asarray(ids))
     keys = [index.shard(int(s)).key(int(r)) for s, r in zip(shards, rows)]
@@ -165,7 +165,7 @@ def read_batch(index: CacheIndex, ids: np.ndarray, epoch: int, seed: int, with_t
     for j in np.lexsort((rows, shards)):  # read in file order; the batch's order is restored below
         s, r = int(shards[j]), int(rows[j])
         meta = index.shard(s).index[r]
-        image = read_source(index.urls[index.names[s]], int(meta["src_offset"]), int(meta["src_size"]), fds)
+        image = pread(index.urls[index.names[s]], int(meta["src_size"]), int(meta["src_offset"]))
         out.append((j, _sample(index, s, r, image, views[j], packed[j])))
     return [sample for _, sample in sorted(out, key=lambda x: x[0])]
 
@@ -253,8 +253,7 @@ class EpochData(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         mine = self.plan[self.start + wid::nw]
         if self.mode == "random":
-            fds: dict = {}
-            raw = (read_batch(self.index, ids, self.epoch, self.seed, self.with_tokens, fds) for ids in mine)
+            raw = (read_batch(self.index, ids, self.epoch, self.seed, self.with_tokens) for ids in mine)
         else:
             raw = stream_batches(self.index, mine, self.epoch, self.seed, self.with_tokens)
         for samples in raw:
