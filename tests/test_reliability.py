@@ -74,7 +74,8 @@ def test_odd_and_corrupt_images_are_converted_or_skipped_and_recorded(tmp_path):
     summary = run_extraction(cfg, progress=False)
     record = json.loads((tmp_path / "cache" / "shard-000000.done.json").read_text())
     assert {s["key"] for s in record["skipped"]} == bad
-    assert all(s["reason"] for s in record["skipped"])
+    assert all(s["reason"] and "0x" not in s["reason"] for s in record["skipped"])  # no reprs, no addresses
+    assert "UnidentifiedImageError: cannot identify image file <_io.BytesIO>" in {s["reason"] for s in record["skipped"]}
     assert set(record["crc32"]) == {s["key"] for s in samples} - bad
     assert list(record["crc32"]) == [s["key"] for s in samples if s["key"] not in bad]  # same order
     assert summary["skipped_samples"] == len(bad) and summary["cache_complete"]

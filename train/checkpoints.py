@@ -54,12 +54,6 @@ def checkpoint_problem(path: Path, world_size: int) -> str | None:
         return f"position.json is garbled ({type(e).__name__}: {e})"
     if path.name != f"step_{step:08d}":
         return f"position.json says step {step}"
-    for name, size in position.get("files", {}).items():
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, {size} were written"
     for rank in range(world_size):
         name = f"random_states_{rank}.pkl"
         try:
@@ -69,6 +63,12 @@ def checkpoint_problem(path: Path, world_size: int) -> str | None:
             return f"the RNG state {name} of rank {rank} is missing"
         except Exception as e:  # noqa: BLE001 - any unreadable RNG state is the same problem
             return f"the RNG state {name} is garbled ({type(e).__name__})"
+    for name, size in position.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
     try:
         weights = load_file(path / "model.safetensors")
         torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True)
