@@ -241,7 +241,7 @@ def _ranges(cfg: Config, stage: str) -> list[tuple[bool, str, str, object]]:
         (t.shuffle_buffer >= 1, "train.shuffle_buffer", "an integer >= 1", t.shuffle_buffer),
         (t.epochs >= 1 or t.max_steps >= 1, "train.epochs", "an integer >= 1 (or set train.max_steps)", t.epochs),
         (t.max_steps >= 0, "train.max_steps", "an integer >= 0 (0 = train.epochs)", t.max_steps),
-        (finite(t.lr) and t.lr > 0, "train.lr", "a finite number > 0", t.lr),
+        (finite(t.lr) and t.lr >= 0, "train.lr", "a finite number >= 0 (0 keeps the initial weights)", t.lr),
         (finite(t.min_lr) and t.min_lr >= 0, "train.min_lr", "a finite number >= 0", t.min_lr),
         (finite(t.warmup_epochs) and t.warmup_epochs >= 0, "train.warmup_epochs", "a number >= 0", t.warmup_epochs),
         (finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay),

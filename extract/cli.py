@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return PREEMPTED
     if summary["shards_failed"]:
         print("extract-features: error: these source shards could not be read and were not written:\n  "
-              + "\n  ".join(summary["shards_failed"]) + "\nFix or replace them and rerun: complete shards are "
-              "skipped.", file=sys.stderr)
+              + "\n  ".join(summary["shards_failed"]) + "\nFix or replace them (a file not found: is data.shards "
+              "right?) and rerun: complete shards are skipped.", file=sys.stderr)
         return 1
     return 0

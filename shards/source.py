@@ -55,7 +55,7 @@ def _split_member(path: str) -> tuple[str, str]:
 def iter_members(url: str) -> Iterator[tuple[str, str, bytes]]:
     """(key, ext, bytes) of each regular member, streamed; raises ShardError on a broken tar."""
     if not url.startswith("pipe:") and not Path(url).exists():
-        raise ShardError(url, "file not found (is data.shards right?)")
+        raise ShardError(url, "file not found")
     try:
         stream = gopen(url, "rb")
         with tarfile.open(fileobj=stream, mode="r|*") as tar:

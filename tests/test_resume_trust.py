@@ -112,7 +112,7 @@ def test_resume_with_another_batch_size_or_cache_is_refused(tmp_path, finished, 
     assert max(r["step"] for r in metrics(run)) == 4  # refused before any step
 
 
-def test_lock_of_a_live_training_elsewhere_refuses_a_stale_one_is_taken_over(tmp_path, extracted, capsys):
+def test_lock_of_a_live_training_elsewhere_refuses_a_stale_one_is_taken_over(tmp_path, extracted, capsys, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     (run / "lock").write_text(json.dumps({"host": "gpu-node-17", "pid": 4242}))
@@ -125,6 +125,10 @@ def test_lock_of_a_live_training_elsewhere_refuses_a_stale_one_is_taken_over(tmp
     assert train_main(args(extracted[0], run, "train.max_steps=1")) == 0
     assert "taking over the stale lock" in capsys.readouterr().err
     assert not (run / "lock").exists()
+    (run / "lock").write_text(json.dumps({"host": "gpu-node-17", "pid": 4242, "slurm_job_id": "977"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "977")  # the same job, requeued onto another node
+    assert train_main(args(extracted[0], run, "train.max_steps=2")) == 0
+    assert "taking over the stale lock" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not _can_mount(), reason="needs root to mount a small tmpfs (CI runs as root)")

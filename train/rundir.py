@@ -16,14 +16,15 @@ from train.checkpoints import DiskFull, is_disk_full
 
 
 class RunDirLock:
-    """`<run_dir>/lock`, created with O_EXCL and holding host and pid. A lock of a dead process on this
-    host is stale and taken over; a live one (or one of another host) refuses the second training."""
+    """`<run_dir>/lock`, created with O_EXCL and holding host, pid and SLURM job id. A lock of a dead process
+    on this host, or of this same SLURM job (requeued, maybe on another node), is stale and taken over; a
+    live one, or one of another host, refuses the second training."""
 
     def __init__(self, run_dir: Path):
         self.path, self.held = run_dir / "lock", False
 
     def acquire(self) -> None:
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -50,6 +51,8 @@ class RunDirLock:
 
     @staticmethod
     def _stale(owner: dict) -> bool:
+        if owner.get("slurm_job_id") and owner["slurm_job_id"] == os.environ.get("SLURM_JOB_ID"):
+            return True  # a job runs once at a time: this is its earlier run, killed before it could unlock
         if owner.get("host") != socket.gethostname():
             return False  # cannot see another host's processes
         try:
