@@ -28,7 +28,7 @@ from train.losses import normalize_targets
 from train.checkpoints import Checkpoints, DiskFull, NonFinite
 from train.model import STUDENTS, param_groups
 from train.preempt import StepGuard
-from train.rundir import MetricsLog, RunDirLock, check_identity, check_sources, run_identity, write_text
+from train.rundir import MetricsLog, RunDirLock, check_sources, open_run
 
 
 def build_student(cfg: Config, manifest: dict) -> torch.nn.Module:
@@ -86,7 +86,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
 
 def _train(cfg: Config, manifest: dict, counts: dict, urls: dict, stop: StopSignals, progress: bool) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, set_seed
+    from accelerate.utils import set_seed
     from tqdm import tqdm
 
     t = cfg.train
@@ -118,21 +118,8 @@ def _train(cfg: Config, manifest: dict, counts: dict, urls: dict, stop: StopSign
     pix_mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     pix_std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
-    ckpts, step = Checkpoints(run_dir, t.keep_checkpoints), 0
-    latest = [None]
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        check_identity(run_dir, run_identity(cfg, world, manifest), resuming=bool(ckpts.complete()))
-        latest = [ckpts.latest_valid(world)]
-        write_text(run_dir / "config.json", json.dumps(dict(cfg.to_dict(), cache_manifest={
-            k: manifest[k] for k in ("teacher", "augment", "codec", "token_shape")}), indent=1), "config")
-    broadcast_object_list(latest)  # the main process chose; every rank loads the same checkpoint
-    latest = latest[0]
-    if latest is not None:
-        accelerator.load_state(str(latest))
-        step = json.loads((latest / "position.json").read_text())["step"]
-        if accelerator.is_main_process:
-            print(f"resuming from {latest} at step {step}", file=sys.stderr)
+    ckpts = Checkpoints(run_dir, t.keep_checkpoints)
+    step = open_run(accelerator, cfg, manifest, ckpts)  # the run's identity checked, its newest usable checkpoint loaded
     if cfg.train.tensorboard:
         accelerator.init_trackers("img2vec")
 

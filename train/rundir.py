@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from common.config import Config, ConfigError
-from train.checkpoints import DiskFull, is_disk_full
+from train.checkpoints import Checkpoints, DiskFull, is_disk_full
 
 
 class RunDirLock:
@@ -111,6 +111,28 @@ def check_sources(urls: dict[str, str | None]) -> None:
         raise ConfigError(f"{len(missing)} source shard(s) of the cache are missing, e.g. {missing[0]}: training reads "
                           "the images from them. If they moved, set data.shards to where they are now (same file "
                           "names), e.g. --set data.shards='/new/place/train-{0000..1023}.tar'")
+
+
+def open_run(accelerator, cfg: Config, manifest: dict, ckpts: Checkpoints) -> int:
+    """The main process checks the run dir's identity, writes the resolved config and picks the newest
+    usable checkpoint; every rank loads that one. Returns its step (0 for a fresh run)."""
+    from accelerate.utils import broadcast_object_list
+
+    run_dir, latest = Path(cfg.train.run_dir), [None]
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        check_identity(run_dir, run_identity(cfg, accelerator.num_processes, manifest), resuming=bool(ckpts.complete()))
+        latest = [ckpts.latest_valid(accelerator.num_processes)]
+        write_text(run_dir / "config.json", json.dumps(dict(cfg.to_dict(), cache_manifest={
+            k: manifest[k] for k in ("teacher", "augment", "codec", "token_shape")}), indent=1), "config")
+    broadcast_object_list(latest)
+    if latest[0] is None:
+        return 0
+    accelerator.load_state(str(latest[0]))
+    step = json.loads((latest[0] / "position.json").read_text())["step"]
+    if accelerator.is_main_process:
+        print(f"resuming from {latest[0]} at step {step}", file=sys.stderr)
+    return step
 
 
 def write_text(path: Path, text: str, what: str) -> None:
