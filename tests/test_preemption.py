@@ -167,3 +167,22 @@ def test_nonfinite_loss_stops_or_skips_and_no_nonfinite_checkpoint_is_written(tm
         first, last = (load_file(run / "checkpoints" / f"step_{s:08d}" / "model.safetensors") for s in (1, 4))
         assert all(torch.equal(first[k], last[k]) for k in first)
     shutil.rmtree(run)
+
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path):
+    """The save itself refuses weights with a NaN (a finite loss can still overflow an update): no
+    checkpoint directory, partial or not, and the last good one stays."""
+    from accelerate import Accelerator
+
+    from train.checkpoints import Checkpoints, NonFinite
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(3, 2))
+    ckpts = Checkpoints(tmp_path, keep=1)
+    ckpts.save(accelerator, 1, {"step": 1, "epoch": 0})
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(NonFinite, match="weights at step 2 are not finite: no checkpoint written"):
+        ckpts.save(accelerator, 2, {"step": 2, "epoch": 0})
+    assert checkpoints(tmp_path) == ["step_00000001"]

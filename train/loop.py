@@ -1,8 +1,9 @@
 """Stage two: `accelerate launch -m train --config pipeline.toml [--set section.key=value ...]`.
 
 The loop fits on a screen; data lives in train/data.py, the student in train/model.py, the
-schedule and checkpoints below. Checkpoints resume at the exact batch: the step, optimizer,
-RNG states and data position (epoch + batches into it) are restored.
+schedule below, checkpoints in train/checkpoints.py, the run dir (lock, identity, metrics) in
+train/rundir.py, the per-step stop / non-finite decision in train/preempt.py. Checkpoints resume at
+the exact batch: the step, optimizer, RNG states and data position (epoch + batches into it) are restored.
 """
 from __future__ import annotations
 
