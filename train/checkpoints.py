@@ -112,8 +112,8 @@ class Checkpoints:
     def save(self, accelerator, step: int, position: dict) -> None:
         """Only finite weights are written; a full disk leaves no partial directory behind (DiskFull)."""
         model = accelerator._models[0] if accelerator._models else None  # the prepared student
-        finite = torch.tensor(float(model is None or weights_are_finite(model)), device=accelerator.device)
-        if accelerator.reduce(finite, "min").item() < 1:
+        bad = torch.tensor(float(model is not None and not weights_are_finite(model)), device=accelerator.device)
+        if accelerator.reduce(bad, "sum").item() > 0:  # on any rank
             raise NonFinite(f"the weights at step {step} are not finite: no checkpoint written, the last one kept "
                             f"({self.latest()})")
         final = self.dir / f"step_{step:08d}"
