@@ -21,7 +21,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 from _common import header, make_source, median, random_teacher, source_views, table, teacher_tokens, write_cache
 
 import shards.features as features
@@ -50,7 +49,8 @@ def token_files(cache: Path) -> list[Path]:
 
 
 def bytes_read(cache: Path, epoch: int, batch: int) -> tuple[int, int, int]:
-    """(token bytes the kernel read for one epoch, bytes of one view of every trained sample, trained samples)."""
+    """(token bytes the kernel read for one epoch, one view's share of the token files for every trained sample
+    (file bytes / (samples x V): tar headers and Zarr indexes included), trained samples)."""
     files = token_files(cache)
     os.sync()
     for p in files:
@@ -61,7 +61,7 @@ def bytes_read(cache: Path, epoch: int, batch: int) -> tuple[int, int, int]:
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, files)],
                          capture_output=True, text=True, check=True).stdout
     manifest = features.read_manifest(cache)
-    per_view = np.mean([features.read_index(cache, s["name"])["nbytes"].mean() for s in manifest["shards"]])
+    per_view = sum(p.stat().st_size for p in files) / (manifest["samples"] * manifest["augment"]["views"])
     return sum(int(x) for x in out.split()), int(per_view * n), n
 
 

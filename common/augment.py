@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 
 import numpy as np
 import torch
@@ -32,6 +33,13 @@ def decode_image(data: bytes) -> Image.Image:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_error(e: Exception) -> str:
+    """Why an image could not be decoded, as text fit to store: no object reprs or memory addresses (PIL
+    names its stream `<_io.BytesIO object at 0x7f...>`), so reruns record the same bytes."""
+    text = re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", f"{type(e).__name__}: {e}")
+    return re.sub(r"0x[0-9a-fA-F]{6,}", "<address>", text)[:300]
 
 
 def _rng(seed: int, key: str, view: int) -> np.random.Generator:

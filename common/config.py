@@ -6,6 +6,7 @@ wrong type, is a ConfigError that names it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class Train:
     log_every: int = 10
     targets: str = "cache"                 # "cache" or "online" (teacher in the step: baseline)
     on_corrupt: str = "error"              # "error" or "skip" a sample whose checksum fails
+    on_nonfinite: str = "error"            # a non-finite loss: "error" (stop, keep the last checkpoint) or "skip" the step
     tensorboard: bool = False
     trace_keys: bool = False               # write <run_dir>/keys-rank<r>.txt: which samples each step saw
     device: str = "auto"
@@ -124,6 +126,7 @@ CHOICES = {
     "train.targets": ("cache", "online"),
     "train.on_corrupt": ("error", "skip"),
     "train.reader": ("auto", "random", "stream"),
+    "train.on_nonfinite": ("error", "skip"),
     "teacher.dtype": ("bfloat16", "float16", "float32"),
 }
 
@@ -210,3 +213,74 @@ def add_config_args(parser) -> None:
     parser.add_argument("--config", default=None, help="TOML config (e.g. pipeline.toml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config key with a typed value; repeatable")
+
+
+# ---------------------------------------------------------------- ranges, checked before any work
+
+def _ranges(cfg: Config, stage: str) -> list[tuple[bool, str, str, object]]:
+    """(ok, key, allowed values, value) for every setting `stage` reads."""
+    a, e, t, s, lo = cfg.augment, cfg.extract, cfg.train, cfg.student, cfg.loss
+    pair = lambda v: len(v) == 2 and all(math.isfinite(x) for x in v) and 0 < v[0] <= v[1]  # noqa: E731
+    if stage == "extract":
+        return [
+            (a.size >= 1, "augment.size", "an integer >= 1", a.size),
+            (pair(a.scale) and a.scale[1] <= 1, "augment.scale", "[min, max] with 0 < min <= max <= 1", a.scale),
+            (pair(a.ratio), "augment.ratio", "[min, max] with 0 < min <= max", a.ratio),
+            (0 <= a.flip <= 1, "augment.flip", "a probability in [0, 1]", a.flip),
+            (a.views >= 1, "augment.views", "an integer >= 1", a.views),
+            (e.batch_size >= 1, "extract.batch_size", "an integer >= 1", e.batch_size),
+            (e.limit >= 0, "extract.limit", "an integer >= 0 (0 = all shards)", e.limit),
+            (cfg.data.workers >= 0, "data.workers", "an integer >= 0 (0 = decode in the main process)", cfg.data.workers),
+        ]
+    finite = math.isfinite
+    return [
+        (t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size),
+        (t.grad_accum >= 1, "train.grad_accum", "an integer >= 1", t.grad_accum),
+        (t.checkpoint_every >= 1, "train.checkpoint_every", "an integer >= 1 (steps)", t.checkpoint_every),
+        (t.log_every >= 1, "train.log_every", "an integer >= 1 (steps)", t.log_every),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints", "an integer >= 1", t.keep_checkpoints),
+        (t.workers >= 0, "train.workers", "an integer >= 0 (0 = read in the main process)", t.workers),
+        (t.shuffle_buffer >= 1, "train.shuffle_buffer", "an integer >= 1", t.shuffle_buffer),
+        (t.epochs >= 1 or t.max_steps >= 1, "train.epochs", "an integer >= 1 (or set train.max_steps)", t.epochs),
+        (t.max_steps >= 0, "train.max_steps", "an integer >= 0 (0 = train.epochs)", t.max_steps),
+        (finite(t.lr) and t.lr >= 0, "train.lr", "a finite number >= 0 (0 keeps the initial weights)", t.lr),
+        (finite(t.min_lr) and t.min_lr >= 0, "train.min_lr", "a finite number >= 0", t.min_lr),
+        (finite(t.warmup_epochs) and t.warmup_epochs >= 0, "train.warmup_epochs", "a number >= 0", t.warmup_epochs),
+        (finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay),
+        (finite(t.clip_grad) and t.clip_grad >= 0, "train.clip_grad", "a number >= 0 (0 = off)", t.clip_grad),
+        (0 < s.mask_ratio < 1, "student.mask_ratio", "a fraction in (0, 1)", s.mask_ratio),
+        (s.decoder_depth >= 1, "student.decoder_depth", "an integer >= 1", s.decoder_depth),
+        (s.decoder_dim >= 1, "student.decoder_dim", "an integer >= 1", s.decoder_dim),
+        (s.decoder_heads >= 1 and s.decoder_dim % s.decoder_heads == 0, "student.decoder_heads",
+         f"a divisor of student.decoder_dim ({s.decoder_dim})", s.decoder_heads),
+        (s.head_hidden >= 1, "student.head_hidden", "an integer >= 1", s.head_hidden),
+        (finite(lo.beta) and lo.beta >= 0, "loss.beta", "a finite number >= 0", lo.beta),
+        (finite(lo.global_weight) and lo.global_weight >= 0, "loss.global_weight", "a finite number >= 0",
+         lo.global_weight),
+    ]
+
+
+def validate(cfg: Config, stage: str) -> None:
+    """Every setting that `stage` ("extract" or "train") reads, in range, before any work: a ConfigError
+    names the key and the values it allows. What needs the teacher or the cache is checked by
+    check_crop_size and check_mask_ratio once those are known (before any shard is opened)."""
+    for ok, key, allowed, value in _ranges(cfg, stage):
+        if not ok:
+            raise ConfigError(f"'{key}' must be {allowed}, got {value!r}")
+
+
+def check_crop_size(size: int, stride: int, layer: int) -> None:
+    """The crop must tile into whole teacher tokens: a multiple of the teacher's stride at `layer`."""
+    if size % stride:
+        lower, upper = max(size // stride, 1) * stride, (size // stride + 1) * stride
+        raise ConfigError(f"'augment.size' must be a multiple of the teacher's stride {stride} at teacher.layer "
+                          f"{layer} (e.g. {lower} or {upper}), got {size}")
+
+
+def check_mask_ratio(ratio: float, units: int) -> None:
+    """The mask must hide at least one of the `units` teacher tokens and leave at least one visible
+    (the masking draws round(ratio x units) of them)."""
+    masked = int(round(ratio * units))
+    if not 1 <= masked <= units - 1:
+        raise ConfigError(f"'student.mask_ratio' must mask between 1 and {units - 1} of the {units} teacher tokens "
+                          f"(round(ratio x {units})), got {ratio!r}, which masks {masked}")

@@ -1,6 +1,7 @@
 """Fault injection for the reliability tests: `IMG2VEC_FAULT=<point>:<shard>` SIGKILLs the process
-(and, from a DataLoader worker, the main process too) when that point is reached for that shard.
-Unset, it costs one dict lookup."""
+(and, from a DataLoader worker, the main process too) when that point is reached for that shard;
+`IMG2VEC_FAULT=<point>:<shard>:TERM` (or USR1, ...) sends that signal to the main process instead,
+as a scheduler would. Unset, it costs one dict lookup."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,14 @@ MAIN_PID: int | None = None  # set by the job's main process; forked workers inh
 
 
 def fault_point(point: str, shard: str) -> None:
-    if os.environ.get("IMG2VEC_FAULT") != f"{point}:{shard}":
+    fault = os.environ.get("IMG2VEC_FAULT")
+    if fault is None:
+        return
+    parts = fault.split(":")
+    if parts[:2] != [point, shard]:
+        return
+    if len(parts) > 2:
+        os.kill(MAIN_PID or os.getpid(), getattr(signal, f"SIG{parts[2]}"))
         return
     if MAIN_PID is not None and MAIN_PID != os.getpid():
         os.kill(MAIN_PID, signal.SIGKILL)

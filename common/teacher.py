@@ -102,6 +102,15 @@ class FrozenTeacher(nn.Module):
         return fmap.flatten(2).transpose(1, 2).float()  # [B, T=h*w, C]
 
 
+def layer_stride(model: nn.Module, arch: str, layer: int) -> int:
+    """The input pixels per token side at `layer` (timm's feature_info reductions): 32 for a ResNet's last stage."""
+    stages = [info["reduction"] for info in model.feature_info]
+    if not -len(stages) <= layer < len(stages):
+        raise ConfigError(f"'teacher.layer' must be -1 (the last stage) or a stage index in [{-len(stages)}, "
+                          f"{len(stages) - 1}] for {arch} (strides {stages}), got {layer}")
+    return stages[layer]
+
+
 def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> FrozenTeacher:
     import timm
 
@@ -112,6 +121,7 @@ def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Fro
             model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, global_pool="")
     except RuntimeError as e:
         raise ConfigError(f"teacher.arch: {e}") from None
+    stride = layer_stride(model, cfg.arch, cfg.layer)
     if cfg.weights != "random":
         sd = backbone_state_dict(read_checkpoint(cfg.weights))
         sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.fc.", "classifier."))}
@@ -129,6 +139,7 @@ def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> Fro
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[cfg.dtype]
     teacher = FrozenTeacher(model, cfg.layer, dtype).to(device)
     on_gpu = torch.device(device).type == "cuda"
+    teacher.stride = stride
     teacher.fingerprint = {"arch": cfg.arch, "layer": cfg.layer, "weights": cfg.weights,
                            "sha256": state_dict_sha256(model.state_dict()),
                            # the effective precision: autocast runs on a GPU only, a CPU computes in fp32

@@ -7,6 +7,7 @@ import json
 import sys
 
 from common.config import ConfigError, add_config_args, load_config
+from common.signals import PREEMPTED
 from shards.features import CacheError
 
 
@@ -39,9 +40,13 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         raise
     print(json.dumps(summary, indent=1))
+    if summary["preempted"]:
+        print(f"extract-features: stopped on {summary['preempted']}: {summary['shards_done']} shards finished and "
+              "recorded, shards in flight dropped; rerun the same command to finish", file=sys.stderr)
+        return PREEMPTED
     if summary["shards_failed"]:
         print("extract-features: error: these source shards could not be read and were not written:\n  "
-              + "\n  ".join(summary["shards_failed"]) + "\nFix or replace them and rerun: complete shards are "
-              "skipped.", file=sys.stderr)
+              + "\n  ".join(summary["shards_failed"]) + "\nFix or replace them (a file not found: is data.shards "
+              "right?) and rerun: complete shards are skipped.", file=sys.stderr)
         return 1
     return 0

@@ -17,11 +17,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from common.augment import decode_image, replay_views, sample_views
+from common.augment import decode_error, decode_image, replay_views, sample_views
 from common.codecs import get_codec
-from common.config import Config, ConfigError
+from common.config import Config, check_crop_size, validate
 from common import faults
 from common.faults import fault_point
+from common.signals import StopSignals
 from common.stats import TokenStats
 from common.teacher import build_teacher
 from shards.features import (
@@ -88,7 +89,7 @@ class ViewBatches(IterableDataset):
                     fault_point("decode", self.names[url])
                     img = decode_image(s["image"])
                 except Exception as e:  # noqa: BLE001 - a bad sample is data, not a crash
-                    skipped.append({"key": s["key"], "reason": f"{type(e).__name__}: {e}"[:300]})
+                    skipped.append({"key": s["key"], "reason": decode_error(e)})
                     continue
                 records = sample_views(a.seed, s["key"], img.height, img.width, a.views, a.scale, a.ratio, a.flip)
                 src = {"offset": s["offset"], "size": len(s["image"]), "crc": zlib.crc32(s["image"])}
@@ -132,6 +133,15 @@ class ShardJob:
             self.writer.abort()
 
 
+def raise_nonfinite(tokens: torch.Tensor, item: dict, views: int) -> None:
+    """Non-finite teacher tokens are never stored: a CacheError naming the shard and the first bad key."""
+    bad = (~torch.isfinite(tokens)).flatten(1).any(1).view(-1, views).any(1)  # [b]: a view of the image is bad
+    key = item["keys"][int(bad.nonzero()[0])]
+    raise CacheError(f"source shard {item['source']}: the teacher's tokens for key {key!r} are not finite "
+                     f"({int(bad.sum())} of {len(bad)} images in this batch); nothing was recorded for shard "
+                     f"{item['shard']}. Check teacher.weights (a NaN or inf in the checkpoint?) and teacher.dtype")
+
+
 def prepare_cache(cfg: Config, teacher, token_shape, urls: list[str]) -> Path:
     """Create the cache and its manifest, or check that an existing one matches this config."""
     cache = Path(cfg.cache.path)
@@ -149,13 +159,13 @@ def prepare_cache(cfg: Config, teacher, token_shape, urls: list[str]) -> Path:
 
 def run_extraction(cfg: Config, progress: bool = True) -> dict:
     get_codec(cfg.cache.codec)  # config errors before any work
-    if cfg.augment.views < 1 or cfg.extract.batch_size < 1:
-        raise ConfigError("augment.views and extract.batch_size must be >= 1")
+    validate(cfg, "extract")
     urls = expand_shards(cfg.data.shards)
     names = dict(zip(urls, shard_names(urls)))  # unique, or a ConfigError naming the URLs, before any work
     rank, world = rank_and_world(cfg.extract.rank, cfg.extract.world_size)
     device = pick_device(cfg.extract.device)
     teacher = build_teacher(cfg.teacher, device)
+    check_crop_size(cfg.augment.size, teacher.stride, cfg.teacher.layer)
     with torch.no_grad():
         token_shape = tuple(teacher(torch.zeros(1, 3, cfg.augment.size, cfg.augment.size, dtype=torch.uint8,
                                                 device=device)).shape[1:])
@@ -207,14 +217,21 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
     t0 = time.time()
     bar = tqdm(total=None, unit="img", disable=not progress, dynamic_ncols=True,
                desc=f"extract rank {rank}")
-    with ThreadPoolExecutor(1, thread_name_prefix="writer") as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="writer") as pool, StopSignals() as stop:
         for item in loader:
+            if stop.requested:  # SIGTERM / SIGUSR1: shards in flight are dropped unrecorded, finished ones kept
+                inflight += [pool.submit(j.abort) for j in jobs.values()]
+                break
             name = item["shard"]
             job = jobs.setdefault(name, ShardJob(cache, cfg, name, item["source"], token_shape))
             b = len(item["keys"])
             if b:
                 views = item["views"].to(device, non_blocking=True).flatten(0, 1)  # [b*V, 3, S, S]
                 tokens = teacher(views)                                                # [b*V, T, C]
+                if not torch.isfinite(tokens).all():
+                    for f in inflight + [pool.submit(j.abort) for j in jobs.values()]:
+                        f.result()
+                    raise_nonfinite(tokens, item, cfg.augment.views)
                 job.stats.update(tokens)
                 tokens = tokens.view(b, cfg.augment.views, *token_shape).cpu().numpy()
                 inflight.append(pool.submit(job.add, item["keys"], item["records"], item["src"], item["src_hw"],
@@ -242,6 +259,7 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
             f.result()
     bar.close()
     elapsed = time.time() - t0
-    return {"shards_done": done, "shards_failed": failed, "images": images, "views": images * cfg.augment.views,
+    return {"preempted": stop.received, "shards_done": done, "shards_failed": failed, "images": images,
+            "views": images * cfg.augment.views,
             "skipped_samples": skipped, "seconds": round(elapsed, 2),
             "images_per_s": round(images / elapsed, 2) if elapsed > 0 else 0.0}

@@ -78,6 +78,8 @@ def test_odd_and_corrupt_images_are_converted_or_skipped_and_recorded(tmp_path):
     from shards.features import read_index
     keys = [k.decode() for k in read_index(tmp_path / "cache", "shard-000000")["key"]]
     assert keys == [s["key"] for s in samples if s["key"] not in bad]  # same order
+    assert all(s["reason"] and "0x" not in s["reason"] for s in record["skipped"])  # no reprs, no addresses
+    assert "UnidentifiedImageError: cannot identify image file <_io.BytesIO>" in {s["reason"] for s in record["skipped"]}
     assert summary["skipped_samples"] == len(bad) and summary["cache_complete"]
 
 

@@ -111,7 +111,8 @@ def test_verify_zarr_u8_cache_and_moved_sources(tmp_path, source, capsys):
         s["source"] = s["source"].replace(str(source), str(tmp_path / "gone"))
     (cache / "manifest.json").write_text(json.dumps(manifest))
     rc, out = tool(capsys, "verify", cache, "--recompute", "1")
-    assert rc == 1 and "shard-000000: " in out and "file not found (check data.shards); if the dataset moved, pass --source-shards" in out
+    assert rc == 1 and "shard-000000: " in out
+    assert "file not found (check data.shards); if the dataset moved, pass --source-shards" in out
     pattern = f"{moved}/shard-{{000000..000002}}.tar"  # the moved dataset, matched by shard name
     rc, out = tool(capsys, "verify", cache, "--recompute", "1", "--source-shards", pattern)
     assert rc == 0, out

@@ -1,15 +1,16 @@
 """Stage two: `accelerate launch -m train --config pipeline.toml [--set section.key=value ...]`.
 
 The loop fits on a screen; data lives in train/data.py, the student in train/model.py, the
-schedule and checkpoints below. Checkpoints resume at the exact batch: the step, optimizer,
-RNG states and data position (epoch + batches into it) are restored.
+schedule below, checkpoints in train/checkpoints.py, the run dir (lock, identity, metrics) in
+train/rundir.py, the per-step stop / non-finite decision in train/preempt.py. Checkpoints resume at
+the exact batch: the step, optimizer, RNG states and data position (epoch + batches into it) are restored.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import shutil
+import os
 import sys
 import time
 import zlib
@@ -17,14 +18,18 @@ from pathlib import Path
 
 import torch
 
-from common.config import Config, ConfigError, add_config_args, load_config
+from common.config import Config, ConfigError, add_config_args, check_mask_ratio, load_config, validate
 from common.faults import fault_point
+from common.signals import PREEMPTED, StopSignals
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from shards.features import CacheError, read_manifest, source_urls
 from shards.source import ShardError
 from train import data
 from train.losses import normalize_targets
+from train.checkpoints import Checkpoints, DiskFull, NonFinite
 from train.model import STUDENTS, param_groups
+from train.preempt import StepGuard
+from train.rundir import MetricsLog, RunDirLock, check_sources, open_run
 
 
 def build_student(cfg: Config, manifest: dict) -> torch.nn.Module:
@@ -36,12 +41,6 @@ def build_student(cfg: Config, manifest: dict) -> torch.nn.Module:
     return STUDENTS[s.arch](img_size=size, teacher_dim=channels, teacher_stride=size // math.isqrt(tokens),
                             decoder_depth=s.decoder_depth, decoder_dim=s.decoder_dim, decoder_heads=s.decoder_heads,
                             head_hidden=s.head_hidden, multi_block=s.multi_block, mask_ratio=s.mask_ratio)
-
-
-def drop_rows_after(path: Path, step: int) -> None:
-    if path.exists():
-        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -65,44 +64,34 @@ def online_teacher(cfg: Config, manifest: dict, device):
     return teacher
 
 
-class Checkpoints:
-    """`<run_dir>/checkpoints/step_XXXXXXXX/` written by accelerator.save_state, renamed when complete."""
-
-    def __init__(self, run_dir: Path, keep: int):
-        self.dir, self.keep = run_dir / "checkpoints", keep
-
-    def latest(self) -> Path | None:
-        done = sorted(p for p in self.dir.glob("step_*") if (p / "position.json").exists() and "." not in p.name)
-        return done[-1] if done else None
-
-    def save(self, accelerator, step: int, position: dict) -> None:
-        final = self.dir / f"step_{step:08d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (tmp / "position.json").write_text(json.dumps(position))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in sorted(p for p in self.dir.glob("step_*") if "." not in p.name)[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-
 def train(cfg: Config, progress: bool = True) -> dict:
+    """Checks everything it can before any work, then trains holding the run dir's lock; SIGTERM / SIGUSR1
+    end it after the current step with a checkpoint (summary["preempted"])."""
+    validate(cfg, "train")
+    cache = Path(cfg.cache.path)
+    manifest = read_manifest(cache)
+    check_mask_ratio(cfg.student.mask_ratio, manifest["token_shape"][0])
+    index = data.CacheIndex(cache, manifest, source_urls(manifest, cfg.data.shards))
+    check_sources(index.urls)
+    mode = data.reader_mode(index, cfg.train.reader)
+    lock = RunDirLock(Path(cfg.train.run_dir))
+    if int(os.environ.get("RANK", 0)) == 0:  # the main process (accelerate / torchrun set RANK)
+        lock.path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    try:
+        with StopSignals() as stop:
+            return _train(cfg, manifest, index, mode, stop, progress)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, manifest: dict, index: data.CacheIndex, mode: str, stop: StopSignals, progress: bool) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
     t = cfg.train
     run_dir = Path(t.run_dir)
-    cache = Path(cfg.cache.path)
-    manifest = read_manifest(cache)
-    index = data.CacheIndex(cache, manifest, source_urls(manifest, cfg.data.shards))
-    mode = data.reader_mode(index, t.reader)
     cpu = t.device == "cpu" or not torch.cuda.is_available()
     accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=t.grad_accum,
                               mixed_precision="no" if cpu or not torch.cuda.is_bf16_supported() else "bf16",
@@ -131,24 +120,15 @@ def train(cfg: Config, progress: bool = True) -> dict:
     pix_mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     pix_std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
-    ckpts, step = Checkpoints(run_dir, t.keep_checkpoints), 0
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dict(cfg.to_dict(), cache_manifest={
-            k: manifest[k] for k in ("teacher", "augment", "codec", "token_shape")}), indent=1))
-    accelerator.wait_for_everyone()
-    latest = ckpts.latest()
-    if latest is not None:
-        accelerator.load_state(str(latest))
-        step = json.loads((latest / "position.json").read_text())["step"]
-        if accelerator.is_main_process:
-            print(f"resuming from {latest} at step {step}", file=sys.stderr)
+    ckpts = Checkpoints(run_dir, t.keep_checkpoints)
+    step = open_run(accelerator, cfg, manifest, ckpts)  # the run's identity checked, its newest usable checkpoint loaded
     if cfg.train.tensorboard:
         accelerator.init_trackers("img2vec")
 
-    if accelerator.is_main_process:
-        drop_rows_after(run_dir / "metrics.jsonl", step)  # steps a killed run took past its last checkpoint
-    log = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    # rows of steps a killed run took past its last checkpoint, and a torn last row, are dropped
+    log = MetricsLog(run_dir / "metrics.jsonl", step) if accelerator.is_main_process else None
+    guard = StepGuard(accelerator, stop, t.on_nonfinite, ckpts.latest)
+    skipping = preempted = False
     trace = open(run_dir / f"keys-rank{rank}.txt", "a") if t.trace_keys else None
     masks = open(run_dir / f"masks-rank{rank}.txt", "a") if t.trace_keys else None
     bar = tqdm(total=total, initial=step, disable=not (progress and accelerator.is_main_process), unit="step",
@@ -157,7 +137,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     wait = busy = 0.0
     logged_at = step
     last = {}
-    while step < total:
+    while step < total and not preempted:
         batch_index = step * t.grad_accum
         epoch, skip = divmod(batch_index, batches_per_epoch)
         plan = data.epoch_plan(index.counts, epoch, t.seed, world, rank, t.batch_size, mode, t.workers, t.shuffle_buffer)
@@ -185,15 +165,18 @@ def train(cfg: Config, progress: bool = True) -> dict:
             with accelerator.accumulate(model):
                 out = model((images.float() - pix_mean) / pix_std, targets, unit_mask=unit_mask.to(device), beta=cfg.loss.beta,
                             global_weight=cfg.loss.global_weight)
-                accelerator.backward(out["loss"])
-                if accelerator.sync_gradients and t.clip_grad > 0:
+                nonfinite, stopping = guard.check(out["loss"], step)  # every rank gets the same answer
+                skipping = skipping or nonfinite  # one non-finite micro-batch skips the whole update
+                accelerator.backward(out["loss"])  # also when skipping: ranks stay in lockstep
+                if accelerator.sync_gradients and t.clip_grad > 0 and not skipping:
                     accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
-                optimizer.step()
+                if not skipping:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             wait, busy = wait + t1 - t0, busy + time.perf_counter() - t1
             if not accelerator.sync_gradients:
                 continue
-            step += 1
+            step, skipping = step + 1, False
             bar.update(1)
             if step % t.log_every == 0 or step == total:
                 losses = accelerator.reduce(torch.stack([out["loss"], out["patch_loss"], out["global_loss"]]).detach(),
@@ -201,16 +184,22 @@ def train(cfg: Config, progress: bool = True) -> dict:
                 samples = (step - logged_at) * t.grad_accum * t.batch_size * world
                 last = {"step": step, "epoch": epoch, "loss": losses[0], "patch_loss": losses[1],
                         "global_loss": losses[2], "lr": optimizer.param_groups[0]["lr"],
-                        "samples_per_s": samples / max(wait + busy, 1e-9), "data_wait": wait / max(wait + busy, 1e-9)}
+                        "samples_per_s": samples / max(wait + busy, 1e-9), "data_wait": wait / max(wait + busy, 1e-9),
+                        "skipped_steps": guard.skipped}
                 wait, busy, logged_at = 0.0, 0.0, step
                 if log:
-                    log.write(json.dumps(last) + "\n")
-                    log.flush()
+                    log.write(last)
                     bar.set_postfix(loss=f"{losses[0]:.4f}", wait=f"{last['data_wait']:.0%}")
                 accelerator.log(last, step=step)
-            if step % t.checkpoint_every == 0 or step == total:
+            if step % t.checkpoint_every == 0 or step == total or stopping:
                 ckpts.save(accelerator, step, {"step": step, "epoch": epoch})
             fault_point("step", str(step))
+            if stopping:  # SIGTERM / SIGUSR1 on some rank: every rank stops here, checkpointed
+                preempted = True
+                if accelerator.is_main_process:
+                    print(f"stopping at step {step} on {stop.received or 'a signal to another rank'}: checkpoint "
+                          f"{ckpts.latest()}; rerun the same command to resume", file=sys.stderr)
+                break
             if step == total:
                 break
         del it
@@ -219,7 +208,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     for f in (log, trace, masks):
         if f:
             f.close()
-    return {"step": step, "run_dir": str(run_dir), "rank": rank, **last}
+    return {"step": step, "run_dir": str(run_dir), "rank": rank, **last, "preempted": preempted}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             msg = msg.splitlines()[-1].split(": ", 1)[-1]
         print(f"train: error: {msg}", file=sys.stderr)
         return 2
+    except DiskFull as e:
+        print(f"train: error: {e.strerror}", file=sys.stderr)
+        return 3
+    except NonFinite as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 1
     if summary["rank"] == 0:
         print(json.dumps(summary))
-    return 0
+    return PREEMPTED if summary["preempted"] else 0
