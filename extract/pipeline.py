@@ -240,6 +240,9 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
                 inflight.append(pool.submit(job.add, [], None, [], [], [], None, item["skipped"]))
             images += b
             skipped += len(item["skipped"])
+            if stop.requested:  # again before a commit: nothing is recorded after a stop request
+                inflight += [pool.submit(j.abort) for j in jobs.values()]
+                break
             if item["last"]:
                 if item["error"]:
                     failed.append(f"{item['source']}: {item['error']}")

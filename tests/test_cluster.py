@@ -192,3 +192,21 @@ def uneven_cache(tmp_path_factory):
     cfg = load_config(write_config(tmp, make_uneven_source(tmp / "src", UNEVEN), len(UNEVEN)))
     run_extraction(cfg, progress=False)
     return cfg.cache.path
+
+
+def test_teacher_precision_is_part_of_the_cache_identity(tmp_path, source, extracted, capsys):
+    """A cache computed in bf16 on GPUs must not be finished in fp32 on a CPU node (tokens ~0.9999 cosine apart):
+    the manifest records the effective precision (fp32 on a CPU whatever teacher.dtype says) and a rerun
+    with another is refused, naming it."""
+    from extract.cli import main as extract_main
+
+    assert read_manifest(Path(extracted[1].cache.path))["teacher"]["precision"] == "float32"
+    path = write_config(tmp_path, source, 3)
+    cache = tmp_path / "cache"
+    shutil.copytree(extracted[1].cache.path, cache)
+    (cache / "shard-000002.done.json").unlink()
+    m = json.loads((cache / "manifest.json").read_text())
+    m["teacher"]["precision"] = "bfloat16"  # as a GPU node writes it
+    (cache / "manifest.json").write_text(json.dumps(m))
+    assert extract_main(["--config", str(path), "--no-progress"]) == 2
+    assert "teacher.precision: cache has 'bfloat16', config gives 'float32'" in capsys.readouterr().err

@@ -112,12 +112,12 @@ def test_two_processes_stop_together_when_one_rank_gets_sigterm(tmp_path, extrac
 
 def test_sigterm_in_extraction_drops_the_shard_in_flight_and_the_rerun_completes(tmp_path, extracted, monkeypatch,
                                                                                 capsys):
-    """SIGTERM while shard-000001 is being written: shard-000000 stays recorded, shard-000001 is dropped
+    """SIGTERM while shard-000001 is being read: shard-000000 stays recorded, shard-000001 is dropped
     (no record, no temporary), shard-000002 is not started, exit status 75; the rerun finishes with the
     same bytes as an uninterrupted extraction."""
     path = write_config(tmp_path, Path(extracted[1].data.shards).parent, 3)
     cache = tmp_path / "cache"
-    monkeypatch.setenv("IMG2VEC_FAULT", "write:shard-000001:TERM")
+    monkeypatch.setenv("IMG2VEC_FAULT", "decode:shard-000001:TERM")  # the main process decodes: no race
     assert extract_main(["--config", str(path), "--no-progress"]) == PREEMPTED
     assert "stopped on SIGTERM" in capsys.readouterr().err
     assert sorted(p.name for p in cache.glob("*.done.json")) == ["shard-000000.done.json"]

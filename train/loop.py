@@ -57,6 +57,7 @@ def online_teacher(cfg: Config, manifest: dict, device):
     tcfg.arch, tcfg.layer = manifest["teacher"]["arch"], manifest["teacher"]["layer"]
     tcfg.weights = manifest.get("teacher_weights", tcfg.weights)
     tcfg.seed = manifest.get("teacher_seed", tcfg.seed)
+    tcfg.dtype = manifest["teacher"].get("precision", tcfg.dtype)  # the precision the cache was computed in
     teacher = build_teacher(tcfg, device)
     if teacher.fingerprint["sha256"] != manifest["teacher"]["sha256"]:
         raise CacheError(f"online teacher {tcfg.weights} hashes to {teacher.fingerprint['sha256'][:12]}, the cache "
