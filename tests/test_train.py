@@ -196,10 +196,10 @@ def test_two_processes(tmp_path, extracted, uneven, which, workers, steps):
 
 
 def test_two_processes_resume_after_sigkill(tmp_path, uneven):
-    """Two ranks, rank processes SIGKILLed at step 5 (checkpoint at 3): the rerun resumes at 3, and every
+    """Two ranks x 2 loader workers, SIGKILLed at step 5 (checkpoint at 3): the rerun resumes at 3, and every
     rank's batches and masks, and the losses, match an uninterrupted 2-process run."""
     path, _ = uneven
-    sets = ["train.trace_keys=true", "train.max_steps=7", "train.checkpoint_every=3", "train.workers=1"]
+    sets = ["train.trace_keys=true", "train.max_steps=7", "train.checkpoint_every=3", "train.workers=2"]
     a, b = tmp_path / "A", tmp_path / "B"
     assert launch(path, f"train.run_dir={json.dumps(str(a))}", *sets).returncode == 0
     os.environ["IMG2VEC_FAULT"] = "step:5"
