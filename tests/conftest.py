@@ -61,6 +61,17 @@ def write_config(tmp: Path, src: Path, n_shards: int, fmt: str = "wds", codec: s
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """In-process runs on one intra-op thread: on a shared, busy CPU two threads run several times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def source(tmp_path_factory) -> Path:
     """18 JPEGs in 3 shards of 6."""

@@ -20,12 +20,7 @@ from tests.conftest import BIN, REPO, write_config
 from train.loop import main as train_main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows(run: Path) -> dict[int, dict]:

@@ -17,12 +17,7 @@ from tests.test_reliability import _can_mount
 from train.loop import main as train_main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(config: Path, run: Path, *sets: str) -> list[str]:

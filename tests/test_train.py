@@ -31,13 +31,7 @@ UNEVEN = [9, 2, 6, 4, 7]  # samples per source shard of the uneven source (2 is 
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs on one intra-op thread: on a shared, busy CPU two threads run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_uneven_source(dirpath: Path, sizes: list[int]) -> Path:
