@@ -24,18 +24,17 @@ from shards.source import ShardError
 from shards.features import source_urls
 from train.data import CachedViews, check_cache, make_loader, plan_epoch
 from train.losses import normalize_targets
-from train.model import STUDENTS, param_groups
+from train.model import STUDENTS, describe_student, param_groups, resolve_student
 
 
 def build_student(cfg: Config, manifest: dict) -> torch.nn.Module:
-    if cfg.student.arch not in STUDENTS:
-        raise ConfigError(f"student.arch: unknown {cfg.student.arch!r} (choose from {', '.join(STUDENTS)})")
+    s = resolve_student(cfg.student)  # 0 = the arch's value, written into cfg (and so into config.json)
     tokens, channels = manifest["token_shape"]
     size = manifest["augment"]["size"]
-    s = cfg.student
     return STUDENTS[s.arch](img_size=size, teacher_dim=channels, teacher_stride=size // math.isqrt(tokens),
                             decoder_depth=s.decoder_depth, decoder_dim=s.decoder_dim, decoder_heads=s.decoder_heads,
-                            head_hidden=s.head_hidden, multi_block=s.multi_block, mask_ratio=s.mask_ratio)
+                            head_hidden=s.head_hidden, multi_block=s.multi_block, mask_ratio=s.mask_ratio,
+                            masks_per_view=s.masks_per_view)
 
 
 def drop_rows_after(path: Path, step: int) -> None:
@@ -120,6 +119,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     peak = t.lr * t.batch_size * world * t.grad_accum / 256
 
     model = build_student(cfg, manifest)
+    if accelerator.is_main_process:
+        print(describe_student(cfg.student), file=sys.stderr)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=peak, betas=(0.9, 0.95))
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = online_teacher(cfg, manifest, device) if t.targets == "online" else None
