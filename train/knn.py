@@ -2,8 +2,9 @@
 
 Each image is center-cropped (a centered square box, `crop_pct` of the short side) and resized to the
 encoder's size; its feature is the mean of the patch tokens after the final norm (`forward_features`;
-for a file exported with `--global-pool avg`, timm's fc_norm of the mean), L2-normalised. A query takes the k most cosine-similar memory-bank images and votes with weights
-exp(similarity / T) (k = 20, T = 0.07 as in DINO).
+for a file exported with `--global-pool avg`, timm's fc_norm of the mean), L2-normalised. A query takes
+the k most cosine-similar memory-bank images and votes with weights exp(similarity / T) (k = 20,
+T = 0.07 as in DINO).
 
     img2vec knn --train-shards 'train-{0..9}.tar' --val-shards 'val-{0..1}.tar' --run runs/img2vec
     img2vec knn --shards 'data-{0..9}.tar' --val-fraction 0.2 --weights encoder.safetensors
