@@ -64,9 +64,10 @@ class Extract:
 class Student:
     arch: str = "vit_base_patch16"
     mask_ratio: float = 0.6
-    decoder_depth: int = 2
-    decoder_dim: int = 512
-    decoder_heads: int = 16
+    masks_per_view: int = 1                # M: each loaded view trains with M independent masks per step
+    decoder_depth: int = 0                 # 0: from student.arch (2 for ViT-B, 4 for ViT-L and ViT-H)
+    decoder_dim: int = 0                   # 0: from student.arch (512)
+    decoder_heads: int = 0                 # 0: from student.arch (16)
     multi_block: str = "mean"              # "mean" of all blocks, "last", or e.g. "4,8,11"
     head_hidden: int = 2048
 
@@ -131,6 +132,14 @@ CHOICES = {
 }
 
 
+MINIMUM = {  # integers with a lower bound (0 means "from the architecture" for the decoder keys)
+    "student.masks_per_view": 1,
+    "student.decoder_depth": 0,
+    "student.decoder_dim": 0,
+    "student.decoder_heads": 0,
+}
+
+
 def _type_ok(value, typ) -> bool:
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
@@ -162,6 +171,8 @@ def _set(cfg: Config, dotted: str, value, origin: str) -> None:
         value = float(value)
     if dotted in CHOICES and value not in CHOICES[dotted]:
         raise ConfigError(f"{origin}: '{dotted}' must be one of {CHOICES[dotted]}, got {value!r}")
+    if dotted in MINIMUM and value < MINIMUM[dotted]:
+        raise ConfigError(f"{origin}: '{dotted}' must be >= {MINIMUM[dotted]}, got {value!r}")
     setattr(obj, key, value)
 
 

@@ -11,10 +11,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from train.export import export_encoder, load_student, resolve_checkpoint
+import torch.nn.functional as F
+
+from train.export import (GLOBAL_POOLS, ExportError, check_timm_keys, export_encoder, load_student, resolve_checkpoint,
+                          timm_keys, timm_model_args)
 from train.export import main as export_main
 from train.knn import Features, center_box, extract_features, in_val_split, knn_predict, knn_scores, random_student
 from train.knn import main as knn_main
+from train.model import STUDENTS
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +42,25 @@ def source_pattern(extracted) -> str:
 
 
 def test_export_loads_in_timm_with_the_printed_snippet_and_gives_the_same_features(tmp_path, run_dir, capsys):
+    """Default (global_pool="avg", the fine-tuning model): strict keys, the pretrained final norm as fc_norm, and
+    timm's pooled feature = fc_norm(mean of the last block's patch tokens), computed here from the student."""
     out = tmp_path / "encoder.safetensors"
     assert export_main([str(run_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    snippet = (f'timm.create_model("vit_tiny_patch16_224", pretrained=True, img_size=64, '
-               f'pretrained_cfg_overlay=dict(file="{out}", num_classes=0))')
+    snippet = (f'timm.create_model("vit_tiny_patch16_224", pretrained=True, img_size=64, global_pool="avg", '
+               f'pretrained_cfg_overlay=dict(file="{out}", num_classes=0, mean=(0.485, 0.456, 0.406), '
+               f'std=(0.229, 0.224, 0.225)))')
     assert snippet in printed
+    assert f"train.py --data-dir /data/imagenet --model vit_tiny_patch16_224 --img-size 64 --pretrained " \
+           f"--pretrained-path {out} --gp avg" in printed and "--layer-decay 0.65 --drop-path 0.1" in printed
 
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["timm_model"] == "vit_tiny_patch16_224" and meta["img_size"] == "64" and meta["step"] == "2"
+    assert meta["global_pool"] == "avg" and json.loads(meta["timm_kwargs"]) == {"img_size": 64, "global_pool": "avg"}
 
     model = eval(snippet, {"timm": timm}).eval()  # exactly what a user pastes
+    assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)  # timm's data config normalises as pretraining
     weights = load_file(str(out))
     own = model.state_dict()
     assert set(own) == set(weights)  # strict: no key missing, none left over, nothing dropped by timm
@@ -57,13 +68,57 @@ def test_export_loads_in_timm_with_the_printed_snippet_and_gives_the_same_featur
         assert torch.equal(own[k], v), k  # loaded as written: no resampling, no random init left
     model.load_state_dict(weights, strict=True)
 
+    # as timm's train.py builds it from the printed command (--pretrained-path, --gp avg, --drop-path, 1000 classes)
+    ft = timm.create_model("vit_tiny_patch16_224", pretrained=True, img_size=64, num_classes=1000, global_pool="avg",
+                           drop_path_rate=0.1, pretrained_cfg_overlay=dict(file=str(out), num_classes=-1))
+    ft_sd = ft.state_dict()
+    assert set(ft_sd) - set(weights) == {"head.weight", "head.bias"} and set(weights) <= set(ft_sd)
+    assert all(torch.equal(ft_sd[k], v) for k, v in weights.items())  # only the new classifier is not pretrained
+
     student, info = load_student(run_dir)
     assert info["step"] == 2
+    assert torch.equal(weights["fc_norm.weight"], student.norm.weight) and "norm.weight" not in weights
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        t = student.patch_embed(x) + student.pos_embed[:, 1:]
+        t = torch.cat([(student.cls_token + student.pos_embed[:, :1]).expand(2, -1, -1), t], dim=1)
+        for blk in student.blocks:
+            t = blk(t)
+        by_hand = F.layer_norm(t[:, 1:].mean(1), (192,), student.norm.weight, student.norm.bias, eps=1e-6)
+    assert pooled.shape == (2, 192)
+    torch.testing.assert_close(pooled, by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_export_with_token_pool_is_timms_default_layout_and_the_students_features(tmp_path, run_dir, capsys):
+    out = tmp_path / "encoder-token.safetensors"
+    assert export_main([str(run_dir), "--out", str(out), "--global-pool", "token"]) == 0
+    snippet = (f'timm.create_model("vit_tiny_patch16_224", pretrained=True, img_size=64, '
+               f'pretrained_cfg_overlay=dict(file="{out}", num_classes=0, mean=(0.485, 0.456, 0.406), '
+               f'std=(0.229, 0.224, 0.225)))')
+    assert snippet in capsys.readouterr().out
+    model = eval(snippet, {"timm": timm}).eval()
+    model.load_state_dict(load_file(str(out)), strict=True)
+    student, _ = load_student(run_dir)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         a, b = model.forward_features(x), student.forward_features(x)
     assert a.shape == b.shape == (2, 1 + 16, 192)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(STUDENTS))
+def test_every_student_fits_its_timm_model_for_both_pools(arch):
+    """The real sizes at 224 (ViT-H/16 included), checked on the meta device as export checks them."""
+    with torch.device("meta"):
+        encoder = STUDENTS[arch]().encoder_state_dict()
+    for pool in GLOBAL_POOLS:
+        name, kwargs = timm_model_args(arch, 224, pool)
+        check_timm_keys(timm_keys(encoder, pool), name, kwargs)
+    assert timm_model_args("vit_huge_patch16", 224, "avg") == ("vit_huge_patch14_224",
+                                                                {"patch_size": 16, "global_pool": "avg"})
+    with pytest.raises(ExportError, match=r"missing \['fc_norm.bias', 'fc_norm.weight'\], unexpected \['norm.bias'"):
+        check_timm_keys(timm_keys(encoder, "token"), *timm_model_args(arch, 224, "avg"))
 
 
 def test_export_weights_are_the_trained_ones_not_the_init(tmp_path, run_dir):

@@ -1,10 +1,16 @@
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 
 from train.losses import global_loss, normalize_targets, patch_loss, smooth_l1
 from train.masking import unit_mask, units_to_patches
-from train.model import STUDENTS, param_groups, vit_tiny_patch16
+from common.config import ConfigError, load_config
+from train.loop import build_student
+from train.model import STUDENTS, param_groups, resolve_student, vit_huge_patch16, vit_tiny_patch16
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny(**kw):
@@ -144,14 +150,60 @@ def test_encoder_exports_to_timm():
         torch.testing.assert_close(student.forward_features(imgs), vit.forward_features(imgs))
 
 
-@pytest.mark.parametrize("size", ["small", "base", "large"])
+@pytest.mark.parametrize("size", ["small", "base", "large", "huge"])
 def test_encoder_keys_and_shapes_match_timm_at_224(size):
     with torch.device("meta"):  # shapes only: no memory, no init cost
         student = STUDENTS[f"vit_{size}_patch16"]()
-        vit = timm.create_model(f"vit_{size}_patch16_224", pretrained=False, num_classes=0)
+        # timm has no vit_huge_patch16_224: its ViT-H/14 with 16-pixel patches is ViT-H/16
+        vit = (timm.create_model("vit_huge_patch14_224", patch_size=16, num_classes=0) if size == "huge" else
+               timm.create_model(f"vit_{size}_patch16_224", pretrained=False, num_classes=0))
     ours = {k: v.shape for k, v in student.encoder_state_dict().items()}
     assert ours == {k: v.shape for k, v in vit.state_dict().items()}
-    assert len(student.decoder_blocks) == (4 if size == "large" else 2)
+    assert len(student.decoder_blocks) == (4 if size in ("large", "huge") else 2)
+    if size == "huge":
+        assert (len(student.blocks), student.cls_token.shape[-1], student.blocks[0].attn.num_heads) == (32, 1280, 16)
+        assert ours["patch_embed.proj.weight"] == (1280, 3, 16, 16) and ours["pos_embed"] == (1, 1 + 14 * 14, 1280)
+
+
+def test_huge_student_loads_strictly_into_timm_vit_h16_and_gives_the_same_features():
+    """ViT-H/16 at 2 blocks and 64 px (the width, heads and key layout of the real one; 32 blocks cost minutes)."""
+    torch.manual_seed(0)
+    student = vit_huge_patch16(img_size=64, depth=2, decoder_depth=1, decoder_dim=64, decoder_heads=4, teacher_dim=32,
+                               head_hidden=64).eval()
+    vit = timm.create_model("vit_huge_patch14_224", patch_size=16, depth=2, img_size=64, num_classes=0).eval()
+    vit.load_state_dict(student.encoder_state_dict(), strict=True)
+    imgs = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(student.forward_features(imgs), vit.forward_features(imgs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-size settings: the config's 0 means "from the architecture"
+
+
+def test_decoder_settings_come_from_the_arch_unless_the_config_sets_them():
+    manifest = {"token_shape": [49, 2048], "augment": {"size": 224}}
+    expect = {"vit_base_patch16": 2, "vit_large_patch16": 4, "vit_huge_patch16": 4}
+    for arch, depth in expect.items():
+        cfg = load_config(REPO / "pipeline.toml", [f"student.arch={arch}"])
+        assert cfg.student.decoder_depth == 0  # pipeline.toml leaves it to the arch
+        with torch.device("meta"):
+            student = build_student(cfg, manifest)
+        assert len(student.decoder_blocks) == depth and cfg.student.decoder_depth == depth  # resolved in cfg
+        assert (cfg.student.decoder_dim, cfg.student.decoder_heads) == (512, 16)
+        assert student.decoder_embed.out_features == 512 and student.decoder_blocks[0].attn.num_heads == 16
+    cfg = load_config(REPO / "pipeline.toml", ["student.arch=vit_large_patch16", "student.decoder_depth=3"])
+    with torch.device("meta"):
+        assert len(build_student(cfg, manifest).decoder_blocks) == 3  # a set value wins
+
+
+def test_student_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="student.masks_per_view.*>= 1"):
+        load_config(None, ["student.masks_per_view=0"])
+    with pytest.raises(ConfigError, match="student.decoder_depth.*>= 0"):
+        load_config(None, ["student.decoder_depth=-1"])
+    with pytest.raises(ConfigError, match="student.arch.*vit_huge_patch16"):
+        resolve_student(load_config(None, ["student.arch=vit_giant_patch16"]).student)
 
 
 def test_param_groups():
@@ -195,3 +247,50 @@ def test_tiny_model_overfits_fixed_batch():
         if losses[-1] * 5 <= losses[0]:
             break
     assert losses[-1] * 5 <= losses[0], f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# several masks per view
+
+
+def test_masks_per_view_equals_m_separate_calls():
+    """One call with M masks per view = the mean of M calls, copy j of every view with its own mask (loss and
+    gradients): the B x M masked copies are independent and equally weighted, the targets shared."""
+    torch.manual_seed(0)
+    m, b = 3, 2
+    model = tiny(masks_per_view=m)
+    imgs, targets = torch.randn(b, 3, 64, 64), torch.randn(b, 4, 32)
+    masks = unit_mask(b * m, 2, 2, 0.5, generator=torch.Generator().manual_seed(1))  # row b*M + j
+    out = model(imgs, targets, unit_mask=masks)
+    assert out["pred"].shape == (b * m, 4, 32) and torch.equal(out["mask"], masks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out["loss"], params, allow_unused=True)
+
+    model.masks_per_view = 1
+    losses, sums = [], None
+    for j in range(m):
+        loss = model(imgs, targets, unit_mask=masks[j::m])["loss"]
+        g = torch.autograd.grad(loss / m, params, allow_unused=True)
+        sums = g if sums is None else [a if c is None else a + c for a, c in zip(sums, g)]
+        losses.append(loss)
+    torch.testing.assert_close(out["loss"], torch.stack(losses).mean())
+    for a, c in zip(grads, sums):
+        if a is not None:
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+def test_masks_per_view_draws_independent_masks_from_the_generator():
+    m, b = 4, 3
+    model = tiny(masks_per_view=m)
+    imgs, targets = torch.randn(b, 3, 64, 64), torch.randn(b, 4, 32)
+    out = model(imgs, targets, generator=torch.Generator().manual_seed(7))
+    expected = unit_mask(b * m, 2, 2, model.mask_ratio, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(out["mask"], expected)  # B x M masks, one draw from the step's generator
+    again = model(imgs, targets, generator=torch.Generator().manual_seed(7))["mask"]
+    assert torch.equal(again, expected)  # the generator alone decides the masks
+    copies = out["mask"].view(b, m, -1)
+    assert any(len({tuple(c.tolist()) for c in copies[i]}) > 1 for i in range(b))  # not one mask repeated
+    with pytest.raises(ValueError, match="masks_per_view"):
+        model(imgs, targets, unit_mask=expected[:b])
+    with pytest.raises(ValueError, match="masks_per_view"):
+        tiny(masks_per_view=0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tarfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 from common.augment import decode_image, replay
 from common.codecs import get_codec
 from common.config import load_config
-from common.diversity import center_view
+from common.diversity import center_view, query_tokens, similarity_map, teacher_label
 from common.stats import token_diversity
 from common.teacher import build_teacher
 from common.tools import main as img2vec
@@ -184,6 +185,20 @@ def test_diversity_two_teachers_over_shards_with_maps(source, tmp_path, capsys):
     assert result["rows"][0]["token_diversity"] == pytest.approx(token_diversity(teacher(views)), abs=1e-5)
 
 
+def test_similarity_map_queries_and_titles():
+    assert query_tokens(7, 7, 5) == [(3, 3), (1, 1), (5, 5), (1, 5), (5, 1)]  # center, then quadrant centers
+    assert query_tokens(2, 2, 3) == [(1, 1), (0, 0), (0, 1)]  # distinct on a small grid
+    tokens = torch.randn(49, 16)
+    sim, q = similarity_map(tokens, (1, 5))
+    assert q == (1, 5) and sim[1, 5] == pytest.approx(1.0)
+    for r in range(7):
+        for c in range(7):  # brute force: the cosine of token (r, c) to the query token
+            a, b = tokens[r * 7 + c], tokens[1 * 7 + 5]
+            assert sim[r, c].item() == pytest.approx((a @ b / (a.norm() * b.norm())).item(), abs=1e-5)
+    assert teacher_label("resnet50=/ckpt/dir/dino_resnet50_pretrain.pth") == "resnet50 (dino_resnet50_pretrain)"
+    assert teacher_label("resnet18") == "resnet18 (random init)"
+
+
 def test_diversity_argument_errors(source, capsys):
     with pytest.raises(SystemExit) as e:
         img2vec(["diversity", "--shards", f"{source}/shard-000000.tar"])
@@ -205,15 +220,43 @@ def test_make_shards_from_image_folder(tmp_path, capsys):
     out_dir = tmp_path / "shards"
     rc, out = tool(capsys, "make-shards", folder, out_dir, "--maxcount", "4")
     assert rc == 0, out
-    assert "2 shards, 6 samples, 2 classes" in out and "train-000001.tar  2 samples" in out
+    assert "2 shards, 6 samples, 2 classes, shuffled with seed 0" in out and "train-000001.tar  2 samples" in out
     shards = sorted(out_dir.glob("train-*.tar"))
     assert [p.name for p in shards] == ["train-000000.tar", "train-000001.tar"]
     classes = json.loads((out_dir / "classes.json").read_text())
     assert classes == {"n01_apple": 0, "n02_zebra": 1}
     samples = [s for p in shards for s in iter_samples(str(p))]
     assert len(samples) == 6 and all(s["cls"] == classes[s["key"].split("/")[0]] for s in samples)
-    assert [s["cls"] for s in samples] == [0, 0, 0, 1, 1, 1]
     rc, out = tool(capsys, "make-shards", folder, out_dir)
     assert rc == 2 and "--overwrite" in out
     rc, out = tool(capsys, "make-shards", tmp_path / "missing", out_dir)
     assert rc == 2 and "is not a directory" in out
+
+
+def test_make_shards_shuffles_before_cutting_unless_told_not_to(tmp_path, capsys):
+    folder = tmp_path / "imagenet"
+    names = [f"n{c:02d}" for c in range(4)]
+    for cls in names:
+        (folder / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(folder / cls / f"{i}.png")
+    folder_order = [f"{c}/{i}" for c in names for i in range(6)]
+
+    def shard_keys(out_dir):
+        return [[s["key"] for s in iter_samples(str(p))] for p in sorted(out_dir.glob("train-*.tar"))]
+
+    for args, seed in (([], 0), (["--seed", "5"], 5)):
+        out_dir = tmp_path / f"shuffled{seed}"
+        assert tool(capsys, "make-shards", folder, out_dir, "--maxcount", "6", *args)[0] == 0
+        keys = shard_keys(out_dir)
+        expected = list(folder_order)
+        random.Random(seed).shuffle(expected)  # the documented order: a seeded shuffle of the folder order
+        assert sum(keys, []) == expected
+        assert all(len({k.split("/")[0] for k in shard}) > 1 for shard in keys)  # every shard mixes classes
+    assert shard_keys(tmp_path / "shuffled0") != shard_keys(tmp_path / "shuffled5")
+
+    out_dir = tmp_path / "folder-order"
+    rc, out = tool(capsys, "make-shards", folder, out_dir, "--maxcount", "6", "--no-shuffle")
+    assert rc == 0 and "folder order (class-sorted)" in out
+    keys = shard_keys(out_dir)
+    assert sum(keys, []) == folder_order and [{k.split("/")[0] for k in shard} for shard in keys] == [{c} for c in names]

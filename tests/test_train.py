@@ -342,6 +342,22 @@ def test_cached_and_online_runs_take_the_same_samples_masks_and_losses(tmp_path,
             assert b[k] == pytest.approx(a[k], rel=1e-3), (a["step"], k)
 
 
+def test_resolved_student_is_printed_and_recorded_and_masks_per_view_reaches_the_model(tmp_path, extracted, capsys):
+    """decoder_depth 0 = from the arch (ViT-Ti: 2 blocks); config.json records what was built, so export and knn
+    rebuild the same student; masks_per_view goes from the config into the model."""
+    from train.export import load_student
+
+    path, _ = extracted
+    run = tmp_path / "run"
+    summary = run_in_process(path, run, "train.max_steps=1", "student.decoder_depth=0", "student.masks_per_view=2")
+    assert summary["step"] == 1 and math.isfinite(summary["loss"])
+    assert "student vit_tiny_patch16: decoder 2 blocks x 64 wide, 4 heads" in capsys.readouterr().err
+    student_cfg = json.loads((run / "config.json").read_text())["student"]
+    assert (student_cfg["decoder_depth"], student_cfg["masks_per_view"]) == (2, 2)
+    student, _ = load_student(run)
+    assert len(student.decoder_blocks) == 2 and student.masks_per_view == 2
+
+
 # ---------------------------------------------------------------------------------------------------- epoch plan
 
 

@@ -198,8 +198,8 @@ class TeacherEncoder:
 
 
 def similarity_maps(spec: str, pattern: str, out_dir: Path, seed: int, images: int = 4, size: int = 224) -> dict:
-    """The teacher's center-token similarity maps (the paper's Figure 3) from common.diversity, at 224 px so
-    that its 7x7 token grid shows; skipped with a note where that module is missing or differs."""
+    """The teacher's similarity maps of 3 query tokens per view (the paper's Figure 3) from common.diversity, at
+    224 px so that its 7x7 token grid shows; skipped with a note where that module is missing or differs."""
     try:
         from common.diversity import shards_diversity, write_maps
     except ImportError as e:

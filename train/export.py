@@ -2,7 +2,11 @@
 
 The run dir's `config.json` rebuilds the student; the checkpoint's accelerate-saved `model.safetensors`
 fills it; `encoder_state_dict()` (timm's keys) is written with safetensors, so no pickle is read or
-written. The file loads with strict keys into `timm.create_model("vit_*_patch16_224", num_classes=0)`.
+written. The file loads with strict keys into the timm model that `img2vec export` prints:
+`timm.create_model("vit_base_patch16_224", global_pool="avg", num_classes=0)` by default, the model
+MAE-style fine-tuning uses (mean of the patch tokens, then `fc_norm`; the pretrained final norm is
+written as `fc_norm`), or timm's default layout with `--global-pool token` (final `norm` on every token).
+ViT-H/16 is timm's `vit_huge_patch14_224` built with `patch_size=16` (timm registers no ViT-H/16).
 """
 from __future__ import annotations
 
@@ -14,25 +18,72 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError, config_from_dict
+from common.teacher import IMAGENET_MEAN, IMAGENET_STD
 
 WEIGHTS_FILE = "model.safetensors"      # accelerate's SAFE_WEIGHTS_NAME for the first prepared model
 PICKLE_WEIGHTS_FILE = "pytorch_model.bin"  # what save_state(safe_serialization=False) writes instead
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP (save_state keeps the wrapper), torch.compile
+GLOBAL_POOLS = ("avg", "token")
+TIMM_MODELS = {"vit_huge_patch16": ("vit_huge_patch14_224", {"patch_size": 16})}  # else <arch>_224
+
+# MAE's end-to-end fine-tuning recipe (FINETUNE.md), per size: base lr (per 256 images), layer decay, drop
+# path, epochs; batch 1024, AdamW (0.9, 0.999), weight decay 0.05, 5 warmup epochs, RandAug, mixup 0.8,
+# cutmix 1.0, label smoothing 0.1, random erasing 0.25, cosine to 1e-6.
+FINETUNE = {"vit_base_patch16": (5e-4, 0.65, 0.1, 100), "vit_large_patch16": (1e-3, 0.75, 0.2, 50),
+            "vit_huge_patch16": (1e-3, 0.75, 0.3, 50)}
 
 
 class ExportError(ValueError):
     """A run dir or checkpoint that cannot be exported; the message says which file and what to do."""
 
 
-def timm_name(arch: str) -> str:
-    """Student factory name -> timm model name: vit_base_patch16 -> vit_base_patch16_224."""
-    return f"{arch}_224"
+def timm_model_args(arch: str, img_size: int = 224, global_pool: str = "avg") -> tuple[str, dict]:
+    """Student arch -> (timm model name, create_model kwargs) of the same encoder: vit_base_patch16 ->
+    ("vit_base_patch16_224", {"global_pool": "avg"}); vit_huge_patch16 -> vit_huge_patch14_224, patch_size=16."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ExportError(f"global pool {global_pool!r}: choose one of {', '.join(GLOBAL_POOLS)}")
+    name, kwargs = TIMM_MODELS.get(arch, (f"{arch}_224", {}))
+    kwargs = dict(kwargs)
+    if img_size != 224:
+        kwargs["img_size"] = img_size
+    if global_pool != "token":  # "token" is timm's default for these models
+        kwargs["global_pool"] = global_pool
+    return name, kwargs
 
 
-def timm_snippet(path: str | Path, model_name: str, img_size: int) -> str:
-    size = "" if img_size == 224 else f", img_size={img_size}"
-    return (f'timm.create_model("{model_name}", pretrained=True{size}, '
-            f'pretrained_cfg_overlay=dict(file="{path}", num_classes=0))')
+def timm_keys(encoder: dict[str, torch.Tensor], global_pool: str) -> dict[str, torch.Tensor]:
+    """With global_pool="avg" timm has no `norm` but an `fc_norm` after the pool: the pretrained final norm
+    (the student's last LayerNorm, in front of its pooled global head) becomes fc_norm."""
+    if global_pool != "avg":
+        return dict(encoder)
+    return {("fc_norm." + k[len("norm."):] if k.startswith("norm.") else k): v for k, v in encoder.items()}
+
+
+def _kwargs_text(kwargs: dict) -> str:
+    return "".join(f", {k}={v!r}" for k, v in kwargs.items()).replace("'", '"')
+
+
+def timm_snippet(path: str | Path, model_name: str, kwargs: dict) -> str:
+    """The create_model call that loads the file; the pixel mean/std are the student's (ImageNet's), not the
+    0.5s that timm's ViT configs name, so timm's data config normalises as pretraining did."""
+    return (f'timm.create_model("{model_name}", pretrained=True{_kwargs_text(kwargs)}, '
+            f'pretrained_cfg_overlay=dict(file="{path}", num_classes=0, mean={tuple(IMAGENET_MEAN)}, '
+            f'std={tuple(IMAGENET_STD)}))')
+
+
+def finetune_command(path: str | Path, arch: str, model_name: str, kwargs: dict) -> str:
+    """timm's train.py command line for MAE's fine-tuning recipe (8 GPUs x 128 = batch 1024)."""
+    blr, layer_decay, drop_path, epochs = FINETUNE.get(arch, FINETUNE["vit_base_patch16"])
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in ("global_pool", "img_size")}
+    extra = f" --model-kwargs {' '.join(f'{k}={v}' for k, v in model_kwargs.items())}" if model_kwargs else ""
+    size = f" --img-size {kwargs['img_size']}" if "img_size" in kwargs else ""
+    return (f"torchrun --nproc-per-node 8 train.py --data-dir /data/imagenet --model {model_name}{extra}{size} "
+            f"--pretrained --pretrained-path {path} --gp {kwargs.get('global_pool', 'token')} --num-classes 1000 "
+            f"--mean {' '.join(map(str, IMAGENET_MEAN))} --std {' '.join(map(str, IMAGENET_STD))} --crop-pct 0.875 "
+            f"--batch-size 128 --opt adamw --opt-betas 0.9 0.999 --weight-decay 0.05 --lr-base {blr:g} "
+            f"--lr-base-size 256 --lr-base-scale linear --layer-decay {layer_decay} --drop-path {drop_path} "
+            f"--epochs {epochs} --warmup-epochs 5 --sched cosine --min-lr 1e-6 --aa rand-m9-mstd0.5-inc1 "
+            f"--reprob 0.25 --mixup 0.8 --cutmix 1.0 --smoothing 0.1 --amp --amp-dtype bfloat16")
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -105,8 +156,7 @@ def load_student(path: str | Path, weights: bool = True):
     cfg = config_from_dict({"student": d["student"]})
     torch.manual_seed(int(d.get("train", {}).get("seed", 0)))  # train seeds before it builds the student
     student = build_student(cfg, manifest)
-    info = {"arch": cfg.student.arch, "timm_model": timm_name(cfg.student.arch),
-            "img_size": int(manifest["augment"]["size"]), "run_dir": str(run_dir),
+    info = {"arch": cfg.student.arch, "img_size": int(manifest["augment"]["size"]), "run_dir": str(run_dir),
             "checkpoint": str(ckpt) if ckpt else None, "step": None}
     if weights:
         sd = read_model_weights(ckpt)
@@ -120,38 +170,47 @@ def load_student(path: str | Path, weights: bool = True):
     return student.eval(), info
 
 
-def export_encoder(path: str | Path, out: str | Path, check: bool = True) -> dict:
-    """Write the student's encoder under timm's keys to `out` (safetensors, with metadata); returns info."""
+def export_encoder(path: str | Path, out: str | Path, check: bool = True, global_pool: str = "avg") -> dict:
+    """Write the student's encoder under the keys of timm's model with `global_pool` to `out` (safetensors,
+    with metadata); returns info, with the create_model call (`snippet`) and timm train.py command."""
     from safetensors.torch import save_file
 
     student, info = load_student(path)
-    encoder = {k: v.detach().contiguous().cpu() for k, v in student.encoder_state_dict().items()}
+    name, kwargs = timm_model_args(info["arch"], info["img_size"], global_pool)
+    encoder = timm_keys({k: v.detach().contiguous().cpu() for k, v in student.encoder_state_dict().items()},
+                        global_pool)
     if check:
-        check_timm_keys(encoder, info["timm_model"], info["img_size"])
+        check_timm_keys(encoder, name, kwargs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "timm_model": info["timm_model"], "img_size": str(info["img_size"]),
-                "student_arch": info["arch"], "checkpoint": str(info["checkpoint"]), "step": str(info["step"])}
+    metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs), "global_pool": global_pool,
+                "img_size": str(info["img_size"]), "student_arch": info["arch"], "checkpoint": str(info["checkpoint"]),
+                "step": str(info["step"])}
     tmp = out.with_name(out.name + ".tmp")
     save_file(encoder, str(tmp), metadata=metadata)
     tmp.replace(out)
     info.update(out=str(out), tensors=len(encoder), params=sum(v.numel() for v in encoder.values()),
-                snippet=timm_snippet(out, info["timm_model"], info["img_size"]))
+                timm_model=name, timm_kwargs=kwargs, global_pool=global_pool,
+                snippet=timm_snippet(out, name, kwargs), finetune=finetune_command(out, info["arch"], name, kwargs))
     return info
 
 
-def check_timm_keys(encoder: dict[str, torch.Tensor], model_name: str, img_size: int) -> None:
-    """The encoder must load into the timm model with strict keys and equal shapes."""
+def check_timm_keys(encoder: dict[str, torch.Tensor], model_name: str, kwargs: dict) -> None:
+    """The encoder must have exactly the keys and shapes of the timm model (built on the meta device: no
+    memory, so ViT-H is checked as fast as ViT-Ti)."""
     import timm
 
     if not timm.is_model(model_name):
         raise ExportError(f"timm {timm.__version__} has no model {model_name!r}")
-    model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=img_size)
-    try:
-        model.load_state_dict(encoder, strict=True)
-    except RuntimeError as e:
-        raise ExportError(f"the exported encoder does not load into timm {model_name} with strict keys: "
-                          f"{str(e).splitlines()[0]}") from None
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in encoder.items()}
+    missing, unexpected = sorted(theirs.keys() - ours.keys()), sorted(ours.keys() - theirs.keys())
+    wrong = [f"{k} {ours[k]} (timm {theirs[k]})" for k in sorted(ours.keys() & theirs.keys()) if ours[k] != theirs[k]]
+    if missing or unexpected or wrong:
+        raise ExportError(f"the exported encoder does not fit timm {model_name}({_kwargs_text(kwargs)[2:]}) with strict "
+                          f"keys: missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {wrong[:5]}")
 
 
 def main(argv: list[str] | None = None, prog: str = "img2vec export") -> int:
@@ -160,15 +219,21 @@ def main(argv: list[str] | None = None, prog: str = "img2vec export") -> int:
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run dir (its latest complete checkpoint is used) or a checkpoints/step_XXXXXXXX dir")
     p.add_argument("--out", required=True, help="output file, e.g. encoder.safetensors")
-    p.add_argument("--no-check", action="store_true", help="skip the strict-key load into timm before writing")
+    p.add_argument("--global-pool", choices=GLOBAL_POOLS, default="avg",
+                   help="the timm model the keys are for: avg (default; mean of the patch tokens, then fc_norm = the "
+                        "pretrained final norm: MAE-style fine-tuning) or token (timm's default: final norm on every "
+                        "token, cls token pooled)")
+    p.add_argument("--no-check", action="store_true", help="skip the strict key and shape check against timm")
     args = p.parse_args(argv)
     if not args.out.endswith(".safetensors"):
         p.error(f"--out {args.out!r}: name it *.safetensors (timm picks the loader by the file ending)")
     try:
-        info = export_encoder(args.path, args.out, check=not args.no_check)
+        info = export_encoder(args.path, args.out, check=not args.no_check, global_pool=args.global_pool)
     except (ExportError, ConfigError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     print(f"exported {info['arch']} encoder ({info['params'] / 1e6:.1f}M params, step {info['step']}) from "
           f"{info['checkpoint']}\n  -> {info['out']}\nload it with timm:\n  import timm\n  model = {info['snippet']}")
+    if info["global_pool"] == "avg":
+        print("fine-tune it as MAE does (README: Fine-tuning), with timm's train.py:\n  " + info["finetune"])
     return 0

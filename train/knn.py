@@ -1,9 +1,10 @@
 """`img2vec knn`: k-nearest-neighbour probe of an encoder on labelled shards (DINO's eval_knn).
 
 Each image is center-cropped (a centered square box, `crop_pct` of the short side) and resized to the
-encoder's size; its feature is the mean of the patch tokens after the final norm (`forward_features`),
-L2-normalised. A query takes the k most cosine-similar memory-bank images and votes with weights
-exp(similarity / T) (k = 20, T = 0.07 as in DINO).
+encoder's size; its feature is the mean of the patch tokens after the final norm (`forward_features`;
+for a file exported with `--global-pool avg`, timm's fc_norm of the mean), L2-normalised. A query takes
+the k most cosine-similar memory-bank images and votes with weights exp(similarity / T) (k = 20,
+T = 0.07 as in DINO).
 
     img2vec knn --train-shards 'train-{0..9}.tar' --val-shards 'val-{0..1}.tar' --run runs/img2vec
     img2vec knn --shards 'data-{0..9}.tar' --val-fraction 0.2 --weights encoder.safetensors
@@ -111,7 +112,10 @@ def encode(encoder, images: torch.Tensor) -> torch.Tensor:
     x = (images.to(device).float() - mean) / std
     tokens = encoder.forward_features(x)                          # [N, prefix + L, D]
     patches = tokens[:, getattr(encoder, "num_prefix_tokens", 1):]  # drop the cls token
-    return F.normalize(patches.mean(dim=1).float(), dim=-1)
+    pooled = patches.mean(dim=1)
+    if getattr(encoder, "fc_norm", None) is not None:  # timm with global_pool="avg": the final norm is after the pool
+        pooled = encoder.fc_norm(pooled)
+    return F.normalize(pooled.float(), dim=-1)
 
 
 def extract_features(encoder, shards, img_size: int, crop_pct: float = 0.875, batch_size: int = 64,
@@ -189,13 +193,18 @@ def encoder_from_weights(path: str | Path, arch: str | None = None, img_size: in
         raise ConfigError(f"--weights: no such file {path}")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    name = f"{_student_arch(arch)}_224" if arch else meta.get("timm_model")
+    from train.export import timm_model_args
+
     size = img_size or int(meta.get("img_size", 224))
+    if arch:
+        name, kwargs = timm_model_args(_student_arch(arch), size, meta.get("global_pool", "token"))
+    else:
+        name, kwargs = meta.get("timm_model"), dict(json.loads(meta.get("timm_kwargs", "{}")), img_size=size)
     if not name:
         raise ConfigError(f"{path} carries no timm model name in its metadata: give --arch (e.g. vit_base_patch16)")
     if not timm.is_model(name):
         raise ConfigError(f"--arch: timm has no model {name!r}")
-    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **{"img_size": size, **kwargs})
     try:
         model.load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as e:

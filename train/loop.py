@@ -27,20 +27,19 @@ from shards.source import ShardError
 from train import data
 from train.losses import normalize_targets
 from train.checkpoints import Checkpoints, DiskFull, NonFinite
-from train.model import STUDENTS, param_groups
+from train.model import STUDENTS, describe_student, param_groups, resolve_student
 from train.preempt import StepGuard
 from train.rundir import MetricsLog, RunDirLock, check_sources, open_run
 
 
 def build_student(cfg: Config, manifest: dict) -> torch.nn.Module:
-    if cfg.student.arch not in STUDENTS:
-        raise ConfigError(f"student.arch: unknown {cfg.student.arch!r} (choose from {', '.join(STUDENTS)})")
+    s = resolve_student(cfg.student)  # 0 = the arch's value, written into cfg (and so into config.json)
     tokens, channels = manifest["token_shape"]
     size = manifest["augment"]["size"]
-    s = cfg.student
     return STUDENTS[s.arch](img_size=size, teacher_dim=channels, teacher_stride=size // math.isqrt(tokens),
                             decoder_depth=s.decoder_depth, decoder_dim=s.decoder_dim, decoder_heads=s.decoder_heads,
-                            head_hidden=s.head_hidden, multi_block=s.multi_block, mask_ratio=s.mask_ratio)
+                            head_hidden=s.head_hidden, multi_block=s.multi_block, mask_ratio=s.mask_ratio,
+                            masks_per_view=s.masks_per_view)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -112,6 +111,8 @@ def _train(cfg: Config, manifest: dict, index: data.CacheIndex, mode: str, stop:
     peak = t.lr * t.batch_size * world * t.grad_accum / 256
 
     model = build_student(cfg, manifest)
+    if accelerator.is_main_process:
+        print(describe_student(cfg.student), file=sys.stderr)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=peak, betas=(0.9, 0.95))
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = online_teacher(cfg, manifest, device) if t.targets == "online" else None
@@ -152,7 +153,8 @@ def _train(cfg: Config, manifest: dict, index: data.CacheIndex, mode: str, stop:
             # masks of this rank's own, from (seed, rank, batch): the same after a resume, with the online
             # teacher, and for any number of ranks
             mask_gen = torch.Generator().manual_seed(data._seed(t.seed, "mask", rank, batch_index) % 2**63)
-            unit_mask = accelerator.unwrap_model(model).draw_mask(len(batch["keys"]), "cpu", mask_gen)
+            unit_mask = accelerator.unwrap_model(model).draw_mask(len(batch["keys"]) * cfg.student.masks_per_view,
+                                                                  "cpu", mask_gen)  # [B x M, T]
             if trace:
                 trace.write(f"{step} {' '.join(batch['keys'])}\n")
                 masks.write(f"{step} {zlib.crc32(unit_mask.numpy().tobytes()):08x}\n")

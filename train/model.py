@@ -11,6 +11,8 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from common.config import ConfigError
+
 from .losses import global_loss, patch_loss
 from .masking import unit_mask, units_to_patches
 
@@ -68,16 +70,19 @@ def shuffle_ids(patch_mask):
 class Img2VecStudent(nn.Module):
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  decoder_dim=512, decoder_depth=2, decoder_heads=16, teacher_dim=2048, teacher_stride=32,
-                 head_hidden=2048, multi_block="mean", mask_ratio=0.6):
+                 head_hidden=2048, multi_block="mean", mask_ratio=0.6, masks_per_view=1):
         super().__init__()
         if img_size % teacher_stride or teacher_stride % patch_size:
             raise ValueError(f"img_size {img_size} must be a multiple of teacher_stride {teacher_stride}, "
                              f"and teacher_stride a multiple of patch_size {patch_size}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"student.mask_ratio must lie in [0, 1), got {mask_ratio}")
+        if masks_per_view < 1:
+            raise ValueError(f"student.masks_per_view must be >= 1, got {masks_per_view}")
         self.unit = teacher_stride // patch_size  # student patches per teacher token, per side
         self.grid = img_size // teacher_stride  # teacher tokens per side
         self.mask_ratio = mask_ratio
+        self.masks_per_view = masks_per_view  # M: masked copies of each view per step, targets shared
         self.block_ids = set(parse_multi_block(multi_block, depth))
 
         # encoder (timm VisionTransformer names)
@@ -137,8 +142,8 @@ class Img2VecStudent(nn.Module):
     # ----------------------------------------------------------------------------------------------------
 
     def draw_mask(self, batch, device, generator=None):
-        """-> mask_units: [N, T] bool, True = masked teacher token"""
-        return unit_mask(batch, self.grid, self.grid, self.mask_ratio, generator=generator, device=device)
+        """-> mask_units: [N, T] bool on `device`, True = masked teacher token (drawn on the generator's device)"""
+        return unit_mask(batch, self.grid, self.grid, self.mask_ratio, generator=generator, device=device).to(device)
 
     def forward_features(self, imgs):
         """Unmasked encoder, as timm's forward_features. imgs: [N, 3, H, W] -> x: [N, 1+L, D]"""
@@ -202,10 +207,19 @@ class Img2VecStudent(nn.Module):
         loss_global = global_loss(global_pred, teacher_tokens.mean(dim=1), beta)
         return loss_patch + global_weight * loss_global, loss_patch, loss_global
 
-    def forward(self, imgs, teacher_tokens, unit_mask=None, beta=2.0, global_weight=0.5):
-        """imgs: [N, 3, H, W] normalised; teacher_tokens: [N, T, C] normalised targets."""
+    def forward(self, imgs, teacher_tokens, unit_mask=None, beta=2.0, global_weight=0.5, generator=None):
+        """imgs: [B, 3, H, W] normalised; teacher_tokens: [B, T, C] normalised targets.
+
+        Each view is trained with M = masks_per_view independent masks: the batch becomes N = B x M masked
+        copies (copy j of view b at row b*M + j), the targets are shared. Masks are drawn from `generator`
+        unless `unit_mask` [N, T] is given."""
+        if self.masks_per_view > 1:
+            imgs = imgs.repeat_interleave(self.masks_per_view, dim=0)  # [N, 3, H, W]
+            teacher_tokens = teacher_tokens.repeat_interleave(self.masks_per_view, dim=0)  # [N, T, C]
         if unit_mask is None:
-            unit_mask = self.draw_mask(imgs.shape[0], imgs.device)
+            unit_mask = self.draw_mask(imgs.shape[0], imgs.device, generator)
+        elif unit_mask.shape[0] != imgs.shape[0]:
+            raise ValueError(f"unit_mask has {unit_mask.shape[0]} rows; batch x masks_per_view = {imgs.shape[0]}")
         latent, _ = self.forward_encoder(imgs, unit_mask)
         pred = self.forward_decoder(latent, units_to_patches(unit_mask, self.grid, self.grid, self.unit))
         global_pred = self.forward_global(latent)
@@ -228,27 +242,43 @@ def param_groups(model, weight_decay):
 
 
 # --------------------------------------------------------------------------------------------------------
-# model sizes
+# model sizes: the encoder, and the decoder that goes with it. Img2Vec: 2 decoder blocks for ViT-B, 4 for
+# ViT-L; ViT-H keeps 4 (its encoder is 1.3x deeper than ViT-L's, not 2x as ViT-L's is than ViT-B's).
+
+SIZES = {
+    "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3, decoder_depth=2, decoder_dim=512, decoder_heads=16),
+    "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6, decoder_depth=2, decoder_dim=512, decoder_heads=16),
+    "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12, decoder_depth=2, decoder_dim=512, decoder_heads=16),
+    "vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, decoder_depth=4, decoder_dim=512,
+                              decoder_heads=16),
+    "vit_huge_patch16": dict(embed_dim=1280, depth=32, num_heads=16, decoder_depth=4, decoder_dim=512,
+                             decoder_heads=16),
+}
+FROM_ARCH = ("decoder_depth", "decoder_dim", "decoder_heads")  # student.* keys where 0 = the arch's value
 
 
-def _student(defaults, kw):
-    return Img2VecStudent(**{"patch_size": 16, **defaults, **kw})
+def _student(arch, kw):
+    return Img2VecStudent(**{"patch_size": 16, **SIZES[arch], **kw})
 
 
 def vit_tiny_patch16(**kw):
-    return _student(dict(embed_dim=192, depth=12, num_heads=3, decoder_depth=2), kw)
+    return _student("vit_tiny_patch16", kw)
 
 
 def vit_small_patch16(**kw):
-    return _student(dict(embed_dim=384, depth=12, num_heads=6, decoder_depth=2), kw)
+    return _student("vit_small_patch16", kw)
 
 
 def vit_base_patch16(**kw):
-    return _student(dict(embed_dim=768, depth=12, num_heads=12, decoder_depth=2), kw)
+    return _student("vit_base_patch16", kw)
 
 
 def vit_large_patch16(**kw):
-    return _student(dict(embed_dim=1024, depth=24, num_heads=16, decoder_depth=4), kw)
+    return _student("vit_large_patch16", kw)
+
+
+def vit_huge_patch16(**kw):
+    return _student("vit_huge_patch16", kw)
 
 
 STUDENTS = {
@@ -256,4 +286,22 @@ STUDENTS = {
     "vit_small_patch16": vit_small_patch16,
     "vit_base_patch16": vit_base_patch16,
     "vit_large_patch16": vit_large_patch16,
+    "vit_huge_patch16": vit_huge_patch16,
 }
+
+
+def resolve_student(student):
+    """A [student] config with every 0 ("from the architecture") in FROM_ARCH replaced by the arch's value;
+    changed in place and returned, so the run's config.json records what was built."""
+    if student.arch not in STUDENTS:
+        raise ConfigError(f"student.arch: unknown {student.arch!r} (choose from {', '.join(STUDENTS)})")
+    for key in FROM_ARCH:
+        if getattr(student, key) == 0:
+            setattr(student, key, SIZES[student.arch][key])
+    return student
+
+
+def describe_student(student) -> str:
+    s = student
+    return (f"student {s.arch}: decoder {s.decoder_depth} blocks x {s.decoder_dim} wide, {s.decoder_heads} heads; "
+            f"mask_ratio {s.mask_ratio}, masks_per_view {s.masks_per_view}, multi_block {s.multi_block!r}")
