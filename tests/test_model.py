@@ -294,3 +294,22 @@ def test_masks_per_view_draws_independent_masks_from_the_generator():
         model(imgs, targets, unit_mask=expected[:b])
     with pytest.raises(ValueError, match="masks_per_view"):
         tiny(masks_per_view=0)
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16-zstd", "u8-zstd", "u8lin-zstd"])
+def test_tokens_decoded_on_the_device_equal_the_codec_decode(name):
+    """The loader ships views as stored (bf16 bits, packed uint8) and the step decodes them with torch: the
+    same tokens as the numpy decode that verify and the tools use (companded u8 tokens included)."""
+    import numpy as np
+
+    from common.codecs import get_codec
+
+    codec = get_codec(name)
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((2, 3, 16, 512)).astype(np.float32)
+    tokens[0, 0, 0, :2] = [400.0, -300.0]  # two huge channels over 510 small ones: u8-zstd compands this token
+    packed = codec.encode(tokens)
+    if name == "u8-zstd":
+        assert (np.ascontiguousarray(packed[..., -8:]).view(np.float32)[..., 1] < 0).any()  # a companded token
+    batch = torch.stack([torch.stack([codec.to_tensor(v) for v in sample]) for sample in packed])
+    torch.testing.assert_close(codec.decode_tensor(batch), torch.from_numpy(codec.decode(packed)), rtol=1e-6, atol=1e-6)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.codecs import get_codec
 from common.config import load_config
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD
 from extract.pipeline import run_extraction
@@ -126,7 +127,7 @@ def test_cached_targets_equal_online_teacher(extracted):
         batches, _ = epoch_batches(cache, epoch, bs, cfg.train.seed)
         assert len(batches) == manifest["samples"] // bs
         for i, batch in enumerate(batches):
-            images, cached = batch["images"], batch["tokens"].float()
+            images, cached = batch["images"], get_codec(manifest["codec"]["name"]).decode_tensor(batch["tokens"])
             assert images.dtype == torch.uint8 and images.shape == (bs, 3, 64, 64)
             assert cached.shape == (bs, *manifest["token_shape"])
             with torch.no_grad():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from common.codecs import get_codec
 from common.config import Config, ConfigError, add_config_args, check_mask_ratio, load_config, validate
 from common.faults import fault_point
 from common.signals import PREEMPTED, StopSignals
@@ -67,6 +68,7 @@ def online_teacher(cfg: Config, manifest: dict, device):
 def train(cfg: Config, progress: bool = True) -> dict:
     """Checks everything it can before any work, then trains holding the run dir's lock; SIGTERM / SIGUSR1
     end it after the current step with a checkpoint (summary["preempted"])."""
+    resolve_student(cfg.student)  # 0 = the arch's value: checked as the values that will be built
     validate(cfg, "train")
     cache = Path(cfg.cache.path)
     manifest = read_manifest(cache)
@@ -116,6 +118,7 @@ def _train(cfg: Config, manifest: dict, index: data.CacheIndex, mode: str, stop:
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=peak, betas=(0.9, 0.95))
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = online_teacher(cfg, manifest, device) if t.targets == "online" else None
+    codec = get_codec(manifest["codec"]["name"])
     stats = manifest.get("stats") or {}
     mean = torch.tensor(stats["mean"], device=device) if "mean" in stats else None
     var = torch.tensor(stats["var"], device=device) if "var" in stats else None
@@ -161,7 +164,7 @@ def _train(cfg: Config, manifest: dict, index: data.CacheIndex, mode: str, stop:
                 trace.flush()  # a killed run keeps the lines of the steps it took
                 masks.flush()
             images = batch["images"].to(device, non_blocking=True)
-            tokens = teacher(images) if teacher is not None else batch["tokens"].to(device, non_blocking=True).float()
+            tokens = teacher(images) if teacher is not None else codec.decode_tensor(batch["tokens"].to(device, non_blocking=True))
             targets = normalize_targets(tokens, cfg.loss.target_norm, mean, var)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total, warmup, peak, t.min_lr)
