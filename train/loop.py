@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -30,7 +29,8 @@ from train.losses import normalize_targets
 from train.checkpoints import Checkpoints, DiskFull, NonFinite
 from train.model import STUDENTS, describe_student, param_groups, resolve_student
 from train.preempt import StepGuard
-from train.rundir import MetricsLog, RunDirLock, check_sources, open_run
+from train.masking import step_generator
+from train.rundir import MetricsLog, RunDirLock, StepTrace, check_sources, open_run
 
 
 def build_student(cfg: Config, manifest: dict) -> torch.nn.Module:
@@ -134,8 +134,7 @@ def _train(cfg: Config, manifest: dict, index: data.CacheIndex, mode: str, stop:
     log = MetricsLog(run_dir / "metrics.jsonl", step) if accelerator.is_main_process else None
     guard = StepGuard(accelerator, stop, t.on_nonfinite, ckpts.latest)
     skipping = preempted = False
-    trace = open(run_dir / f"keys-rank{rank}.txt", "a") if t.trace_keys else None
-    masks = open(run_dir / f"masks-rank{rank}.txt", "a") if t.trace_keys else None
+    trace = StepTrace(run_dir, rank, t.trace_keys)
     bar = tqdm(total=total, initial=step, disable=not (progress and accelerator.is_main_process), unit="step",
                dynamic_ncols=True)
     model.train()
@@ -153,18 +152,14 @@ def _train(cfg: Config, manifest: dict, index: data.CacheIndex, mode: str, stop:
             t0 = time.perf_counter()
             batch = next(it)
             t1 = time.perf_counter()
-            # masks of this rank's own, from (seed, rank, batch): the same after a resume, with the online
-            # teacher, and for any number of ranks
-            mask_gen = torch.Generator().manual_seed(data._seed(t.seed, "mask", rank, batch_index) % 2**63)
-            unit_mask = accelerator.unwrap_model(model).draw_mask(len(batch["keys"]) * cfg.student.masks_per_view,
-                                                                  "cpu", mask_gen)  # [B x M, T]
-            if trace:
-                trace.write(f"{step} {' '.join(batch['keys'])}\n")
-                masks.write(f"{step} {zlib.crc32(unit_mask.numpy().tobytes()):08x}\n")
-                trace.flush()  # a killed run keeps the lines of the steps it took
-                masks.flush()
+            n_masks = len(batch["keys"]) * cfg.student.masks_per_view
+            unit_mask = accelerator.unwrap_model(model).draw_mask(n_masks, "cpu", step_generator(t.seed, rank, batch_index))
+            trace.write(step, batch["keys"], unit_mask)
             images = batch["images"].to(device, non_blocking=True)
-            tokens = teacher(images) if teacher is not None else codec.decode_tensor(batch["tokens"].to(device, non_blocking=True))
+            if teacher is not None:
+                tokens = teacher(images)
+            else:
+                tokens = codec.decode_tensor(batch["tokens"].to(device, non_blocking=True))
             targets = normalize_targets(tokens, cfg.loss.target_norm, mean, var)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total, warmup, peak, t.min_lr)
@@ -211,9 +206,9 @@ def _train(cfg: Config, manifest: dict, index: data.CacheIndex, mode: str, stop:
         del it
     bar.close()
     accelerator.end_training()
-    for f in (log, trace, masks):
-        if f:
-            f.close()
+    trace.close()
+    if log:
+        log.close()
     return {"step": step, "run_dir": str(run_dir), "rank": rank, **last, "preempted": preempted}
 
 

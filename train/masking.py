@@ -1,5 +1,7 @@
 """Block masking in teacher-token units: one unit = one teacher token = unit x unit student patches."""
 
+import hashlib
+
 import torch
 
 
@@ -26,3 +28,10 @@ def units_to_patches(unit_mask, grid_h, grid_w, unit):
     n = unit_mask.shape[0]
     m = unit_mask.reshape(n, grid_h, 1, grid_w, 1).expand(n, grid_h, unit, grid_w, unit)
     return m.reshape(n, grid_h * unit * grid_w * unit)  # row-major patch order
+
+
+def step_generator(seed: int, rank: int, batch_index: int) -> torch.Generator:
+    """The generator of one rank's masks for one batch, seeded by (seed, rank, batch) alone: a resumed run, the
+    online-teacher baseline and the uninterrupted run draw the same masks for a batch; every rank its own."""
+    digest = hashlib.sha256(f"{seed}/mask/{rank}/{batch_index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import zlib
 import os
 import socket
 import sys
@@ -181,3 +182,23 @@ class MetricsLog:
             self.file.close()
         except OSError:
             pass  # a full disk already reported
+
+
+class StepTrace:
+    """`train.trace_keys`: per rank, `keys-rank<r>.txt` (the step, then its batch's keys) and `masks-rank<r>.txt`
+    (the step, crc32 of its masks), flushed every step so a killed run keeps the lines of the steps it took."""
+
+    def __init__(self, run_dir: Path, rank: int, enabled: bool):
+        self.files = [open(run_dir / f"{what}-rank{rank}.txt", "a") for what in ("keys", "masks")] if enabled else []
+
+    def write(self, step: int, keys: list[str], masks) -> None:
+        if self.files:
+            keys_file, masks_file = self.files
+            keys_file.write(f"{step} {' '.join(keys)}\n")
+            masks_file.write(f"{step} {zlib.crc32(masks.cpu().numpy().tobytes()):08x}\n")
+            for f in self.files:
+                f.flush()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
