@@ -26,7 +26,7 @@ from common.config import Config
 from common.stats import TokenStats
 from extract.pipeline import ViewBatches, run_extraction
 from shards.features import FeatureShardWriter
-from shards.source import expand_shards, iter_samples
+from shards.source import expand_shards, iter_samples, shard_names
 
 
 def config(pattern: str, cache: Path, views: int, batch: int, workers: int, codec: str, device: str) -> Config:
@@ -72,7 +72,8 @@ def producer_rate(pattern: str, views: int) -> float:
     """Views/s of ViewBatches alone (read, decode once, cut V views), one process, one torch thread."""
     cfg = config(pattern, Path("unused"), views, 16, 0, "bf16-zstd", "cpu")
     t0, n = time.perf_counter(), 0
-    for item in ViewBatches(expand_shards(pattern), cfg):
+    urls = expand_shards(pattern)
+    for item in ViewBatches(urls, dict(zip(urls, shard_names(urls))), cfg):
         n += item["views"].shape[0] * item["views"].shape[1]
     return n / (time.perf_counter() - t0)
 
