@@ -78,6 +78,12 @@ class ViewBatches(IterableDataset):
         rows, skipped = [], []
         try:
             for s in iter_samples(url):
+                try:
+                    s["key"].encode()
+                except UnicodeEncodeError:  # a member name that is not UTF-8: keys are stored as UTF-8
+                    skipped.append({"key": s["key"].encode(errors="backslashreplace").decode(),
+                                    "reason": "key is not valid UTF-8"})
+                    continue
                 if s["duplicate"]:
                     skipped.append({"key": s["key"], "reason": "duplicate key: the shard holds this key twice; "
                                                                "only its first sample is used"})
@@ -107,9 +113,9 @@ class ViewBatches(IterableDataset):
 class ShardJob:
     """Writer-thread side of one shard: open lazily, add batches, commit."""
 
-    def __init__(self, cache: Path, cfg: Config, name: str, source: str, token_shape):
+    def __init__(self, cache: Path, cfg: Config, name: str, source: str, token_shape, lease: Lease):
         self.args = (cache, name, cfg.cache.format, get_codec(cfg.cache.codec), cfg.augment.views, *token_shape)
-        self.source, self.writer = source, None
+        self.source, self.writer, self.lease = source, None, lease
         self.skipped: list[dict] = []
         self.stats = TokenStats()
 
@@ -119,6 +125,7 @@ class ShardJob:
         for i, key in enumerate(keys):
             self.writer.add(key, records[i], src[i], src_hw[i], cls[i], tokens[i])
         self.skipped += skipped
+        self.lease.beat()  # the heartbeat another host reads before it may take the shard over
         if keys:
             fault_point("write", self.args[1])
 
@@ -223,7 +230,7 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
                 inflight += [pool.submit(j.abort) for j in jobs.values()]
                 break
             name = item["shard"]
-            job = jobs.setdefault(name, ShardJob(cache, cfg, name, item["source"], token_shape))
+            job = jobs.setdefault(name, ShardJob(cache, cfg, name, item["source"], token_shape, leases[name]))
             b = len(item["keys"])
             if b:
                 views = item["views"].to(device, non_blocking=True).flatten(0, 1)  # [b*V, 3, S, S]

@@ -18,6 +18,7 @@ fsynced and renamed in one step; only then is it recorded, and nothing without a
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -79,8 +80,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def unique_suffix() -> str:
+    """Host, pid and a random part: ranks on different hosts often share a small pid."""
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp-{unique_suffix()}")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
@@ -138,27 +144,51 @@ def record_problems(cache: Path, name: str, record: dict) -> list[str]:
     return problems
 
 
+LEASE_TTL = 1800.0  # s without a heartbeat after which another host's lease counts as dead (a lost node)
+_HELD: set[str] = set()  # nonces of the leases this process holds (a lock naming our pid and another nonce is
+                         # a previous life's: a restarted container often gets the same hostname and pid)
+
+
 class Lease:
-    """`<name>.lock`, created with O_EXCL by the one process that works on a shard: host, pid, start time.
-    A lock of a dead process on this host is stale and taken over; another host's lock is respected."""
+    """`<name>.lock`, created with O_EXCL by the one process that works on a shard: host, pid, start time; its
+    mtime is the holder's heartbeat (`beat()`, on every batch written). A lease is stale when its process is
+    dead on this host, or when another host's has not beaten for LEASE_TTL. Taking over a stale lease goes
+    through a second O_EXCL file, so two processes that both judge it stale cannot both take it."""
 
     def __init__(self, cache: Path, name: str):
         self.path = Path(cache) / f"{name}.lock"
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "nonce": os.urandom(8).hex(), "since": time.time()}
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.me, f)
+        _HELD.add(self.me["nonce"])
+        return True
 
     def acquire(self) -> bool:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._stale():
-                    return False
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
+        if self._create():
             return True
-        return False
+        if not self._stale():
+            return False
+        guard = self.path.with_name(self.path.name + ".takeover")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:  # another process is taking it over (or died doing so long ago)
+            if time.time() - _mtime(guard) > 60:
+                guard.unlink(missing_ok=True)
+            return False
+        os.close(fd)
+        try:
+            if not self._stale():  # judged again, now that no one else can take it over
+                return False
+            self.path.unlink(missing_ok=True)
+            return self._create()
+        finally:
+            guard.unlink(missing_ok=True)
 
     def holder(self) -> dict:
         try:
@@ -169,24 +199,39 @@ class Lease:
     def _stale(self) -> bool:
         h = self.holder()
         if not h:  # torn or vanished: a writer died between create and write, or just released it
-            return not self.path.exists() or time.time() - self.path.stat().st_mtime > 60
+            return not self.path.exists() or time.time() - _mtime(self.path) > 60
         if h.get("host") != self.me["host"]:
-            return False
+            return time.time() - _mtime(self.path) > LEASE_TTL
         try:
             os.kill(int(h["pid"]), 0)
         except ProcessLookupError:
             return True
         except PermissionError:
             return False
-        return False
+        return int(h["pid"]) == self.me["pid"] and h.get("nonce") not in _HELD  # our pid, a previous life
+
+    def held(self) -> bool:
+        return self.holder().get("nonce") == self.me["nonce"]
+
+    def beat(self) -> None:
+        if self.held():
+            os.utime(self.path)
 
     def clear_stale(self) -> None:
         if self.path.exists() and self._stale():
             self.path.unlink(missing_ok=True)
 
     def release(self) -> None:
-        if self.holder().get("pid") == self.me["pid"] and self.holder().get("host") == self.me["host"]:
+        if self.held():
             self.path.unlink(missing_ok=True)
+        _HELD.discard(self.me["nonce"])
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def remove_partial(cache: Path, name: str) -> None:
@@ -240,7 +285,7 @@ class FeatureShardWriter:
     def __init__(self, cache: Path, name: str, fmt: str, codec: TokenCodec, views: int, tokens: int, channels: int):
         self.cache, self.name, self.fmt, self.codec = Path(cache), name, fmt, codec
         self.final = shard_dir(self.cache, name)
-        self.tmp = self.cache / f"{name}.tmp-{os.getpid()}"
+        self.tmp = self.cache / f"{name}.tmp-{unique_suffix()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.views, self.tokens, self.channels = views, tokens, channels
@@ -455,8 +500,25 @@ def iter_feature_shard(cache: Path, name: str, manifest: dict) -> Iterator[dict]
         shard.close()
 
 
-MAX_OPEN_FILES = 256  # per process: ImageNet's 1,282 shards x (V view files + 1 source) would pass ulimit -n
 _open_files: OrderedDict[str, int] = OrderedDict()
+MAX_OPEN_FILES = 0  # per process, 0 = half of open_file_budget(): ImageNet's 1,282 x (V view files + a source)
+
+
+@functools.lru_cache(maxsize=1)
+def open_file_budget() -> int:
+    """Descriptors this process may use: the soft RLIMIT_NOFILE, first raised to the hard limit (at most
+    65,536), since a random reader keeps many files open (the LRUs of read descriptors and index maps)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard if hard != resource.RLIM_INFINITY else 65536, 65536)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return max(soft, 256)
 
 
 def pread(path, size: int, offset: int) -> bytes:
@@ -464,14 +526,18 @@ def pread(path, size: int, offset: int) -> bytes:
     kernel reads what is asked, not the neighbouring samples or views). A forked worker starts with the
     parent's descriptors, which pread shares safely (no file position)."""
     path = str(path)
-    fd = _open_files.pop(path, None)
-    if fd is None:
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        while len(_open_files) >= MAX_OPEN_FILES:
-            os.close(_open_files.popitem(last=False)[1])
-    _open_files[path] = fd
-    return os.pread(fd, size, offset)
+    try:
+        fd = _open_files.pop(path, None)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            while len(_open_files) >= (MAX_OPEN_FILES or open_file_budget() // 2):
+                os.close(_open_files.popitem(last=False)[1])
+        _open_files[path] = fd
+        return os.pread(fd, size, offset)
+    except OSError as e:  # a vanished file, an I/O error: name it (a CacheError, not a traceback)
+        raise CacheError(f"{path}: {e.strerror or e} while reading {size} bytes at {offset}; check the file "
+                         "system, then `img2vec verify` the cache") from None
 
 
 # ---------------------------------------------------------------- manifest

@@ -58,11 +58,10 @@ def shard_name(url: str) -> str:
     (`pipe:aws s3 cp s3://b/train-000123.tar -` -> `train-000123`), else a hash of the whole URL."""
     words = url.removeprefix("pipe:").split()
     stems = [stem for w in words if (stem := _tar_stem(w))]
-    if stems:
-        return stems[-1]
-    if not url.startswith("pipe:") and len(words) == 1:
-        return words[0].rstrip("/").rsplit("/", 1)[-1]
-    return "shard-" + hashlib.sha1(url.encode()).hexdigest()[:12]
+    name = stems[-1] if stems else words[0].rstrip("/").rsplit("/", 1)[-1] if len(words) == 1 and ":" not in url else ""
+    if name in ("", ".", "..") or name.startswith("."):  # a name that is no file name: never a path in the cache
+        return "shard-" + hashlib.sha1(url.encode()).hexdigest()[:12]
+    return name
 
 
 def shard_names(urls: list[str]) -> list[str]:
@@ -130,10 +129,10 @@ def iter_groups(url: str) -> Iterator[tuple[str, dict[str, tuple[bytes, int]]]]:
     WebDataset. A key met again later, or one ext twice, yields the key again with "__duplicate__"."""
     key, members, seen = None, {}, set()
     for k, ext, data, offset in iter_members(url):
-        if members and k != key:
+        if members and (k != key or ext in members):  # a new key, or this key's ext again: a new group
             yield key, members
             members = {}
-        if k != key and k in seen or ext in members:
+        if k in seen and not members:
             members["__duplicate__"] = (ext.encode(), offset)
         key = k
         seen.add(k)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,97 @@ def test_teacher_precision_is_part_of_the_cache_identity(tmp_path, source, extra
     (cache / "manifest.json").write_text(json.dumps(m))
     assert extract_main(["--config", str(path), "--no-progress"]) == 2
     assert "teacher.precision: cache has 'bfloat16', config gives 'float32'" in capsys.readouterr().err
+
+
+def test_stale_leases(tmp_path):
+    """Stale: a dead pid on this host, a previous life of our own pid (a restarted container), another host's
+    lease without a heartbeat for LEASE_TTL. Live: another host's fresh lease, and ours."""
+    import shards.features as features
+
+    lock = tmp_path / "x.lock"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here = os.uname().nodename
+    for holder, age, stale in [({"host": here, "pid": dead.pid}, 0, True),
+                               ({"host": here, "pid": os.getpid(), "nonce": "an-old-life"}, 0, True),
+                               ({"host": "other-node", "pid": 1}, 0, False),
+                               ({"host": "other-node", "pid": 1}, features.LEASE_TTL + 60, True)]:
+        lock.write_text(json.dumps(holder))
+        os.utime(lock, (time.time() - age, time.time() - age))
+        lease = Lease(tmp_path, "x")
+        assert lease.acquire() == stale, holder
+        if stale:
+            assert lease.held() and not Lease(tmp_path, "x").acquire()  # taken over once, and then held
+            lease.release()
+    assert not (tmp_path / "x.lock.takeover").exists()
+
+
+def test_names_that_are_no_file_names_never_become_paths():
+    for url in (".", "/", "..", "/data/.hidden", "pipe:producer --stdout -"):
+        name = shard_name(url)
+        assert name.startswith("shard-") and "/" not in name, (url, name)
+
+
+def test_adjacent_duplicate_keeps_the_first_sample(tmp_path, source):
+    with tarfile.open(source / "shard-000000.tar") as tin, tarfile.open(tmp_path / "d.tar", "w") as tout:
+        members = tin.getmembers()
+        jpg = next(m for m in members if m.name.endswith(".jpg"))
+        for m in members[:members.index(jpg) + 1] + [jpg] + members[members.index(jpg) + 1:]:
+            tout.addfile(m, tin.extractfile(m))
+    samples = list(iter_samples(str(tmp_path / "d.tar")))
+    key = jpg.name.split(".")[0]
+    assert [s["duplicate"] for s in samples if s["key"] == key] == [False, True]
+    assert next(s for s in samples if s["key"] == key)["image"] is not None
+
+
+def test_a_key_that_is_not_utf8_is_skipped(tmp_path, source):
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(source / "shard-000000.tar") as tin, \
+            tarfile.open(src / "shard-000000.tar", "w", encoding="utf-8", errors="surrogateescape") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m)
+            if m.name.startswith(tin.getmembers()[0].name.split(".")[0] + "."):
+                m.name = "bad\udcff." + m.name.split(".", 1)[1]
+            tout.addfile(m, data)
+    summary = run_extraction(load_config(write_config(tmp_path, src, 1)), progress=False)
+    record = json.loads((tmp_path / "cache" / "shard-000000.done.json").read_text())
+    assert summary["cache_complete"] and [s["reason"] for s in record["skipped"]] == ["key is not valid UTF-8"]
+
+
+def test_stream_reader_names_a_missing_sample_at_once(tmp_path, extracted):
+    """A streamed source that lost a sample: a ShardError naming the shard when its stream ends, not after the
+    rest of the worker's run was buffered."""
+    from shards.features import source_urls
+    from train.data import CacheIndex, EpochData, epoch_plan
+
+    _, cfg = extracted
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg.cache.path, cache)
+    src = tmp_path / "src"
+    shutil.copytree(Path(cfg.data.shards).parent, src)
+    victim = read_index(cache, "shard-000001")["key"][2].decode()
+    with tarfile.open(Path(cfg.data.shards).parent / "shard-000001.tar") as tin, \
+            tarfile.open(src / "shard-000001.tar", "w") as tout:
+        for m in tin.getmembers():
+            if not m.name.startswith(victim + "."):
+                tout.addfile(m, tin.extractfile(m))
+    manifest = read_manifest(cache)
+    index = CacheIndex(cache, manifest, source_urls(manifest, f"{src}/shard-{{000000..000002}}.tar"))
+    plan = epoch_plan(index.counts, 0, 0, 1, 0, 1, "stream", 0, 4)
+    with pytest.raises(ShardError, match="shard-000001.*not in the shard any more"):
+        list(EpochData(index, plan, 0, 0, mode="stream"))
+
+
+def test_a_file_that_vanishes_while_training_is_named(tmp_path, extracted):
+    from shards.features import CacheError, source_urls
+    from train.data import CacheIndex, EpochData, epoch_plan
+
+    cache = tmp_path / "cache"
+    shutil.copytree(extracted[1].cache.path, cache)
+    manifest = read_manifest(cache)
+    index = CacheIndex(cache, manifest, source_urls(manifest))
+    for v in range(3):
+        (cache / "shard-000000" / f"v{v:02d}.tar").unlink()  # after the start-up checks
+    with pytest.raises(CacheError, match="v0[0-2].tar: No such file"):
+        list(EpochData(index, epoch_plan(index.counts, 0, 0, 1, 0, 2), 0, 0))

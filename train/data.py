@@ -29,7 +29,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.augment import decode_image, replay, view_order
 from common.codecs import get_codec
-from shards.features import CacheError, CorruptSample, FeatureShard, check_recorded, pread, read_record
+from shards.features import (
+    CacheError,
+    CorruptSample,
+    FeatureShard,
+    check_recorded,
+    open_file_budget,
+    pread,
+    read_record,
+)
 from shards.source import ShardError, is_seekable, iter_samples
 
 
@@ -44,7 +52,7 @@ class CacheIndex:
     at most `open_shards` at a time (an index is memory-mapped: the node's processes share its pages, and
     ImageNet's 1,282 maps, one descriptor each, would pass a process's open-file limit)."""
 
-    def __init__(self, cache: Path, manifest: dict, urls: dict[str, str | None], open_shards: int = 64):
+    def __init__(self, cache: Path, manifest: dict, urls: dict[str, str | None], open_shards: int | None = None):
         self.cache, self.manifest, self.urls = Path(cache), manifest, urls
         self.names = [s["name"] for s in manifest["shards"]]
         missing = [name for name in self.names if read_record(cache, name) is None]
@@ -55,7 +63,7 @@ class CacheIndex:
         self.counts = np.array([check_recorded(cache, name)["samples"] for name in self.names], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.views = manifest["augment"]["views"]
-        self.open_shards = open_shards
+        self.open_shards = open_shards or open_file_budget() // 4
         self._shards: OrderedDict[int, FeatureShard] = OrderedDict()
 
     def __len__(self) -> int:
@@ -74,6 +82,12 @@ class CacheIndex:
                 self._shards.popitem(last=False)[1].close()
         self._shards[s] = shard
         return shard
+
+    def plan_identity(self, mode: str, workers: int, buffer: int) -> dict:
+        """What the epoch plans depend on besides seed, world size and batch size (a resume must match it)."""
+        counts = hashlib.sha256(self.counts.tobytes()).hexdigest()[:16]
+        return {"reader": mode, "samples_per_shard_sha256": counts,
+                **({"workers": max(workers, 1), "shuffle_buffer": buffer} if mode == "stream" else {})}
 
     def seekable(self) -> bool:
         """Random access needs every source to be a local uncompressed tar."""
@@ -159,12 +173,13 @@ def _tokens(index: CacheIndex, shards, rows, keys, epoch, seed, with_tokens) -> 
 def read_batch(index: CacheIndex, ids: np.ndarray, epoch: int, seed: int, with_tokens: bool) -> list[dict]:
     """Random access: each sample's image bytes read at their recorded place, and its view's tokens."""
     shards, rows = index.locate(np.asarray(ids))
-    keys = [index.shard(int(s)).key(int(r)) for s, r in zip(shards, rows)]
+    open_ = {int(s): index.shard(int(s)) for s in np.unique(shards)}  # each shard looked up once per batch
+    keys = [open_[int(s)].key(int(r)) for s, r in zip(shards, rows)]
     views, packed = _tokens(index, shards, rows, keys, epoch, seed, with_tokens)
     out = []
     for j in np.lexsort((rows, shards)):  # read in file order; the batch's order is restored below
         s, r = int(shards[j]), int(rows[j])
-        meta = index.shard(s).index[r]
+        meta = open_[s].index[r]
         image = pread(index.urls[index.names[s]], int(meta["src_size"]), int(meta["src_offset"]))
         out.append((j, _sample(index, s, r, image, views[j], packed[j])))
     return [sample for _, sample in sorted(out, key=lambda x: x[0])]
@@ -174,28 +189,28 @@ def stream_batches(index: CacheIndex, batches: np.ndarray, epoch: int, seed: int
                    with_tokens: bool) -> Iterator[list[dict | CorruptSample]]:
     """Streaming: read the source shards that hold these batches' samples, in order, keep the samples
     the batches need (at most a shuffle buffer's worth waits), and emit each batch once it is complete."""
-    needed = {int(i) for i in batches.ravel()}
-    holding = set(index.locate(np.unique(batches))[0].tolist())
+    ids = np.unique(batches)
+    shard_of = index.locate(ids)[0]
     ready: dict[int, tuple] = {}
     b = 0
-    for s in (int(x) for x in shard_order(len(index.names), seed, epoch) if int(x) in holding):
+    for s in (int(x) for x in shard_order(len(index.names), seed, epoch) if int(x) in set(shard_of.tolist())):
         fs, base = index.shard(s), int(index.starts[s])
-        keys = {fs.key(r): r for r in range(len(fs.index))}
+        want = {int(i) - base for i in ids[shard_of == s]}  # rows of this shard the batches need
+        keys = {fs.key(r): r for r in want}
         url = index.urls[index.names[s]]
         for src in iter_samples(url):
-            r = keys.get(src["key"])
-            if r is None or base + r not in needed or src["duplicate"]:
+            r = keys.pop(src["key"], None)
+            if r is None or src["duplicate"]:
                 continue
             ready[base + r] = (s, r, src["image"])
             while b < len(batches) and all(int(i) in ready for i in batches[b]):
                 yield _complete(index, [ready.pop(int(i)) for i in batches[b]], epoch, seed, with_tokens)
                 b += 1
-    if b < len(batches):
-        missing = [int(i) for i in batches[b] if int(i) not in ready][:3]
-        s, r = index.locate(np.array(missing))
-        raise ShardError(index.urls[index.names[int(s[0])]],
-                         f"samples {[index.shard(int(x)).key(int(y)) for x, y in zip(s, r)]} recorded at extraction "
-                         "are not in the shard any more")
+            if not keys:
+                break  # every sample this worker needs from the shard is in: read no further
+        if keys:  # at once, not after buffering the rest of the run
+            raise ShardError(url, f"samples {sorted(keys)[:3]} recorded at extraction are not in the shard any "
+                                  "more (the source changed: restore it or re-extract the shard)")
 
 
 def _complete(index, items, epoch, seed, with_tokens):
@@ -285,7 +300,8 @@ def make_loader(dataset: EpochData, workers: int) -> DataLoader:
 
 def reader_mode(index: CacheIndex, wanted: str) -> str:
     """"auto": random access when every source is a local uncompressed tar, else streaming."""
-    if wanted == "random" and not index.seekable():
+    seekable = wanted != "stream" and index.seekable()
+    if wanted == "random" and not seekable:
         raise CacheError("train.reader = 'random' needs every source shard to be a local uncompressed tar; "
                          "use 'stream' (or 'auto') for pipe: URLs and compressed tars")
-    return ("random" if index.seekable() else "stream") if wanted == "auto" else wanted
+    return ("random" if seekable else "stream") if wanted == "auto" else wanted

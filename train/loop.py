@@ -126,7 +126,8 @@ def _train(cfg: Config, manifest: dict, index: data.CacheIndex, mode: str, stop:
     pix_std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
     ckpts = Checkpoints(run_dir, t.keep_checkpoints)
-    step = open_run(accelerator, cfg, manifest, ckpts)  # the run's identity checked, its newest usable checkpoint loaded
+    # the run's identity checked (the data plan's too), its newest usable checkpoint loaded
+    step = open_run(accelerator, cfg, manifest, ckpts, index.plan_identity(mode, t.workers, t.shuffle_buffer))
     if cfg.train.tensorboard:
         accelerator.init_trackers("img2vec")
 

@@ -77,10 +77,11 @@ def cache_identity(manifest: dict) -> dict:
             "shards_sha256": hashlib.sha256(shards).hexdigest(), "shards": len(manifest["shards"])}
 
 
-def run_identity(cfg: Config, world_size: int, manifest: dict) -> dict:
-    """What a resume must share with the run it resumes: the data order and batches depend on these."""
+def run_identity(cfg: Config, world_size: int, manifest: dict, data_plan: dict) -> dict:
+    """What a resume must share with the run it resumes: the data order and batches depend on these
+    (`data_plan`: the reader mode, the per-shard sample counts, and for streaming its workers and buffer)."""
     return {"world_size": world_size, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-            "workers": max(cfg.train.workers, 1), "seed": cfg.train.seed, "cache": cache_identity(manifest)}
+            "seed": cfg.train.seed, "cache": cache_identity(manifest), "data": data_plan}
 
 
 def check_identity(run_dir: Path, identity: dict, resuming: bool) -> None:
@@ -114,7 +115,7 @@ def check_sources(urls: dict[str, str | None]) -> None:
                           "names), e.g. --set data.shards='/new/place/train-{0000..1023}.tar'")
 
 
-def open_run(accelerator, cfg: Config, manifest: dict, ckpts: Checkpoints) -> int:
+def open_run(accelerator, cfg: Config, manifest: dict, ckpts: Checkpoints, data_plan: dict) -> int:
     """The main process checks the run dir's identity, writes the resolved config and picks the newest
     usable checkpoint; every rank loads that one. Returns its step (0 for a fresh run)."""
     from accelerate.utils import broadcast_object_list
@@ -122,7 +123,8 @@ def open_run(accelerator, cfg: Config, manifest: dict, ckpts: Checkpoints) -> in
     run_dir, latest = Path(cfg.train.run_dir), [None]
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        check_identity(run_dir, run_identity(cfg, accelerator.num_processes, manifest), resuming=bool(ckpts.complete()))
+        identity = run_identity(cfg, accelerator.num_processes, manifest, data_plan)
+        check_identity(run_dir, identity, resuming=bool(ckpts.complete()))
         latest = [ckpts.latest_valid(accelerator.num_processes)]
         write_text(run_dir / "config.json", json.dumps(dict(cfg.to_dict(), cache_manifest={
             k: manifest[k] for k in ("teacher", "augment", "codec", "token_shape")}), indent=1), "config")
