@@ -26,6 +26,7 @@ import shutil
 import socket
 import tarfile
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,7 +260,13 @@ def index_dtype(views: int, key_bytes: int) -> np.dtype:
         ("views", "<i4", (views, 5)),                                        # [top, left, h, w, flip] per view
         ("offset", "<i8", (views,)), ("nbytes", "<i8", (views,)),            # the view's bytes in vNN.tar (wds)
         ("crc", "<u4", (views,)),                                            # crc32 of the view's packed array
+        ("row_crc", "<u4"),                                                  # crc32 of the row's other bytes
     ])
+
+
+def row_ok(row) -> bool:
+    """A row of an index is as written (its crop box, flip, offsets, key): training pairs nothing by a damaged one."""
+    return zlib.crc32(row.tobytes()[:-4]) == int(row["row_crc"])
 
 
 def read_index(cache: Path, name: str) -> np.ndarray:
@@ -350,7 +357,10 @@ class FeatureShardWriter:
     def commit(self, skipped: list[dict], source: str, stats: TokenStats, seekable: bool) -> dict:
         self._close()
         dtype = index_dtype(self.views, max((len(r[0]) for r in self.rows), default=1))
-        np.save(self.tmp / "index.npy", np.array(self.rows, dtype=dtype), allow_pickle=False)
+        index = np.array([(*r, 0) for r in self.rows], dtype=dtype)
+        for row in index:
+            row["row_crc"] = zlib.crc32(row.tobytes()[:-4])
+        np.save(self.tmp / "index.npy", index, allow_pickle=False)
         fsync_tree(self.tmp)
         os.replace(self.tmp, self.final)  # one rename: the shard directory appears whole or not at all
         fsync_dir(self.cache)
@@ -420,6 +430,9 @@ class FeatureShard:
     def _read_wds(self, ids, views):
         out = []
         for i, v in zip(ids, views):
+            if not row_ok(self.index[i]):  # its offset and size are not to be trusted: read nothing
+                out.append(CorruptSample(self.name, self.key(i), f"index row {i}: crc32 differs"))
+                continue
             size, offset = int(self.index["nbytes"][i, v]), int(self.index["offset"][i, v])
             data = pread(shard_dir(self.cache, self.name) / f"v{v:02d}.tar", size, offset)
             try:

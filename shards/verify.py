@@ -36,6 +36,7 @@ from shards.features import (
     read_record,
     record_path,
     record_problems,
+    row_ok,
     shard_dir,
     source_urls,
 )
@@ -253,7 +254,11 @@ def check_shard(cache: Path, name: str, manifest: dict, record: dict, wanted: di
     except CacheError as e:
         report.problems.append(Problem(name, None, str(e)))
         return row
-    keys = [k.decode() for k in shard.index["key"]]
+    keys = [k.decode(errors="replace") for k in shard.index["key"]]
+    for i, index_row in enumerate(shard.index):
+        if not row_ok(index_row):
+            report.problems.append(Problem(name, keys[i], f"index row {i}: crc32 differs (crop box, offsets or key "
+                                                          "damaged)"))
     for key in sorted({k for k in keys if keys.count(k) > 1}):
         report.problems.append(Problem(name, key, "key listed twice in the index"))
     views = manifest["augment"]["views"]

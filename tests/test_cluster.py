@@ -305,3 +305,23 @@ def test_a_file_that_vanishes_while_training_is_named(tmp_path, extracted):
         (cache / "shard-000000" / f"v{v:02d}.tar").unlink()  # after the start-up checks
     with pytest.raises(CacheError, match="v0[0-2].tar: No such file"):
         list(EpochData(index, epoch_plan(index.counts, 0, 0, 1, 0, 2), 0, 0))
+
+
+def test_a_damaged_index_row_pairs_nothing(tmp_path, extracted):
+    """A crop box changed in index.npy (the views' crc32 intact): training would replay other pixels for the same
+    tokens. The row's own crc32 catches it: a CorruptSample naming shard and key, and `verify` names it too."""
+    from shards.features import CorruptSample, source_urls
+    from train.data import CacheIndex, EpochData, epoch_plan
+
+    cache = tmp_path / "cache"
+    shutil.copytree(extracted[1].cache.path, cache)
+    path = cache / "shard-000001" / "index.npy"
+    index = np.load(path, allow_pickle=False)
+    index["views"][:, :, 0] += 1  # every view record of every sample: the top edge one pixel lower
+    np.save(path, index, allow_pickle=False)
+    manifest = read_manifest(cache)
+    data = CacheIndex(cache, manifest, source_urls(manifest))
+    with pytest.raises(CorruptSample, match="shard-000001.*index row"):
+        list(EpochData(data, epoch_plan(data.counts, 0, 0, 1, 0, 2), 0, 0))
+    report = verify_cache(cache, progress=False)
+    assert not report.ok and any("index row" in p.line() and "shard-000001" in p.line() for p in report.problems)

@@ -91,7 +91,7 @@ def test_verify_edited_index_and_record_name_shard_and_key(tmp_path, extracted, 
     rec_path.write_text(json.dumps(record))
     rc, out = tool(capsys, "verify", cache, "--json", tmp_path / "v.json")
     assert rc == 1
-    assert f"shard-000002 key '{key}': view 1: crc32 differs from the index" in out
+    assert f"shard-000002 key '{key}': index row 2: crc32 differs" in out
     assert "shard-000002: sha256 of index.npy differs from its record" in out
     assert "shard-000000: sha256 of v00.tar differs from its record (every view's crc32 matches" in out
     problems = json.loads((tmp_path / "v.json").read_text())["problems"]

@@ -37,6 +37,7 @@ from shards.features import (
     open_file_budget,
     pread,
     read_record,
+    row_ok,
 )
 from shards.source import ShardError, is_seekable, iter_samples
 
@@ -153,6 +154,9 @@ def sample_view(index: CacheIndex, key: str, epoch: int, seed: int) -> int:
 
 def _sample(index: CacheIndex, s: int, row: int, image: bytes | None, view: int, packed) -> dict:
     meta = index.shard(s).index[row]
+    if not row_ok(meta):
+        packed = CorruptSample(index.names[s], meta["key"].decode(errors="replace"), f"index row {row}: crc32 "
+                               "differs (crop box, offsets or key damaged)")
     return {"key": meta["key"].decode(), "shard": index.names[s], "image": image, "view": view,
             "record": np.array(meta["views"][view]), "hw": (int(meta["height"]), int(meta["width"])),
             "src_crc": int(meta["src_crc"]), "packed": packed}
@@ -180,7 +184,7 @@ def read_batch(index: CacheIndex, ids: np.ndarray, epoch: int, seed: int, with_t
     for j in np.lexsort((rows, shards)):  # read in file order; the batch's order is restored below
         s, r = int(shards[j]), int(rows[j])
         meta = open_[s].index[r]
-        image = pread(index.urls[index.names[s]], int(meta["src_size"]), int(meta["src_offset"]))
+        image = pread(index.urls[index.names[s]], int(meta["src_size"]), int(meta["src_offset"])) if row_ok(meta) else b""
         out.append((j, _sample(index, s, r, image, views[j], packed[j])))
     return [sample for _, sample in sorted(out, key=lambda x: x[0])]
 
