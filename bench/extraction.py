@@ -10,6 +10,7 @@ of synthetic JPEGs of 192-320 px sides.
 from __future__ import annotations
 
 import argparse
+import os
 import atexit
 import shutil
 import tempfile
@@ -78,17 +79,26 @@ def producer_rate(pattern: str, views: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def writer_rate(tmp: Path, codec: str, tokens: np.ndarray, samples: int) -> float:
-    """Views/s of FeatureShardWriter.add (encode + checksum + tar write) on one thread, as the writer thread."""
+def writer_rate(tmp: Path, codec: str, tokens: np.ndarray, samples: int, threads: int = 0) -> float:
+    """Views/s of FeatureShardWriter.add_batch (encode + checksum + tar write) from the writer thread, on its own
+    (threads = 0) or with a pool of encode threads, in batches of 8 samples."""
+    from concurrent.futures import ThreadPoolExecutor
+
     views = tokens.shape[0]
     name = f"writer-{codec}-{time.monotonic_ns()}"
     w = FeatureShardWriter(tmp, name, "wds", get_codec(codec), views, *tokens.shape[1:])
     records = np.zeros((views, 5), np.int32)
+    batch = np.broadcast_to(tokens, (8, *tokens.shape))
+    pool = ThreadPoolExecutor(threads) if threads else None
     t0 = time.perf_counter()
-    for i in range(samples):
-        w.add(f"k{i:06d}", records, {"offset": -1, "size": 0, "crc": 0}, (224, 224), 0, tokens)
+    for i in range(0, samples, 8):
+        keys = [f"k{j:06d}" for j in range(i, i + 8)]
+        w.add_batch(keys, [records] * 8, [{"offset": -1, "size": 0, "crc": 0}] * 8, [(224, 224)] * 8, [0] * 8,
+                    batch, pool)
     dt = time.perf_counter() - t0
     w.commit([], "bench", TokenStats(), False)
+    if pool:
+        pool.shutdown()
     return samples * views / dt
 
 
@@ -182,11 +192,17 @@ def main() -> None:
         rows.append([v, f"{rate:.0f}", f"{rate / v:.0f}", f"{rate / base:.2f}x"])
     print("Producer (one DataLoader worker's work: read shard, decode each image once, cut V views):\n")
     print(table(["views per image", "views/s per worker", "images/s per worker", "views/s vs 1 view"], rows))
-    rows = []
+    rows, cores = [], len(os.sched_getaffinity(0))
+    producer_ms = 1000 / median([producer_rate(ppattern, 10) for _ in range(3)])  # cutting, per view at V = 10
     for codec in ("bf16-zstd", "bf16-lz4", "u8-zstd", "u8lin-zstd", "bf16", "fp32"):
-        rows.append([f"`{codec}`", f"{median([writer_rate(tmp, codec, real, 8) for _ in range(3)]):.0f}"])
-    print("Writer thread (FeatureShardWriter.add: encode, checksum, tar write; samples of 10 ResNet-50 views):\n")
-    print(table(["codec", "views/s on one thread"], rows))
+        one = median([writer_rate(tmp, codec, real, 16) for _ in range(3)])
+        many = median([writer_rate(tmp, codec, real, 16, cores) for _ in range(3)])
+        rows.append([f"`{codec}`", f"{one:.0f}", f"{many:.0f}", f"{many / one:.2f}x", f"{1000 / one:.2f}",
+                     f"{producer_ms + 1000 / one:.2f}"])
+    print("Writer (FeatureShardWriter.add_batch: encode, checksum, tar write; samples of 10 ResNet-50 views), on the "
+          f"writer thread alone and with {cores} encode threads (`extract.encode_threads`):\n")
+    print(table(["codec", "views/s, 1 thread", f"views/s, {cores} encode threads", "speed-up",
+                 "writer core-ms per view", "core-ms per view outside the teacher (cut at V = 10 + writer)"], rows))
 
 
 if __name__ == "__main__":

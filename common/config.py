@@ -58,6 +58,8 @@ class Extract:
     world_size: int = -1                   # -1: from WORLD_SIZE / SLURM_NTASKS, else 1
     device: str = "auto"
     limit: int = 0                         # stop after this many shards (0 = all); for smoke tests
+    encode_threads: int = 0                # threads that encode, compress and checksum tokens; 0 = the cores
+                                           # left after data.workers and the main process (at least 1)
 
 
 @dataclass
@@ -241,6 +243,7 @@ def _ranges(cfg: Config, stage: str) -> list[tuple[bool, str, str, object]]:
             (a.views >= 1, "augment.views", "an integer >= 1", a.views),
             (e.batch_size >= 1, "extract.batch_size", "an integer >= 1", e.batch_size),
             (e.limit >= 0, "extract.limit", "an integer >= 0 (0 = all shards)", e.limit),
+            (e.encode_threads >= 0, "extract.encode_threads", "an integer >= 0 (0 = from the cores)", e.encode_threads),
             (cfg.data.workers >= 0, "data.workers", "an integer >= 0 (0 = decode in the main process)", cfg.data.workers),
         ]
     finite = math.isfinite

@@ -1,7 +1,8 @@
 """Stage one: source shards -> recorded views -> frozen teacher -> compressed feature shards.
 
 DataLoader workers read a shard, decode each image once and cut its V views; the main process
-runs the teacher; one writer thread encodes and writes while the next batch runs. Each shard has
+runs the teacher; a writer thread writes while the next batch runs, its views encoded, compressed and
+checksummed by `extract.encode_threads` threads (by default the cores the rest leaves free). Each shard has
 one writer, is committed atomically and then recorded, so a rerun skips what is complete.
 """
 from __future__ import annotations
@@ -119,11 +120,11 @@ class ShardJob:
         self.skipped: list[dict] = []
         self.stats = TokenStats()
 
-    def add(self, keys, records, src, src_hw, cls, tokens: np.ndarray, skipped) -> None:
+    def add(self, keys, records, src, src_hw, cls, tokens: np.ndarray, skipped, pool=None) -> None:
         if self.writer is None:
             self.writer = FeatureShardWriter(*self.args)
-        for i, key in enumerate(keys):
-            self.writer.add(key, records[i], src[i], src_hw[i], cls[i], tokens[i])
+        if keys:
+            self.writer.add_batch(keys, records, src, src_hw, cls, tokens, pool)
         self.skipped += skipped
         self.lease.beat()  # the heartbeat another host reads before it may take the shard over
         if keys:
@@ -224,7 +225,9 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
     t0 = time.time()
     bar = tqdm(total=None, unit="img", disable=not progress, dynamic_ncols=True,
                desc=f"extract rank {rank}")
-    with ThreadPoolExecutor(1, thread_name_prefix="writer") as pool, StopSignals() as stop:
+    threads = cfg.extract.encode_threads or max(1, len(os.sched_getaffinity(0)) - cfg.data.workers - 1)
+    with ThreadPoolExecutor(1, thread_name_prefix="writer") as pool, StopSignals() as stop, \
+            ThreadPoolExecutor(threads, thread_name_prefix="encode") as encoders:
         for item in loader:
             if stop.requested:  # SIGTERM / SIGUSR1: shards in flight are dropped unrecorded, finished ones kept
                 inflight += [pool.submit(j.abort) for j in jobs.values()]
@@ -242,7 +245,7 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
                 job.stats.update(tokens)
                 tokens = tokens.view(b, cfg.augment.views, *token_shape).cpu().numpy()
                 inflight.append(pool.submit(job.add, item["keys"], item["records"], item["src"], item["src_hw"],
-                                            item["cls"], tokens, item["skipped"]))
+                                            item["cls"], tokens, item["skipped"], encoders))
             elif item["skipped"]:
                 inflight.append(pool.submit(job.add, [], None, [], [], [], None, item["skipped"]))
             images += b

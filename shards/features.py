@@ -322,23 +322,47 @@ class FeatureShardWriter:
     def add(self, key: str, views: np.ndarray, src: dict, hw, cls: int | None, tokens: np.ndarray) -> None:
         """One sample: its view records [V, 5], its image's place in the source tar (`offset`, `size`, `crc`),
         decoded size (h, w), label, and its teacher tokens [V, T, C] (fp32)."""
-        if "." in key.rsplit("/", 1)[-1]:
-            raise CacheError(f"key {key!r} contains a dot, which WebDataset would split")
-        packed = self.codec.encode(tokens)  # [V, T, C']
-        offsets, sizes = [0] * self.views, [0] * self.views
-        if self.fmt == "wds":
-            for v, f in enumerate(self._files):
-                data = self.codec.compress(packed[v])
-                header = _tar_header(f"{key}.tokens", len(data))
-                offsets[v], sizes[v] = f.tell() + len(header), len(data)
-                f.write(header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
-        else:
-            self._buffer.append(packed)
-            if len(self._buffer) == SHARD_SAMPLES:
-                self._flush()
-        crcs = [view_crc32(packed[v]) for v in range(self.views)]
-        self.rows.append((key.encode(), -1 if cls is None else int(cls), src["offset"], src["size"], src["crc"],
-                          int(hw[0]), int(hw[1]), np.asarray(views, np.int32), offsets, sizes, crcs))
+        self.add_batch([key], [views], [src], [hw], [cls], tokens[None])
+
+    def add_batch(self, keys, views, srcs, hws, clss, tokens: np.ndarray, pool=None) -> None:
+        """Samples in order; tokens [b, V, T, C]. With a thread pool, the b x V views are encoded, compressed and
+        checksummed in parallel (Blosc, zlib and torch release the GIL); they are written in order, so the
+        bytes do not depend on the pool."""
+        for key in keys:
+            if "." in key.rsplit("/", 1)[-1]:
+                raise CacheError(f"key {key!r} contains a dot, which WebDataset would split")
+        b = len(keys)
+        flat = tokens.reshape(b * self.views, *tokens.shape[2:])  # [b*V, T, C]
+        jobs = np.array_split(np.arange(b * self.views), max(1, min(b * self.views, pool._max_workers if pool else 1)))
+        parts = (pool.map if pool else map)(lambda idx: self._encode(flat[idx]), jobs)
+        packed, blobs, crcs = [], [], []
+        for p, bl, c in parts:
+            packed.append(p)
+            blobs += bl
+            crcs += c
+        packed = np.concatenate(packed).reshape(b, self.views, *packed[0].shape[1:])  # [b, V, T, C']
+        for i, key in enumerate(keys):
+            offsets, sizes = [0] * self.views, [0] * self.views
+            if self.fmt == "wds":
+                for v, f in enumerate(self._files):
+                    data = blobs[i * self.views + v]
+                    header = _tar_header(f"{key}.tokens", len(data))
+                    offsets[v], sizes[v] = f.tell() + len(header), len(data)
+                    f.write(header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+            else:
+                self._buffer.append(packed[i])
+                if len(self._buffer) == SHARD_SAMPLES:
+                    self._flush()
+            cls = clss[i]
+            self.rows.append((key.encode(), -1 if cls is None else int(cls), srcs[i]["offset"], srcs[i]["size"],
+                              srcs[i]["crc"], int(hws[i][0]), int(hws[i][1]), np.asarray(views[i], np.int32), offsets,
+                              sizes, crcs[i * self.views:(i + 1) * self.views]))
+
+    def _encode(self, tokens: np.ndarray):
+        """views [n, T, C] fp32 -> (packed [n, T, C'], compressed bytes per view (wds), crc32 per view)."""
+        packed = self.codec.encode(tokens)
+        blobs = [self.codec.compress(p) for p in packed] if self.fmt == "wds" else [None] * len(packed)
+        return packed, blobs, [view_crc32(p) for p in packed]
 
     def _flush(self) -> None:
         if self._buffer:

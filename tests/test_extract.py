@@ -169,3 +169,11 @@ def test_teacher_on_gpu_settings_do_not_change_cpu_output(extracted):
     assert torch.equal(teacher(x), teacher(x)) and teacher(x).dtype == torch.float32
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     assert os.environ.get("IMG2VEC_FAULT") is None
+
+
+def test_encode_threads_do_not_change_the_bytes(tmp_path, source, extracted):
+    """Views are encoded, compressed and checksummed by a pool, and written in order: any thread count gives
+    the bytes of one thread (the fixture's cache, made with the default)."""
+    path = write_config(tmp_path, source, 3)
+    run_extraction(load_config(path, ["extract.encode_threads=3"]), progress=False)
+    assert cache_files(tmp_path / "cache") == cache_files(Path(extracted[1].cache.path))
