@@ -19,6 +19,7 @@ fsynced and renamed in one step; only then is it recorded, and nothing without a
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -240,8 +241,8 @@ def remove_partial(cache: Path, name: str) -> None:
     a shard directory without a record, and a record whose files are not all there."""
     cache = Path(cache)
     final = shard_dir(cache, name)
-    for p in cache.glob(f"{name}.tmp-*"):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in [*cache.glob(f"{glob.escape(name)}.tmp-*"), *cache.glob(f"{glob.escape(name)}.done.json.tmp-*")]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()  # the shard's, or its record's (killed mid-write)
     record = read_record(cache, name)
     if record is not None and record_problems(cache, name, record):
         record_path(cache, name).unlink()
