@@ -405,9 +405,9 @@ class FeatureShardWriter:
 
 # ---------------------------------------------------------------- reading
 
-def check_recorded(cache: Path, name: str) -> dict:
+def check_recorded(cache: Path, name: str, record: dict | None = None) -> dict:
     """The record of a shard that is complete (recorded, every file there), or a CacheError saying what to do."""
-    record = read_record(cache, name)
+    record = record or read_record(cache, name)
     if record is None:
         raise CacheError(f"cache {cache}: shard {name} has no completion record (extraction unfinished or "
                          "interrupted); rerun extract-features with the same config to finish it")

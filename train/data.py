@@ -56,12 +56,13 @@ class CacheIndex:
     def __init__(self, cache: Path, manifest: dict, urls: dict[str, str | None], open_shards: int | None = None):
         self.cache, self.manifest, self.urls = Path(cache), manifest, urls
         self.names = [s["name"] for s in manifest["shards"]]
-        missing = [name for name in self.names if read_record(cache, name) is None]
+        records = {name: read_record(cache, name) for name in self.names}  # each read once
+        missing = [name for name, record in records.items() if record is None]
         if missing:
             raise CacheError(f"cache {cache} is incomplete: {len(missing)} of {len(self.names)} shards have no "
                              f"completion record ({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); "
                              "finish it with extract-features (same config) before training")
-        self.counts = np.array([check_recorded(cache, name)["samples"] for name in self.names], np.int64)
+        self.counts = np.array([check_recorded(cache, n, records[n])["samples"] for n in self.names], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.views = manifest["augment"]["views"]
         self.open_shards = open_shards or open_file_budget() // 4
