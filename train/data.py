@@ -178,16 +178,12 @@ def _tokens(index: CacheIndex, shards, rows, keys, epoch, seed, with_tokens) -> 
 def read_batch(index: CacheIndex, ids: np.ndarray, epoch: int, seed: int, with_tokens: bool) -> list[dict]:
     """Random access: each sample's image bytes read at their recorded place, and its view's tokens."""
     shards, rows = index.locate(np.asarray(ids))
-    open_ = {int(s): index.shard(int(s)) for s in np.unique(shards)}  # each shard looked up once per batch
-    keys = [open_[int(s)].key(int(r)) for s, r in zip(shards, rows)]
-    views, packed = _tokens(index, shards, rows, keys, epoch, seed, with_tokens)
-    out = []
-    for j in np.lexsort((rows, shards)):  # read in file order; the batch's order is restored below
-        s, r = int(shards[j]), int(rows[j])
-        meta = open_[s].index[r]
-        image = pread(index.urls[index.names[s]], int(meta["src_size"]), int(meta["src_offset"])) if row_ok(meta) else b""
-        out.append((j, _sample(index, s, r, image, views[j], packed[j])))
-    return [sample for _, sample in sorted(out, key=lambda x: x[0])]
+    images = [b""] * len(rows)  # a row that fails its own crc32 is not used to read anything
+    for j in np.lexsort((rows, shards)):  # in file order
+        meta = index.shard(int(shards[j])).index[int(rows[j])]
+        if row_ok(meta):
+            images[j] = pread(index.urls[index.names[int(shards[j])]], int(meta["src_size"]), int(meta["src_offset"]))
+    return _samples(index, shards, rows, images, epoch, seed, with_tokens)
 
 
 def stream_batches(index: CacheIndex, batches: np.ndarray, epoch: int, seed: int,
@@ -209,7 +205,8 @@ def stream_batches(index: CacheIndex, batches: np.ndarray, epoch: int, seed: int
                 continue
             ready[base + r] = (s, r, src["image"])
             while b < len(batches) and all(int(i) in ready for i in batches[b]):
-                yield _complete(index, [ready.pop(int(i)) for i in batches[b]], epoch, seed, with_tokens)
+                in_shard, in_row, images = zip(*(ready.pop(int(i)) for i in batches[b]))
+                yield _samples(index, in_shard, in_row, images, epoch, seed, with_tokens)
                 b += 1
             if not keys:
                 break  # every sample this worker needs from the shard is in: read no further
@@ -218,11 +215,13 @@ def stream_batches(index: CacheIndex, batches: np.ndarray, epoch: int, seed: int
                                   "more (the source changed: restore it or re-extract the shard)")
 
 
-def _complete(index, items, epoch, seed, with_tokens):
-    shards, rows = np.array([i[0] for i in items]), np.array([i[1] for i in items])
+def _samples(index: CacheIndex, shards, rows, images, epoch: int, seed: int, with_tokens: bool) -> list[dict]:
+    """A batch's (shard, row) pairs with their image bytes -> samples with this epoch's view and its tokens."""
+    shards, rows = np.asarray(shards), np.asarray(rows)
     keys = [index.shard(int(s)).key(int(r)) for s, r in zip(shards, rows)]
     views, packed = _tokens(index, shards, rows, keys, epoch, seed, with_tokens)
-    return [_sample(index, s, r, img, views[j], packed[j]) for j, (s, r, img) in enumerate(items)]
+    return [_sample(index, int(s), int(r), img, views[j], packed[j])
+            for j, (s, r, img) in enumerate(zip(shards, rows, images))]
 
 
 # ---------------------------------------------------------------- decode and replay
