@@ -96,7 +96,8 @@ def recalibrate_bn(teacher, views: torch.Tensor) -> None:
     model.train(False)
 
 
-def source_views(n_images: int, views: int, size: int = 224, seed: int = 1) -> tuple[torch.Tensor, list[str]]:
+def source_views(n_images: int, views: int, size: int = 224, seed: int = 1,
+                 cut: str = "torch") -> tuple[torch.Tensor, list[str]]:
     """Recorded views of synthetic images, cut as extraction cuts them: uint8 [n_images * views, 3, S, S]."""
     from common.augment import decode_image, replay_views, sample_views
     from shards.synthetic import synthetic_samples
@@ -105,7 +106,7 @@ def source_views(n_images: int, views: int, size: int = 224, seed: int = 1) -> t
     for s in synthetic_samples(n_images, classes=8, seed=seed, size=IMAGE_SIZES):
         img = decode_image(s["image"])
         records = sample_views(0, s["key"], img.height, img.width, views)
-        out.append(replay_views(img, records, size))
+        out.append(replay_views(img, records, size, cut))
         keys.append(s["key"])
     return torch.cat(out), keys
 

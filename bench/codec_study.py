@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from _common import header, median, random_teacher, recalibrate_bn, source_views, table, teacher_tokens, Timer
 
-from common.codecs import CODECS, TokenCodec, pack_u8, quantize_u8, token_cosines
+from common.codecs import CODECS, TokenCodec, pack_u8, quantize_u8
+from shards.verify import token_cosines
 from common.stats import token_diversity
 
 RAW_FP32_VIEW = 7 * 7 * 2048 * 4
@@ -40,7 +41,7 @@ class FixedLevels(TokenCodec):
         step = (y.max(-1) - lo) / self.levels
         step = np.where(step > 0, step, 1.0).astype(np.float32)
         q = np.clip(np.rint((y - lo[..., None]) / step[..., None]), 0, 255).astype(np.uint8)
-        return pack_u8(q, lo, -step if self.compand else step)
+        return pack_u8(*(torch.from_numpy(a) for a in (q, lo, -step if self.compand else step))).numpy()
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ class CosineSized(TokenCodec):
 
     def encode(self, tokens):
         t = np.ascontiguousarray(tokens, np.float32)
-        q, lo, scale = quantize_u8(t.reshape(-1, t.shape[-1]), self.target)
-        return pack_u8(q, lo, scale).reshape(*t.shape[:-1], t.shape[-1] + 8)
+        q, lo, scale = quantize_u8(torch.from_numpy(t.reshape(-1, t.shape[-1])), self.target)
+        return pack_u8(q, lo, scale).reshape(*t.shape[:-1], t.shape[-1] + 8).numpy()
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def writer_rate(tmp: Path, codec: str, tokens: np.ndarray, samples: int, threads
     name = f"writer-{codec}-{time.monotonic_ns()}"
     w = FeatureShardWriter(tmp, name, "wds", get_codec(codec), views, *tokens.shape[1:])
     records = np.zeros((views, 5), np.int32)
-    batch = np.broadcast_to(tokens, (8, *tokens.shape))
+    batch = np.broadcast_to(get_codec(codec).encode(tokens), (8, views, *get_codec(codec).packed_spec(*tokens.shape[1:])[0]))
     pool = ThreadPoolExecutor(threads) if threads else None
     t0 = time.perf_counter()
     for i in range(0, samples, 8):

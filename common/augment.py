@@ -2,7 +2,17 @@
 
 A view is recorded as its crop box in source pixels and its flip, `[top, left, height,
 width, flip]` (int32), not as an RNG state: the record survives library upgrades, and
-`replay(image, record, size)` rebuilds the exact uint8 pixels the teacher saw.
+`replay(image, record, size, cut)` rebuilds the exact uint8 pixels the teacher saw.
+
+Two ways to cut a view (`augment.cut`, recorded in the manifest; stage two replays with the cache's):
+
+- `torch`: torch's uint8 antialiased bicubic resize of the crop (integer arithmetic: the same bytes with
+  and without AVX2/AVX-512), ~4x fewer core-ms than Pillow's. The default.
+- `pil`: Pillow's bicubic resize with the crop as its box (filter taps may reach past the box into the
+  image). Caches made before `augment.cut` existed were cut this way.
+
+The two differ in a few % of pixels by 1-17 levels, so a cache is replayed with the path that made it, and
+`replay_probe` lets a machine check that its libraries still cut the way the extracting machine's did.
 """
 from __future__ import annotations
 
@@ -10,9 +20,11 @@ import hashlib
 import io
 import math
 import re
+import zlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
@@ -81,18 +93,42 @@ def sample_views(seed: int, key: str, height: int, width: int, views: int,
     return out
 
 
-def replay(img: Image.Image, record, size: int) -> torch.Tensor:
+CUTS = ("torch", "pil")  # the first is the default of new caches
+
+
+def replay(img: Image.Image, record, size: int, cut: str) -> torch.Tensor:
     """(decoded image, view record) -> the view's pixels, uint8 [3, size, size] (bicubic, as MAE)."""
-    top, left, h, w, flip = (int(v) for v in record)
-    out = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-    if flip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return replay_views(img, np.asarray(record)[None], size, cut)[0]
 
 
-def replay_views(img: Image.Image, records: np.ndarray, size: int) -> torch.Tensor:
-    """All recorded views of one decoded image: uint8 [V, 3, size, size]."""
-    return torch.stack([replay(img, r, size) for r in records])
+def replay_views(img: Image.Image, records: np.ndarray, size: int, cut: str) -> torch.Tensor:
+    """All recorded views [V, 5] of one decoded image: uint8 [V, 3, size, size], cut by `cut` (see CUTS)."""
+    if cut == "torch":
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None]  # [1, 3, H, W], HWC memory
+    elif cut != "pil":
+        raise ValueError(f"unknown cut {cut!r} (choose from {', '.join(CUTS)})")
+    out = torch.empty(len(records), 3, size, size, dtype=torch.uint8)
+    for v, (top, left, h, w, flip) in enumerate(np.asarray(records).tolist()):
+        if cut == "torch":
+            view = F.interpolate(pixels[..., top:top + h, left:left + w], size=(size, size), mode="bicubic",
+                                 antialias=True, align_corners=False)[0]
+            out[v] = view.flip(-1) if flip else view
+        else:
+            view = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+            view = view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
+            out[v] = torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1)
+    return out
+
+
+def replay_probe(cut: str) -> str:
+    """crc32 of a fixed set of views of a fixed image, cut by `cut`: the manifest records it at extraction, and a
+    machine whose torch / Pillow cut other pixels (another version's kernel) finds out before it trains."""
+    rng = np.random.default_rng(20231124)
+    yy, xx = np.mgrid[0:157, 0:211]
+    pix = np.stack([xx * 1.2, yy * 1.6, (xx + yy) * 0.7], -1) + rng.normal(0, 20, (157, 211, 3))
+    img = Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8))
+    records = np.array([[0, 0, 157, 211, 0], [10, 31, 40, 57, 1], [3, 5, 150, 190, 1], [60, 100, 97, 111, 0]], np.int32)
+    return f"{zlib.crc32(replay_views(img, records, 96, cut).numpy().tobytes()):08x}"
 
 
 def view_order(seed: int, key: str, views: int) -> np.ndarray:

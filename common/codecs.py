@@ -32,92 +32,77 @@ U8_TARGET_COS = 0.9995  # per token; DESIGN's goal is >= 0.999, the margin absor
 U8_MIN_LEVELS = 16      # the coarsest step is (max - min) / 16: |error| <= (max - min) / 32
 
 
-def to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """fp32 -> bf16 bit patterns (uint16), round to nearest even, as torch does."""
-    t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16)
-    return t.view(torch.int16).numpy().view(np.uint16)
-
-
 def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def token_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def token_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[..., C] x [..., C] -> cosine per token [...]; two all-zero tokens count as identical."""
-    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
-    cos = np.einsum("...c,...c->...", a, b) / np.maximum(na * nb, 1e-30)
-    return np.where((na == 0) & (nb == 0), 1.0, cos)
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    cos = (a * b).sum(-1) / (na * nb).clamp(min=1e-30)
+    return torch.where((na == 0) & (nb == 0), 1.0, cos)
 
 
-def quantize_u8(tokens: np.ndarray, target_cos: float | None, min_levels: int = U8_MIN_LEVELS):
-    """tokens [N, C] fp32 -> q [N, C] uint8, lo [N], scale [N] (scale < 0: square-root companded).
+def quantize_u8(tokens: torch.Tensor, target_cos: float | None, min_levels: int = U8_MIN_LEVELS):
+    """tokens [N, C] fp32 (any device) -> q [N, C] uint8, lo [N], scale [N] (scale < 0: square-root companded).
 
     target_cos None: 255 levels per token (the first scheme). Else each token gets the coarsest step
     whose decoded token keeps cosine >= target_cos, between (max - min) / 255 and (max - min) / min_levels.
     The step is predicted from the token's energy (uniform rounding error: 1 - cos ~ n s^2 / 24 |x|^2 over
     the n values off the grid), then checked exactly and shrunk for the tokens that miss."""
-    lo = tokens.min(-1)
-    span = tokens.max(-1) - lo
+    tokens = tokens.float()
+    lo = tokens.amin(-1)
+    span = tokens.amax(-1) - lo
     flat = span == 0  # constant tokens (all zero included) are exact with any step
-    finest = np.where(flat, 1.0, span / 255).astype(np.float32)
+    finest = torch.where(flat, 1.0, span / 255)
     if target_cos is None:
         step = finest
     else:
-        off_grid = np.count_nonzero(tokens != lo[:, None], axis=-1)
-        energy = np.einsum("nc,nc->n", tokens, tokens)
-        step = np.sqrt(24 * (1 - target_cos) * 0.8 * energy / np.maximum(off_grid, 1))  # 0.8: aim inside
-        step = np.where(flat, 1.0, np.clip(step, finest, span / min_levels)).astype(np.float32)
-    q = np.rint((tokens - lo[:, None]) / step[:, None])
+        off_grid = (tokens != lo[:, None]).sum(-1)
+        energy = (tokens * tokens).sum(-1)
+        step = torch.sqrt(24 * (1 - target_cos) * 0.8 * energy / off_grid.clamp(min=1))  # 0.8: aim inside
+        step = torch.where(flat, 1.0, torch.minimum(torch.maximum(step, finest), span / min_levels))
+    q = torch.round((tokens - lo[:, None]) / step[:, None])
     if target_cos is not None:
         cos = token_cosines(q * step[:, None] + lo[:, None], tokens)
-        todo = np.flatnonzero(cos < target_cos)
+        todo = torch.nonzero(cos < target_cos).flatten()
         for shrink in (0.7, 0.5, 0.0):  # 0.0: the last round takes the finest step
             todo = todo[step[todo] > finest[todo]]
             if not len(todo):
                 break
-            step[todo] = np.maximum(step[todo] * shrink, finest[todo])
-            q[todo] = np.rint((tokens[todo] - lo[todo, None]) / step[todo, None])
+            step[todo] = torch.maximum(step[todo] * shrink, finest[todo])
+            q[todo] = torch.round((tokens[todo] - lo[todo, None]) / step[todo, None])
             cos[todo] = token_cosines(q[todo] * step[todo, None] + lo[todo, None], tokens[todo])
             todo = todo[cos[todo] < target_cos]
-    q = np.clip(q, 0, 255).astype(np.uint8)
-    lo, scale = lo.astype(np.float32), step.astype(np.float32)
+    q = q.clamp(0, 255).to(torch.uint8)
     if target_cos is not None:
-        miss = np.flatnonzero(cos < target_cos)
+        miss = torch.nonzero(cos < target_cos).flatten()
         if len(miss):
-            _compand(tokens, q, lo, scale, miss, cos[miss])
-    return q, lo, scale
+            _compand(tokens, q, lo, step, miss, cos[miss])
+    return q, lo, step
 
 
 def _compand(tokens, q, lo, scale, miss, cos) -> None:
     """Tokens that even 255 linear levels leave below the target (a few huge channels): quantize
     sign(x) sqrt|x| instead, which spends the levels on the many small values; kept where it is better."""
     t = tokens[miss]
-    y = np.sign(t) * np.sqrt(np.abs(t))
-    ylo = y.min(-1)
-    ystep = ((y.max(-1) - ylo) / 255).astype(np.float32)
-    yq = np.clip(np.rint((y - ylo[:, None]) / ystep[:, None]), 0, 255).astype(np.uint8)
-    better = token_cosines(_uncompand(yq * ystep[:, None] + ylo[:, None]), t) > cos
+    y = torch.sign(t) * torch.sqrt(t.abs())
+    ylo = y.amin(-1)
+    ystep = (y.amax(-1) - ylo) / 255
+    yq = torch.round((y - ylo[:, None]) / ystep[:, None]).clamp(0, 255).to(torch.uint8)
+    better = token_cosines(_uncompand(yq.float() * ystep[:, None] + ylo[:, None]), t) > cos
     idx = miss[better]
     q[idx], lo[idx], scale[idx] = yq[better], ylo[better], -ystep[better]
 
 
-def _uncompand(y: np.ndarray) -> np.ndarray:
-    return y * np.abs(y)
+def _uncompand(y):
+    return y * y.abs()
 
 
-def dequantize_u8(q: np.ndarray, lo: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """q [..., C] uint8, lo / scale [...] -> tokens [..., C] fp32."""
-    y = q.astype(np.float32) * np.abs(scale)[..., None] + lo[..., None]
-    companded = scale < 0
-    if companded.any():
-        y[companded] = _uncompand(y[companded])
-    return y
-
-
-def pack_u8(q: np.ndarray, lo: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def pack_u8(q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q [..., C] uint8, lo / scale [...] float32 -> [..., C + 8] uint8: each token's lo and scale as 8 trailing bytes."""
-    side = np.stack([lo.astype(np.float32), scale.astype(np.float32)], -1).view(np.uint8)  # [..., 8]
-    return np.concatenate([q, side], -1)
+    side = torch.stack([lo.float(), scale.float()], -1).view(torch.uint8)  # [..., 8]
+    return torch.cat([q, side], -1)
 
 
 @dataclass(frozen=True)
@@ -159,15 +144,27 @@ class TokenCodec:
             return (tokens, channels + 8), "uint8"
         return (tokens, channels), "uint16" if self.kind == "bf16" else "float32"
 
-    def encode(self, tokens: np.ndarray) -> np.ndarray:
-        """tokens [..., T, C] fp32 -> packed [..., T, C'] (see packed_spec)."""
-        tokens = np.ascontiguousarray(tokens, np.float32)
+    def encode_tensor(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [..., T, C] (fp32 or the teacher's dtype, on the teacher's device) -> packed [..., T, C'] on the
+        same device (int16 bit patterns for bf16 codecs; see packed_spec). Extraction encodes on the teacher's
+        device, so on a GPU neither the rounding nor the u8 quantization costs CPU time, and half (bf16) or a
+        quarter (u8) of the fp32 bytes cross to the host."""
         if self.kind == "fp32":
-            return tokens
+            return tokens.float().contiguous()
         if self.kind == "bf16":
-            return to_bf16_bits(tokens)
+            return tokens.to(torch.bfloat16).contiguous().view(torch.int16)  # round to nearest even
         q, lo, scale = quantize_u8(tokens.reshape(-1, tokens.shape[-1]), U8_TARGET_COS if self.kind == "u8" else None)
         return pack_u8(q, lo, scale).reshape(*tokens.shape[:-1], tokens.shape[-1] + 8)
+
+    @staticmethod
+    def to_numpy(packed: torch.Tensor) -> np.ndarray:
+        """encode_tensor's output -> the numpy array the shard writers store (uint16 for bf16 bit patterns)."""
+        out = packed.cpu().numpy()
+        return out.view(np.uint16) if out.dtype == np.int16 else out
+
+    def encode(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens [..., T, C] fp32 -> packed [..., T, C'] (see packed_spec), on the CPU."""
+        return self.to_numpy(self.encode_tensor(torch.from_numpy(np.ascontiguousarray(tokens, np.float32))))
 
     def decode(self, packed: np.ndarray) -> np.ndarray:
         """packed [..., T, C'] -> tokens [..., T, C] fp32."""
@@ -175,8 +172,7 @@ class TokenCodec:
             return packed.astype(np.float32)  # a copy: stored arrays may be read-only buffers
         if self.kind == "bf16":
             return from_bf16_bits(packed)
-        side = np.ascontiguousarray(packed[..., -8:]).view(np.float32)  # [..., T, 2]
-        return dequantize_u8(packed[..., :-8], side[..., 0], side[..., 1])
+        return self.decode_tensor(torch.from_numpy(np.array(packed, np.uint8))).numpy()
 
     def to_tensor(self, packed: np.ndarray) -> torch.Tensor:
         """One view for the training loader, as stored: a bfloat16 tensor for bf16 codecs, the packed uint8
@@ -218,7 +214,7 @@ CODECS = {c.name: c for c in (
     TokenCodec("bf16", "bf16", None),
     TokenCodec("bf16-zstd", "bf16", numcodecs.Blosc.SHUFFLE),
     TokenCodec("bf16-lz4", "bf16", numcodecs.Blosc.SHUFFLE, clevel=5, cname="lz4"),
-    TokenCodec("u8-zstd", "u8", numcodecs.Blosc.NOSHUFFLE),
+    TokenCodec("u8-zstd", "u8", numcodecs.Blosc.BITSHUFFLE),
     TokenCodec("u8lin-zstd", "u8lin", numcodecs.Blosc.NOSHUFFLE),
 )}
 

@@ -33,6 +33,7 @@ class Augment:
     flip: float = 0.5
     views: int = 4
     seed: int = 0
+    cut: str = "torch"                     # how views are cut: "torch" (uint8 antialiased bicubic) or "pil"
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Config:
 
 CHOICES = {
     "cache.format": ("wds", "zarr"),
+    "augment.cut": ("torch", "pil"),
     "loss.target_norm": ("none", "layernorm", "channel"),
     "train.targets": ("cache", "online"),
     "train.on_corrupt": ("error", "skip"),

@@ -92,7 +92,7 @@ def shards_diversity(pattern: str, specs: list[str], images: int = 256, size: in
     Returns {"rows": [...], "maps": [(key, pixels [3, S, S], {spec: tokens [T, C]}), ...], ...}."""
     from tqdm import tqdm
 
-    from common.augment import replay, sample_views
+    from common.augment import CUTS, replay_views, sample_views
     from shards.source import expand_shards
 
     urls = expand_shards(pattern)
@@ -121,8 +121,7 @@ def shards_diversity(pattern: str, specs: list[str], images: int = 256, size: in
             records = center_view(img.height, img.width)
         else:
             records = sample_views(seed, key, img.height, img.width, views_per_image)
-        for v, r in enumerate(records):
-            pixels = replay(img, r, size)
+        for v, pixels in enumerate(replay_views(img, records, size, CUTS[0])):
             batch.append((n_images, v, pixels))
             if v == 0 and len(maps) < map_images:
                 maps.append((key, pixels, {}))

@@ -33,16 +33,26 @@ class TokenStats:
         self.td_sum = 0.0
         self.td_count = 0
 
+    @staticmethod
+    def partial(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The sums of tokens [N, T, C] (one row per view), as tensors on their device: `add` them on the host
+        later, so a GPU extraction need not wait for them."""
+        flat = tokens.reshape(-1, tokens.shape[-1]).double()
+        return {"sum": flat.sum(0), "sumsq": (flat * flat).sum(0), "td": token_diversity_per_image(tokens).double().sum(),
+                "tokens": torch.tensor(flat.shape[0]), "views": torch.tensor(tokens.shape[0])}
+
+    def add(self, part: dict[str, torch.Tensor]) -> None:
+        if not self.sum.size:
+            self.sum, self.sumsq = np.zeros(part["sum"].shape[0]), np.zeros(part["sum"].shape[0])
+        self.count += int(part["tokens"])
+        self.sum += part["sum"].cpu().numpy()
+        self.sumsq += part["sumsq"].cpu().numpy()
+        self.td_sum += float(part["td"])
+        self.td_count += int(part["views"])
+
     def update(self, tokens: torch.Tensor) -> None:
         """tokens [N, T, C], one row per view."""
-        flat = tokens.reshape(-1, tokens.shape[-1]).double()
-        if not self.sum.size:
-            self.sum, self.sumsq = np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
-        self.count += flat.shape[0]
-        self.sum += flat.sum(0).cpu().numpy()
-        self.sumsq += (flat * flat).sum(0).cpu().numpy()
-        self.td_sum += float(token_diversity_per_image(tokens).double().sum())
-        self.td_count += tokens.shape[0]
+        self.add(self.partial(tokens))
 
     def merge(self, other: TokenStats) -> TokenStats:
         if not self.sum.size:

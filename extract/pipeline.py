@@ -30,6 +30,7 @@ from shards.features import (
     CacheError,
     FeatureShardWriter,
     Lease,
+    check_replay,
     finalize_manifest,
     make_manifest,
     manifest_differences,
@@ -100,7 +101,7 @@ class ViewBatches(IterableDataset):
                     continue
                 records = sample_views(a.seed, s["key"], img.height, img.width, a.views, a.scale, a.ratio, a.flip)
                 src = {"offset": s["offset"], "size": len(s["image"]), "crc": zlib.crc32(s["image"])}
-                rows.append((s["key"], records, replay_views(img, records, a.size), (img.height, img.width), s["cls"],
+                rows.append((s["key"], records, replay_views(img, records, a.size, a.cut), (img.height, img.width), s["cls"],
                              src))
                 if len(rows) == self.batch_size:
                     yield self._batch(url, rows, skipped, last=False)
@@ -141,13 +142,41 @@ class ShardJob:
             self.writer.abort()
 
 
-def raise_nonfinite(tokens: torch.Tensor, item: dict, views: int) -> None:
+def raise_nonfinite(bad: torch.Tensor, item: dict) -> None:
     """Non-finite teacher tokens are never stored: a CacheError naming the shard and the first bad key."""
-    bad = (~torch.isfinite(tokens)).flatten(1).any(1).view(-1, views).any(1)  # [b]: a view of the image is bad
     key = item["keys"][int(bad.nonzero()[0])]
     raise CacheError(f"source shard {item['source']}: the teacher's tokens for key {key!r} are not finite "
                      f"({int(bad.sum())} of {len(bad)} images in this batch); nothing was recorded for shard "
                      f"{item['shard']}. Check teacher.weights (a NaN or inf in the checkpoint?) and teacher.dtype")
+
+
+def teacher_step(teacher, codec, views: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """uint8 views [b, V, 3, S, S] -> on the teacher's device: the packed tokens [b, V, T, C'], which images have
+    a non-finite token [b], and the token statistics' sums. Nothing here waits for the device."""
+    b, v = views.shape[:2]
+    tokens = teacher(views.to(device, non_blocking=True).flatten(0, 1))  # [b*V, T, C]
+    bad = (~torch.isfinite(tokens)).flatten(1).any(1).view(b, v).any(1)
+    packed = codec.encode_tensor(tokens)
+    return {"packed": packed.view(b, v, *packed.shape[1:]), "bad": bad, **TokenStats.partial(tokens)}
+
+
+class ToHost:
+    """A dict of device tensors on its way to the host. On a GPU the copies are queued behind the batch's compute
+    into pinned memory and waited for later (one batch later in `_extract`), so the GPU runs the next batch
+    meanwhile; on the CPU they are the tensors themselves."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors, self.event = tensors, None
+        if any(t.is_cuda for t in tensors.values()):
+            self.tensors = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                            for k, t in tensors.items()}
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensors
 
 
 def prepare_cache(cfg: Config, teacher, token_shape, urls: list[str]) -> Path:
@@ -156,10 +185,12 @@ def prepare_cache(cfg: Config, teacher, token_shape, urls: list[str]) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     manifest = make_manifest(cfg, teacher.fingerprint, token_shape, urls)
     if (cache / "manifest.json").exists():
-        diffs = manifest_differences(read_manifest(cache), manifest)
+        old = read_manifest(cache)
+        diffs = manifest_differences(old, manifest)
         if diffs:
             raise CacheError(f"cache {cache} was made with another recipe; refusing to mix features:\n  "
                              + "\n  ".join(diffs) + "\nUse another cache.path, or delete the cache to redo it.")
+        check_replay(old)  # the shards this run adds must be cut as the ones already there
     else:
         write_json_atomic(cache / "manifest.json", manifest)
     return cache
@@ -217,8 +248,11 @@ def complete(cache: Path, name: str) -> bool:
 
 def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str], leases: dict[str, Lease], teacher,
              token_shape, device, progress: bool, rank: str) -> dict:
+    """The teacher runs batch k while the host stores batch k - 1: each loader item is launched on the device,
+    then the item before it is finished (its tokens handed to the writer thread, its shard committed if done)."""
     loader = DataLoader(ViewBatches(pending, names, cfg), batch_size=None, num_workers=min(cfg.data.workers, len(pending)),
                         pin_memory=device.type == "cuda")
+    codec = get_codec(cfg.cache.codec)
     jobs: dict[str, ShardJob] = {}
     inflight: list[Future] = []
     done, failed, images, skipped = 0, [], 0, 0
@@ -228,31 +262,27 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
     threads = cfg.extract.encode_threads or max(1, len(os.sched_getaffinity(0)) - cfg.data.workers - 1)
     with ThreadPoolExecutor(1, thread_name_prefix="writer") as pool, StopSignals() as stop, \
             ThreadPoolExecutor(threads, thread_name_prefix="encode") as encoders:
-        for item in loader:
-            if stop.requested:  # SIGTERM / SIGUSR1: shards in flight are dropped unrecorded, finished ones kept
-                inflight += [pool.submit(j.abort) for j in jobs.values()]
-                break
+
+        def finish(item: dict, result: ToHost | None) -> None:
+            nonlocal done, images, skipped
+            if stop.requested:  # nothing is recorded after a stop request
+                return
             name = item["shard"]
             job = jobs.setdefault(name, ShardJob(cache, cfg, name, item["source"], token_shape, leases[name]))
             b = len(item["keys"])
             if b:
-                views = item["views"].to(device, non_blocking=True).flatten(0, 1)  # [b*V, 3, S, S]
-                tokens = teacher(views)                                                # [b*V, T, C]
-                if not torch.isfinite(tokens).all():
+                out = result.wait()
+                if out["bad"].any():
                     for f in inflight + [pool.submit(j.abort) for j in jobs.values()]:
                         f.result()
-                    raise_nonfinite(tokens, item, cfg.augment.views)
-                job.stats.update(tokens)
-                tokens = tokens.view(b, cfg.augment.views, *token_shape).cpu().numpy()
+                    raise_nonfinite(out["bad"], item)
+                job.stats.add(out)
                 inflight.append(pool.submit(job.add, item["keys"], item["records"], item["src"], item["src_hw"],
-                                            item["cls"], tokens, item["skipped"], encoders))
+                                            item["cls"], codec.to_numpy(out["packed"]), item["skipped"], encoders))
             elif item["skipped"]:
                 inflight.append(pool.submit(job.add, [], None, [], [], [], None, item["skipped"]))
             images += b
             skipped += len(item["skipped"])
-            if stop.requested:  # again before a commit: nothing is recorded after a stop request
-                inflight += [pool.submit(j.abort) for j in jobs.values()]
-                break
             if item["last"]:
                 if item["error"]:
                     failed.append(f"{item['source']}: {item['error']}")
@@ -268,6 +298,21 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
             elapsed = max(time.time() - t0, 1e-9)
             bar.set_postfix_str(f"shards {done}/{len(pending)} views/s {images * cfg.augment.views / elapsed:.1f} "
                                 f"skipped {skipped}")
+
+        waiting = None  # (item, ToHost): launched on the device, not yet finished
+        for item in loader:
+            if stop.requested:  # SIGTERM / SIGUSR1
+                break
+            launched = (item, ToHost(teacher_step(teacher, codec, item["views"], device)) if item["keys"] else None)
+            if waiting is not None:
+                finish(*waiting)
+            waiting = launched
+        else:
+            if waiting is not None:
+                finish(*waiting)
+            waiting = None
+        if stop.requested:  # shards in flight are dropped unrecorded; finished ones are kept
+            inflight += [pool.submit(j.abort) for j in jobs.values()]
         for f in inflight:
             f.result()
     bar.close()

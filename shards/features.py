@@ -33,7 +33,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from common.augment import replay_probe
 from common.codecs import FORMAT_VERSION, TokenCodec, get_codec, view_crc32
 from common.faults import fault_point
 from common.stats import TokenStats
@@ -105,10 +107,20 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def tree_files(path: Path) -> dict[str, dict]:
-    """relative path -> {"size", "sha256"} of every file under a shard directory."""
+def tree_files(path: Path, known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """relative path -> {"size", "sha256"} of every file under a shard directory; `known` gives those of files
+    hashed while they were written (their size on disk is checked against it)."""
     files = sorted(Path(r) / f for r, _, fs in os.walk(path) for f in fs)
-    return {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+    out = {}
+    for p in files:
+        rel, size = str(p.relative_to(path)), p.stat().st_size
+        if known and rel in known:
+            if known[rel]["size"] != size:
+                raise CacheError(f"{p}: {size} bytes on disk, {known[rel]['size']} written; the file system lost data")
+            out[rel] = known[rel]
+        else:
+            out[rel] = {"size": size, "sha256": file_sha256(p)}
+    return out
 
 
 # ---------------------------------------------------------------- paths, records, leases
@@ -300,6 +312,8 @@ class FeatureShardWriter:
         self.rows: list[tuple] = []
         if fmt == "wds":
             self._files = [open(self.tmp / f"v{v:02d}.tar", "wb") for v in range(views)]
+            self._hashes = [hashlib.sha256() for _ in range(views)]
+            self._sizes = [0] * views
         else:
             self._buffer: list[np.ndarray] = []
             self._open_zarr()
@@ -323,33 +337,28 @@ class FeatureShardWriter:
     def add(self, key: str, views: np.ndarray, src: dict, hw, cls: int | None, tokens: np.ndarray) -> None:
         """One sample: its view records [V, 5], its image's place in the source tar (`offset`, `size`, `crc`),
         decoded size (h, w), label, and its teacher tokens [V, T, C] (fp32)."""
-        self.add_batch([key], [views], [src], [hw], [cls], tokens[None])
+        self.add_batch([key], [views], [src], [hw], [cls], self.codec.encode(tokens)[None])
 
-    def add_batch(self, keys, views, srcs, hws, clss, tokens: np.ndarray, pool=None) -> None:
-        """Samples in order; tokens [b, V, T, C]. With a thread pool, the b x V views are encoded, compressed and
-        checksummed in parallel (Blosc, zlib and torch release the GIL); they are written in order, so the
-        bytes do not depend on the pool."""
+    def add_batch(self, keys, views, srcs, hws, clss, packed: np.ndarray, pool=None) -> None:
+        """Samples in order; packed [b, V, T, C'] (codec.encode / encode_tensor). With a thread pool, the b x V views
+        are compressed and checksummed in parallel (Blosc and zlib release the GIL); they are written in order, so
+        the bytes do not depend on the pool."""
         for key in keys:
             if "." in key.rsplit("/", 1)[-1]:
                 raise CacheError(f"key {key!r} contains a dot, which WebDataset would split")
         b = len(keys)
-        flat = tokens.reshape(b * self.views, *tokens.shape[2:])  # [b*V, T, C]
+        flat = packed.reshape(b * self.views, *packed.shape[2:])  # [b*V, T, C']
         jobs = np.array_split(np.arange(b * self.views), max(1, min(b * self.views, pool._max_workers if pool else 1)))
-        parts = (pool.map if pool else map)(lambda idx: self._encode(flat[idx]), jobs)
-        packed, blobs, crcs = [], [], []
-        for p, bl, c in parts:
-            packed.append(p)
-            blobs += bl
-            crcs += c
-        packed = np.concatenate(packed).reshape(b, self.views, *packed[0].shape[1:])  # [b, V, T, C']
+        parts = list((pool.map if pool else map)(lambda idx: self._compress(flat[idx]), jobs))
+        blobs = [bl for bls, _ in parts for bl in bls]
+        crcs = [c for _, cs in parts for c in cs]
+        if self.fmt == "wds":  # the V tars are appended in parallel, each in sample order
+            placed = list((pool.map if pool else map)(lambda v: self._append(v, keys, blobs[v::self.views]),
+                                                      range(self.views)))  # [V][b] (offset, size)
         for i, key in enumerate(keys):
             offsets, sizes = [0] * self.views, [0] * self.views
             if self.fmt == "wds":
-                for v, f in enumerate(self._files):
-                    data = blobs[i * self.views + v]
-                    header = _tar_header(f"{key}.tokens", len(data))
-                    offsets[v], sizes[v] = f.tell() + len(header), len(data)
-                    f.write(header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+                offsets, sizes = [p[i][0] for p in placed], [p[i][1] for p in placed]
             else:
                 self._buffer.append(packed[i])
                 if len(self._buffer) == SHARD_SAMPLES:
@@ -359,11 +368,25 @@ class FeatureShardWriter:
                               srcs[i]["crc"], int(hws[i][0]), int(hws[i][1]), np.asarray(views[i], np.int32), offsets,
                               sizes, crcs[i * self.views:(i + 1) * self.views]))
 
-    def _encode(self, tokens: np.ndarray):
-        """views [n, T, C] fp32 -> (packed [n, T, C'], compressed bytes per view (wds), crc32 per view)."""
-        packed = self.codec.encode(tokens)
+    def _compress(self, packed: np.ndarray):
+        """views [n, T, C'] -> (compressed bytes per view (wds), crc32 per view)."""
         blobs = [self.codec.compress(p) for p in packed] if self.fmt == "wds" else [None] * len(packed)
-        return packed, blobs, [view_crc32(p) for p in packed]
+        return blobs, [view_crc32(p) for p in packed]
+
+    def _append(self, v: int, keys: list[str], blobs: list[bytes]) -> list[tuple[int, int]]:
+        """Append one member per sample to view v's tar: [(data offset, size)]."""
+        placed = []
+        for key, data in zip(keys, blobs):
+            header = _tar_header(f"{key}.tokens", len(data))
+            placed.append((self._sizes[v] + len(header), len(data)))
+            self._write(v, header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        return placed
+
+    def _write(self, v: int, data: bytes) -> None:
+        """Append to view v's tar, hashing as it goes: commit records the sha256 without reading the file back."""
+        self._files[v].write(data)
+        self._hashes[v].update(data)
+        self._sizes[v] += len(data)
 
     def _flush(self) -> None:
         if self._buffer:
@@ -372,9 +395,9 @@ class FeatureShardWriter:
 
     def _close(self) -> None:
         if self.fmt == "wds":
-            for f in self._files:
+            for v, f in enumerate(self._files):
                 if not f.closed:
-                    f.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+                    self._write(v, b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
                     f.close()
         else:
             self._flush()
@@ -392,9 +415,15 @@ class FeatureShardWriter:
         fault_point("commit", self.name)
         record = {"shard": self.name, "source": source, "format": self.fmt, "format_version": FORMAT_VERSION,
                   "samples": len(self.rows), "skipped": skipped, "seekable": seekable,
-                  "files": tree_files(self.final), "stats": stats.to_dict()}
+                  "files": tree_files(self.final, self._known()), "stats": stats.to_dict()}
         write_json_atomic(record_path(self.cache, self.name), record)
         return record
+
+    def _known(self) -> dict[str, dict]:
+        """The tars' sizes and sha256, as written (the index and Zarr's files are hashed from disk)."""
+        if self.fmt != "wds":
+            return {}
+        return {f"v{v:02d}.tar": {"size": self._sizes[v], "sha256": h.hexdigest()} for v, h in enumerate(self._hashes)}
 
     def abort(self) -> None:
         if self.fmt == "wds":
@@ -594,7 +623,9 @@ def make_manifest(cfg, fingerprint: dict, token_shape: tuple[int, int], shard_ur
         "codec": {"name": codec.name, "error_bound": codec.error_bound},
         "teacher": {k: fingerprint[k] for k in ("arch", "layer", "sha256", "precision")},
         "augment": {"size": a.size, "scale": list(a.scale), "ratio": list(a.ratio), "flip": a.flip,
-                    "views": a.views, "seed": a.seed, "interpolation": "bicubic"},
+                    "views": a.views, "seed": a.seed, "interpolation": "bicubic", "cut": a.cut},
+        # not identity: what this machine's libraries cut for a fixed probe; training checks its own against it
+        "replay": replay_versions(a.cut),
         "token_shape": list(token_shape),
         "shards": [{"name": n, "source": absolute_url(u)} for n, u in zip(shard_names(shard_urls), shard_urls)],
         "teacher_weights": fingerprint["weights"],
@@ -614,8 +645,35 @@ def read_manifest(cache: Path) -> dict:
     return manifest
 
 
+def manifest_cut(manifest: dict) -> str:
+    """How the cache's views were cut (see common/augment.py); caches from before `augment.cut` used Pillow."""
+    return manifest["augment"].get("cut", "pil")
+
+
+def replay_versions(cut: str) -> dict:
+    import PIL
+
+    return {"cut": cut, "probe": replay_probe(cut), "torch": torch.__version__, "pillow": PIL.__version__}
+
+
+def check_replay(manifest: dict) -> None:
+    """A CacheError if this machine's libraries cut a fixed probe differently from the machine that extracted the
+    cache: stage two would train on other pixels than the teacher saw."""
+    cut, recorded = manifest_cut(manifest), manifest.get("replay")
+    if recorded is None:
+        return  # a cache from before the probe was recorded
+    here = replay_versions(cut)
+    if here["probe"] != recorded["probe"]:
+        raise CacheError(f"this machine cuts views (augment.cut = {cut!r}) differently from the machine that "
+                         f"extracted the cache: probe {here['probe']} here (torch {here['torch']}, Pillow "
+                         f"{here['pillow']}), {recorded['probe']} there (torch {recorded['torch']}, Pillow "
+                         f"{recorded['pillow']}). Training would pair the cached features with other pixels. Install "
+                         "the versions the cache was made with, or re-extract with these")
+
+
 def manifest_differences(old: dict, new: dict) -> list[str]:
     diffs = []
+    old = {**old, "augment": {**old.get("augment", {}), "cut": manifest_cut(old)}} if "augment" in old else old
     for f in IDENTITY_FIELDS:
         if old.get(f) != new.get(f):
             if isinstance(new.get(f), dict) and isinstance(old.get(f), dict):

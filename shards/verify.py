@@ -32,6 +32,8 @@ from shards.features import (
     FeatureShard,
     file_sha256,
     read_index,
+    check_replay,
+    manifest_cut,
     read_manifest,
     read_record,
     record_path,
@@ -136,6 +138,10 @@ def check_manifest(cache: Path, report: Report) -> dict | None:
     except (KeyError, TypeError, ValueError) as e:
         report.problems.append(Problem(None, None, f"manifest.json: codec: {e}"))
         return None
+    try:
+        check_replay(manifest)
+    except CacheError as e:
+        report.problems.append(Problem(None, None, str(e), redo=False))
     if manifest["codec"].get("error_bound", codec.error_bound) != codec.error_bound:
         report.warnings.append(f"codec {codec.name}: the cache was written when it promised "
                                f"'{manifest['codec']['error_bound']}'; this version promises '{codec.error_bound}' "
@@ -349,10 +355,10 @@ def recompute_views(manifest: dict, triples: list[tuple[str, str, int]], capture
                     teacher, device: str, extra_rtol: float, report: Report) -> None:
     import torch
 
-    from common.augment import decode_image, replay
+    from common.augment import decode_image, replay_views
     from shards.source import ShardError, iter_samples
 
-    size, codec = manifest["augment"]["size"], get_codec(manifest["codec"]["name"])
+    size, codec, cut = manifest["augment"]["size"], get_codec(manifest["codec"]["name"]), manifest_cut(manifest)
     by_shard: dict[str, dict[str, list[int]]] = {}
     for name, key, view in triples:
         if (name, key) in captured:  # a sample that failed its byte checks is already a problem
@@ -381,7 +387,8 @@ def recompute_views(manifest: dict, triples: list[tuple[str, str, int]], capture
                                                    f"cache recorded {cap['src_hw'][0]}x{cap['src_hw'][1]}: "
                                                    f"{url} is not the source this cache was made from", False))
                     continue
-                jobs += [(name, s["key"], v, replay(img, cap["views"][v], size)) for v in want[s["key"]]]
+                pixels = replay_views(img, np.asarray([cap["views"][v] for v in want[s["key"]]]), size, cut)
+                jobs += [(name, s["key"], v, p) for v, p in zip(want[s["key"]], pixels)]
                 if len(found) == len(want):
                     break
         except ShardError as e:

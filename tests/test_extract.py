@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.augment import decode_image, replay_views, sample_views
+from common.augment import decode_image, replay_probe, replay_views, sample_views, view_order
 from common.codecs import get_codec
 from common.config import load_config
 from common.teacher import build_teacher
@@ -61,19 +61,31 @@ def test_manifest_and_records(extracted):
     assert m["stats"]["token_diversity"] == pytest.approx(td, abs=1e-3)
 
 
-@pytest.mark.parametrize("codec", ["bf16-zstd", "u8-zstd"])
-def test_replay_is_exact(tmp_path, source, codec):
-    """Replaying each recorded view and running the teacher online reproduces the stored tokens."""
-    cfg = load_config(write_config(tmp_path, source, 1, codec=codec))
+@pytest.mark.parametrize("codec,cut", [("bf16-zstd", "torch"), ("u8-zstd", "torch"), ("bf16-zstd", "pil")])
+def test_replay_is_exact(tmp_path, source, codec, cut):
+    """Replaying each recorded view with the cache's cut path and running the teacher online reproduces the stored
+    tokens; stage two's loader gives exactly those pixels."""
+    cfg = load_config(write_config(tmp_path, source, 1, codec=codec), [f"augment.cut={cut}"])
     run_extraction(cfg, progress=False)
     teacher = build_teacher(cfg.teacher)
     stored = stored_tokens(Path(cfg.cache.path))
     manifest = read_manifest(Path(cfg.cache.path))
+    assert manifest["augment"]["cut"] == cut and manifest["replay"]["probe"] == replay_probe(cut)
     records = {s["key"]: s["views"] for s in iter_feature_shard(Path(cfg.cache.path), "shard-000000", manifest)}
+    from tests.test_train import epoch_batches
+
+    loaded = {}  # stage two's pixels of each (key, view), over V epochs
+    for epoch in range(3):
+        for batch in epoch_batches(Path(cfg.cache.path), epoch, 1)[0]:
+            key = batch["keys"][0]
+            loaded[key, int(view_order(0, key, 3)[epoch])] = batch["images"][0]
     for s in iter_samples(str(source / "shard-000000.tar")):
         img = decode_image(s["image"])
         assert (records[s["key"]] == sample_views(0, s["key"], img.height, img.width, 3)).all()
-        online = teacher(replay_views(img, records[s["key"]], 64)).numpy()  # [V, T, C]
+        pixels = replay_views(img, records[s["key"]], 64, cut)
+        for v in range(3):
+            assert torch.equal(loaded[s["key"], v], pixels[v])
+        online = teacher(pixels).numpy()  # [V, T, C]
         err = np.abs(stored[s["key"]] - online)
         if codec == "bf16-zstd":  # exact up to bf16 rounding of the teacher's output
             assert (err <= np.abs(online) * 2 ** -8 + 1e-6).all()

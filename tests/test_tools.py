@@ -181,7 +181,7 @@ def test_diversity_two_teachers_over_shards_with_maps(source, tmp_path, capsys):
 
     teacher = build_teacher(Teacher(arch="resnet18", weights="random"))
     imgs = [decode_image(s["image"]) for url in sorted(source.glob("shard-*.tar")) for s in iter_samples(str(url))][:8]
-    views = torch.stack([replay(im, center_view(im.height, im.width)[0], 64) for im in imgs])
+    views = torch.stack([replay(im, center_view(im.height, im.width)[0], 64, "torch") for im in imgs])
     assert result["rows"][0]["token_diversity"] == pytest.approx(token_diversity(teacher(views)), abs=1e-5)
 
 

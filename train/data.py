@@ -34,6 +34,7 @@ from shards.features import (
     CorruptSample,
     FeatureShard,
     check_recorded,
+    manifest_cut,
     open_file_budget,
     pread,
     read_record,
@@ -226,7 +227,7 @@ def _samples(index: CacheIndex, shards, rows, images, epoch: int, seed: int, wit
 
 # ---------------------------------------------------------------- decode and replay
 
-def decode(sample: dict, size: int, codec) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+def decode(sample: dict, size: int, codec, cut: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
     """A read sample -> (key, replayed view uint8 [3, S, S], tokens [T, C] (see to_tensor) or None); raises
     CorruptSample when the source bytes or the tokens are not what extraction recorded."""
     key, shard = sample["key"], sample["shard"]
@@ -243,7 +244,7 @@ def decode(sample: dict, size: int, codec) -> tuple[str, torch.Tensor, torch.Ten
     if (img.height, img.width) != sample["hw"]:
         raise CorruptSample(shard, key, f"decoded size {img.height}x{img.width}, extraction saw "
                                         f"{sample['hw'][0]}x{sample['hw'][1]}", what="source shard")
-    pixels = replay(img, sample["record"], size)
+    pixels = replay(img, sample["record"], size, cut)
     tokens = codec.to_tensor(sample["packed"]) if sample["packed"] is not None else None
     return key, pixels, tokens
 
@@ -265,7 +266,7 @@ class EpochData(IterableDataset):
         self.index, self.plan, self.epoch, self.seed, self.start = index, plan, epoch, seed, start
         self.mode, self.with_tokens, self.on_corrupt = mode, with_tokens, on_corrupt
         self.codec = get_codec(index.manifest["codec"]["name"])
-        self.size = index.manifest["augment"]["size"]
+        self.size, self.cut = index.manifest["augment"]["size"], manifest_cut(index.manifest)
 
     def __iter__(self):
         info = get_worker_info()
@@ -284,7 +285,7 @@ class EpochData(IterableDataset):
         out, bad = [], []
         for sample in samples:
             try:
-                out.append(decode(sample, self.size, self.codec))
+                out.append(decode(sample, self.size, self.codec, self.cut))
             except CorruptSample as e:
                 if self.on_corrupt == "error":
                     raise

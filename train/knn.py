@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from common.augment import decode_image, replay
+from common.augment import CUTS, decode_image, replay
 from common.config import ConfigError
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD
 from shards.source import ShardError, expand_shards, iter_samples
@@ -86,7 +86,7 @@ class EvalCrops(IterableDataset):
                 except Exception:  # noqa: BLE001 - a bad sample is skipped and counted
                     yield None, -1, s["key"]
                     continue
-                yield replay(img, center_box(img.height, img.width, self.crop_pct), self.size), s["cls"], s["key"]
+                yield replay(img, center_box(img.height, img.width, self.crop_pct), self.size, CUTS[0]), s["cls"], s["key"]
 
 
 def _collate(items):

@@ -22,7 +22,7 @@ from common.config import Config, ConfigError, add_config_args, check_mask_ratio
 from common.faults import fault_point
 from common.signals import PREEMPTED, StopSignals
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
-from shards.features import CacheError, read_manifest, source_urls
+from shards.features import CacheError, check_replay, read_manifest, source_urls
 from shards.source import ShardError
 from train import data
 from train.losses import normalize_targets
@@ -72,6 +72,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     validate(cfg, "train")
     cache = Path(cfg.cache.path)
     manifest = read_manifest(cache)
+    check_replay(manifest)  # this machine cuts the pixels the teacher saw, or a clear error before any work
     check_mask_ratio(cfg.student.mask_ratio, manifest["token_shape"][0])
     index = data.CacheIndex(cache, manifest, source_urls(manifest, cfg.data.shards))
     check_sources(index.urls)
