@@ -265,8 +265,6 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
 
         def finish(item: dict, result: ToHost | None) -> None:
             nonlocal done, images, skipped
-            if stop.requested:  # nothing is recorded after a stop request
-                return
             name = item["shard"]
             job = jobs.setdefault(name, ShardJob(cache, cfg, name, item["source"], token_shape, leases[name]))
             b = len(item["keys"])
@@ -307,10 +305,8 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
             if waiting is not None:
                 finish(*waiting)
             waiting = launched
-        else:
-            if waiting is not None:
-                finish(*waiting)
-            waiting = None
+        if waiting is not None:  # launched before any stop request: stored, its shard committed if it was the last
+            finish(*waiting)
         if stop.requested:  # shards in flight are dropped unrecorded; finished ones are kept
             inflight += [pool.submit(j.abort) for j in jobs.values()]
         for f in inflight:

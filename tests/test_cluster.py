@@ -325,3 +325,58 @@ def test_a_damaged_index_row_pairs_nothing(tmp_path, extracted):
         list(EpochData(data, epoch_plan(data.counts, 0, 0, 1, 0, 2), 0, 0))
     report = verify_cache(cache, progress=False)
     assert not report.ok and any("index row" in p.line() and "shard-000001" in p.line() for p in report.problems)
+
+
+def test_the_torch_cut_is_the_same_on_every_x86_cpu_kind():
+    """A cluster mixes CPU generations: extraction may cut on AVX-512 nodes, training replay on AVX2 or older. torch's
+    uint8 antialiased resize is integer arithmetic, so every kernel torch dispatches to gives the same bytes (its
+    float path does not: this test would catch a switch to it). The probe covers up- and down-scaling and flips."""
+    import sys
+
+    from common.augment import CUTS, replay_probe
+
+    code = "from common.augment import replay_probe; print(replay_probe('torch'), replay_probe('pil'))"
+    here = f"{replay_probe('torch')} {replay_probe('pil')}"
+    for kind in ("default", "avx2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                             env={**os.environ, "ATEN_CPU_CAPABILITY": kind}).stdout.split()
+        assert " ".join(out) == here, kind
+    assert replay_probe("torch") != replay_probe("pil") and CUTS[0] == "torch"  # the probe tells the paths apart
+
+
+def test_a_machine_that_cuts_other_pixels_is_refused(tmp_path, source, extracted, capsys):
+    """Another torch or Pillow version may resize differently: training would pair the cached tokens with pixels
+    the teacher never saw. The manifest's probe catches it before any work: training, verify and an extraction
+    that would add shards to the cache all refuse, naming both machines' versions."""
+    from common.augment import replay_probe
+    from extract.cli import main as extract_main
+    from shards.features import CacheError
+    from tests.test_train import run_in_process
+
+    path = write_config(tmp_path, source, 3)
+    cache = tmp_path / "cache"
+    shutil.copytree(extracted[1].cache.path, cache)
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["augment"]["cut"] == "torch" and m["replay"]["probe"] == replay_probe("torch")
+    m["replay"].update(probe="0badc0de", torch="9.9.9")  # as another machine would have recorded it
+    (cache / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="probe .* here \\(torch .*\\), 0badc0de there \\(torch 9.9.9"):
+        run_in_process(path, tmp_path / "run", "train.max_steps=1")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("checkpoint*"))
+    report = verify_cache(cache, progress=False)
+    assert not report.ok and any("0badc0de" in p.line() for p in report.problems)
+    (cache / "shard-000002.done.json").unlink()
+    assert extract_main(["--config", str(path), "--no-progress"]) != 0
+    assert "0badc0de there" in capsys.readouterr().err
+    assert not (cache / "shard-000002.done.json").exists()
+
+
+def test_caches_from_before_the_cut_setting_are_replayed_with_pillow():
+    """A manifest without augment.cut was cut by Pillow: it is replayed so, and extending it needs augment.cut=pil."""
+    from shards.features import manifest_cut, manifest_differences
+
+    old = {"augment": {"size": 224, "interpolation": "bicubic"}}
+    assert manifest_cut(old) == "pil"
+    assert manifest_differences(old, {"augment": {"size": 224, "interpolation": "bicubic", "cut": "pil"}}) == []
+    assert manifest_differences(old, {"augment": {"size": 224, "interpolation": "bicubic", "cut": "torch"}}) == [
+        "augment.cut: cache has 'pil', config gives 'torch'"]
