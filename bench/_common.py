@@ -61,13 +61,18 @@ class Timer:
 
 # ---------------------------------------------------------------- sources and teachers
 
+IMAGENET_LIKE = {"size": (250, 450), "width": (300, 500), "noise": 24, "quality": 95}  # ~400 x 350, ~110 KB
+
+
 def make_source(out: Path, shards: int, per_shard: int, seed: int = 0, classes: int = 8,
-                sizes: tuple[int, int] = IMAGE_SIZES) -> str:
-    """Synthetic JPEG shards `out/src-000000.tar ...` with sides in `sizes`; returns the brace pattern."""
+                sizes: tuple[int, int] = IMAGE_SIZES, imagenet_like: bool = False) -> str:
+    """Synthetic JPEG shards `out/src-000000.tar ...` with sides in `sizes` (or ImageNet's typical size and JPEG
+    bytes: IMAGENET_LIKE); returns the brace pattern."""
     from shards.make import write_shards
     from shards.synthetic import synthetic_samples
 
-    write_shards(synthetic_samples(shards * per_shard, classes=classes, seed=seed, size=sizes), out,
+    kw = IMAGENET_LIKE if imagenet_like else {"size": sizes}
+    write_shards(synthetic_samples(shards * per_shard, classes=classes, seed=seed, **kw), out,
                  prefix="src", maxcount=per_shard, progress=False)
     return str(out / f"src-{{000000..{shards - 1:06d}}}.tar")
 

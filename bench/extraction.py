@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from _common import header, make_source, median, random_teacher, table
 
-from common.augment import decode_image, replay_views, sample_views
+from common.augment import CUTS, decode_image, replay_views, sample_views
 from common.codecs import get_codec
 from common.config import Config
 from common.stats import TokenStats
@@ -46,7 +46,7 @@ def predecoded(pattern: str, views: int, batch: int) -> list[torch.Tensor]:
     for url in expand_shards(pattern):
         for s in iter_samples(url):
             img = decode_image(s["image"])
-            out.append(replay_views(img, sample_views(0, s["key"], img.height, img.width, views), 224))
+            out.append(replay_views(img, sample_views(0, s["key"], img.height, img.width, views), 224, CUTS[0]))
     return [torch.cat(out[i:i + batch]) for i in range(0, len(out), batch)]
 
 
@@ -102,6 +102,150 @@ def writer_rate(tmp: Path, codec: str, tokens: np.ndarray, samples: int, threads
     return samples * views / dt
 
 
+IMAGENET_IMAGES, IMAGENET_SHARDS = 1_281_167, 1_282
+
+
+def thread_ms(fn, per: int, reps: int = 3) -> float:
+    """CPU milliseconds of this thread per unit (median of `reps` runs of fn(), divided by `per`)."""
+    out = []
+    for _ in range(reps):
+        t0 = time.thread_time()
+        fn()
+        out.append((time.thread_time() - t0) * 1e3 / per)
+    return median(out)
+
+
+def realistic_tokens(views: int) -> np.ndarray:
+    """Tokens [views, 49, 2048] of a ResNet-50 with BatchNorm statistics recalibrated on other images (trained-like
+    zero fraction and spread; bench/codec_study.py): what the codecs' costs depend on."""
+    from _common import recalibrate_bn, source_views, teacher_tokens
+
+    teacher = random_teacher()
+    recalibrate_bn(teacher, source_views(16, 1, seed=2)[0])
+    return teacher_tokens(teacher, source_views(max(1, views // 10), 10)[0][:views])
+
+
+def codec_costs(codec, tokens: np.ndarray, tmp: Path) -> dict:
+    """Core-ms per view of encoding on the host, compressing + checksumming, and storing (tar append, hashes, index,
+    commit; fsync waits are not CPU time), before and after this version's changes."""
+    import numcodecs
+
+    from common.codecs import view_crc32
+    from shards.features import file_sha256
+
+    packed = codec.encode(tokens)
+    host_encode = thread_ms(lambda: codec.encode(tokens), len(tokens))
+    before_comp = codec.blosc()
+    if codec.kind == "u8":  # before: no shuffle (bit-shuffling came with this version)
+        before_comp = numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.NOSHUFFLE, blocksize=1 << 18)
+    compress = {"before": thread_ms(lambda: [(before_comp.encode(p), view_crc32(p)) for p in packed], len(packed)),
+                "after": thread_ms(lambda: [(codec.compress(p), view_crc32(p)) for p in packed], len(packed))}
+    batch = np.stack([packed[:10], packed[10:20]])
+
+    def write(reread: bool):
+        w = FeatureShardWriter(tmp, f"w-{codec.name}-{time.monotonic_ns()}", "wds", codec, 10, *tokens.shape[1:])
+        for i in range(20):
+            w.add_batch([f"k{i}-0", f"k{i}-1"], [np.zeros((10, 5), np.int32)] * 2,
+                        [{"offset": -1, "size": 0, "crc": 0}] * 2, [(224, 224)] * 2, [0] * 2, batch)
+        w.commit([], "bench", TokenStats(), False)
+        if reread:  # before: the record's sha256 was computed by reading every tar back
+            for f in sorted(w.final.glob("v*.tar")):
+                file_sha256(f)
+
+    store = {when: thread_ms(lambda w=when: write(w == "before"), 400) - compress["after"]  # add_batch compresses too
+             for when in ("before", "after")}
+    return {"encode": host_encode, "compress": compress, "store": store}
+
+
+def core_ms_per_view(pattern: str, views: int, tmp: Path) -> tuple[list[list], dict]:
+    """One core's milliseconds per view of each CPU stage of extraction, before and after this version's changes,
+    for bf16-zstd and u8-zstd. Returns table rows and the totals."""
+    import numcodecs
+
+    numcodecs.blosc.use_threads = False  # as in the encode pool's threads: one core per call
+    samples = [s["image"] for url in expand_shards(pattern) for s in iter_samples(url)]
+    imgs = [decode_image(b) for b in samples]
+    records = [sample_views(0, f"k{i}", im.height, im.width, views) for i, im in enumerate(imgs)]
+    n = len(imgs) * views
+    decode = thread_ms(lambda: [decode_image(b) for b in samples], n)
+    draw = thread_ms(lambda: [sample_views(0, f"k{i}", im.height, im.width, views) for i, im in enumerate(imgs)], n)
+    cut = {c: thread_ms(lambda c=c: [replay_views(im, r, 224, c) for im, r in zip(imgs, records)], n) for c in CUTS}
+    tokens = realistic_tokens(20)
+    costs = {name: codec_costs(get_codec(name), tokens, tmp) for name in ("bf16-zstd", "u8-zstd")}
+    totals = {}
+    for name, c in costs.items():
+        totals[name] = {
+            "before": decode + draw + cut["pil"] + c["encode"] + c["compress"]["before"] + c["store"]["before"],
+            "after": decode + draw + cut["torch"] + c["compress"]["after"] + c["store"]["after"],
+            "after_cpu_teacher": decode + draw + cut["torch"] + c["encode"] + c["compress"]["after"] + c["store"]["after"]}
+    b, u = costs["bf16-zstd"], costs["u8-zstd"]
+    f = "{:.3f}".format
+    rows = [
+        ["decode the JPEG once (its share per view)", f(decode), f(decode), f(decode), f(decode)],
+        ["draw the view records", f(draw), f(draw), f(draw), f(draw)],
+        ["cut: crop + bicubic resize + flip (`augment.cut`)", f"{f(cut['pil'])} (`pil`)", f"{f(cut['torch'])} (`torch`)",
+         f"{f(cut['pil'])} (`pil`)", f"{f(cut['torch'])} (`torch`)"],
+        ["encode: bf16 rounding / u8 quantization", f(b["encode"]), f"0 on a GPU ({f(b['encode'])} on a CPU)",
+         f(u["encode"]), f"0 on a GPU ({f(u['encode'])} on a CPU)"],
+        ["compress (Blosc zstd) + crc32", f(b["compress"]["before"]), f(b["compress"]["after"]),
+         f"{f(u['compress']['before'])} (no shuffle)", f"{f(u['compress']['after'])} (bit shuffle)"],
+        ["tar append + sha256 + index + commit", f"{f(b['store']['before'])} (sha256 re-read)", f(b["store"]["after"]),
+         f"{f(u['store']['before'])} (sha256 re-read)", f(u["store"]["after"])],
+        ["**core-ms per view outside the teacher**", f"**{f(totals['bf16-zstd']['before'])}**",
+         f"**{f(totals['bf16-zstd']['after'])}**", f"**{f(totals['u8-zstd']['before'])}**",
+         f"**{f(totals['u8-zstd']['after'])}**"]]
+    return rows, totals
+
+
+def headline(args, tmp: Path, teacher) -> None:
+    """What the issue asks in one table: extract-features vs the teacher alone vs decode + cut alone, cores used,
+    core-ms per view outside the teacher (before / after), and the ImageNet x V projection on this machine."""
+    import resource
+
+    v, n = args.imagenet_views, args.imagenet_images
+    pattern = make_source(tmp / "imagenet-like", 1, n, seed=11, imagenet_like=True)
+    urls = expand_shards(pattern)
+    kb = np.mean([len(s["image"]) for s in iter_samples(urls[0])]) / 1024
+    hw = np.mean([decode_image(s["image"]).size for s in iter_samples(urls[0])], 0)
+    print(f"### ImageNet-like inputs, V = {v}: {n} JPEGs of {hw[0]:.0f} x {hw[1]:.0f} px and {kb:.0f} KiB on average "
+          f"(ImageNet: ~400 x 350, ~110 KB)\n")
+    rows, totals = core_ms_per_view(pattern, v, tmp)
+    print("CPU core-ms per view of each stage outside the teacher (`time.thread_time` of one thread; Blosc on one "
+          "thread; \"before\" = the previous version's path, measured in this run):\n")
+    print(table(["stage", "`bf16-zstd` before", "`bf16-zstd` now", "`u8-zstd` before", "`u8-zstd` now"], rows))
+
+    cores = len(os.sched_getaffinity(0))
+    results = {}
+    for codec in ("bf16-zstd", "u8-zstd"):
+        before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        s = extraction(pattern, tmp, f"headline-{codec}", v, args.batch, args.workers, codec, args.device)
+        after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
+        results[codec] = (s["views"] / s["seconds"], cpu / s["seconds"])
+    alone = n * v / teacher_alone(teacher, predecoded(pattern, v, args.batch), args.device)
+    cut_alone = producer_rate(pattern, v)
+    rows = [["teacher alone (pre-cut views on the device)", f"{alone:.1f}", "1.00", "-"],
+            ["decode + cut alone (one process, one thread)", f"{cut_alone:.1f}", f"{cut_alone / alone:.2f}", "1"]]
+    rows += [[f"extract-features, `{c}`", f"{r:.1f}", f"{r / alone:.2f}", f"{busy:.2f} of {cores}"]
+             for c, (r, busy) in results.items()]
+    print(f"extract-features (run_extraction: {args.workers} data worker(s), extract.batch_size {args.batch}, "
+          f"device {args.device}) against its two stages alone:\n")
+    print(table(["what", "views/s", "ratio to the teacher alone", "cores busy (CPU-s / wall-s)"], rows))
+    total = IMAGENET_IMAGES * v
+    rate = min(alone, cores * 1000 / totals["bf16-zstd"]["after_cpu_teacher"] if args.device == "cpu" else
+               cores * 1000 / totals["bf16-zstd"]["after"])
+    measured = results["bf16-zstd"][0]
+    print(f"ImageNet-1k x {v} views = {total / 1e6:.1f} M views ({IMAGENET_SHARDS} shards): at the measured "
+          f"`bf16-zstd` rate here ({measured:.1f} views/s) {total / measured / 3600:.1f} h on this machine; "
+          f"its bound, min(teacher alone, {cores} cores / core-ms per view), is {rate:.1f} views/s = "
+          f"{total / rate / 3600:.1f} h. The CPU side alone: {cores} cores / "
+          f"{totals['bf16-zstd']['after']:.2f} core-ms = {cores * 1000 / totals['bf16-zstd']['after']:.0f} views/s "
+          f"(`bf16-zstd`), {cores * 1000 / totals['u8-zstd']['after']:.0f} views/s (`u8-zstd`); 5,700 views/s (ImageNet "
+          f"x 16 in an hour) needs {5.7 * totals['bf16-zstd']['after']:.1f} / {5.7 * totals['u8-zstd']['after']:.1f} "
+          "cores for it.\n")
+
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer images, views 1 and 4 only (about a minute)")
@@ -117,7 +261,11 @@ def main() -> None:
                    "shared CPU, more threads than free cores make timings erratic; 0 = torch's default)")
     p.add_argument("--codec", default="bf16-zstd")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--imagenet-views", type=int, default=10, help="views per image of the ImageNet-like headline")
+    p.add_argument("--imagenet-images", type=int, help="images of the ImageNet-like headline (default 16, quick 6)")
+    p.add_argument("--only-headline", action="store_true", help="the ImageNet-like headline section only")
     args = p.parse_args()
+    args.imagenet_images = args.imagenet_images or (6 if args.quick else 16)
     counts = [int(n) for n in (args.images or ("8,24" if args.quick else "16,64")).split(",")]
     rounds = args.rounds or (2 if args.quick else 3)
     sweep = [int(v) for v in (args.views or ("1,4" if args.quick else "1,2,4,8")).split(",")]
@@ -130,6 +278,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     atexit.register(shutil.rmtree, tmp, True)  # caches and runs can take hundreds of MB
     teacher = random_teacher(device=args.device)
+    headline(args, tmp, teacher)
+    if args.only_headline:
+        return
+    print("### One view per image\n")
     sources = {n: make_source(tmp / f"src{n}", 1, n) for n in counts}  # the first images of each are the same
     batches = {n: predecoded(sources[n], 1, args.batch) for n in counts}
     t_ext = {n: [] for n in counts}
