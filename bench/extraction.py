@@ -154,12 +154,16 @@ def codec_costs(codec, tokens: np.ndarray, tmp: Path) -> dict:
 
     store = {when: thread_ms(lambda w=when: write(w == "before"), 400) - compress["after"]  # add_batch compresses too
              for when in ("before", "after")}
-    return {"encode": host_encode, "compress": compress, "store": store}
+    kib = float(np.mean([len(codec.compress(p)) for p in packed])) / 1024
+    return {"encode": host_encode, "compress": compress, "store": store, "kib": kib}
 
 
-def core_ms_per_view(pattern: str, views: int, tmp: Path) -> tuple[list[list], dict]:
+HEADLINE_CODECS = ("bf16-zstd", "bf16z-zstd", "u8-zstd")
+
+
+def core_ms_per_view(pattern: str, views: int, tmp: Path) -> tuple[list[str], list[list], dict]:
     """One core's milliseconds per view of each CPU stage of extraction, before and after this version's changes,
-    for bf16-zstd and u8-zstd. Returns table rows and the totals."""
+    for each of HEADLINE_CODECS (bf16z-zstd is new: no "before"). Returns table headers, rows and the totals."""
     import numcodecs
 
     numcodecs.blosc.use_threads = False  # as in the encode pool's threads: one core per call
@@ -171,30 +175,34 @@ def core_ms_per_view(pattern: str, views: int, tmp: Path) -> tuple[list[list], d
     draw = thread_ms(lambda: [sample_views(0, f"k{i}", im.height, im.width, views) for i, im in enumerate(imgs)], n)
     cut = {c: thread_ms(lambda c=c: [replay_views(im, r, 224, c) for im, r in zip(imgs, records)], n) for c in CUTS}
     tokens = realistic_tokens(20)
-    costs = {name: codec_costs(get_codec(name), tokens, tmp) for name in ("bf16-zstd", "u8-zstd")}
+    costs = {name: codec_costs(get_codec(name), tokens, tmp) for name in HEADLINE_CODECS}
     totals = {}
     for name, c in costs.items():
         totals[name] = {
             "before": decode + draw + cut["pil"] + c["encode"] + c["compress"]["before"] + c["store"]["before"],
             "after": decode + draw + cut["torch"] + c["compress"]["after"] + c["store"]["after"],
             "after_cpu_teacher": decode + draw + cut["torch"] + c["encode"] + c["compress"]["after"] + c["store"]["after"]}
-    b, u = costs["bf16-zstd"], costs["u8-zstd"]
     f = "{:.3f}".format
+    cols = [(name, when) for name in HEADLINE_CODECS for when in (("after",) if name == "bf16z-zstd" else ("before", "after"))]
+    note = {"u8-zstd": {"before": " (no shuffle)", "after": " (bit shuffle)"}}
+
+    def row(label, cell):
+        return [label] + [cell(name, when) for name, when in cols]
+
     rows = [
-        ["decode the JPEG once (its share per view)", f(decode), f(decode), f(decode), f(decode)],
-        ["draw the view records", f(draw), f(draw), f(draw), f(draw)],
-        ["cut: crop + bicubic resize + flip (`augment.cut`)", f"{f(cut['pil'])} (`pil`)", f"{f(cut['torch'])} (`torch`)",
-         f"{f(cut['pil'])} (`pil`)", f"{f(cut['torch'])} (`torch`)"],
-        ["encode: bf16 rounding / u8 quantization", f(b["encode"]), f"0 on a GPU ({f(b['encode'])} on a CPU)",
-         f(u["encode"]), f"0 on a GPU ({f(u['encode'])} on a CPU)"],
-        ["compress (Blosc zstd) + crc32", f(b["compress"]["before"]), f(b["compress"]["after"]),
-         f"{f(u['compress']['before'])} (no shuffle)", f"{f(u['compress']['after'])} (bit shuffle)"],
-        ["tar append + sha256 + index + commit", f"{f(b['store']['before'])} (sha256 re-read)", f(b["store"]["after"]),
-         f"{f(u['store']['before'])} (sha256 re-read)", f(u["store"]["after"])],
-        ["**core-ms per view outside the teacher**", f"**{f(totals['bf16-zstd']['before'])}**",
-         f"**{f(totals['bf16-zstd']['after'])}**", f"**{f(totals['u8-zstd']['before'])}**",
-         f"**{f(totals['u8-zstd']['after'])}**"]]
-    return rows, totals
+        row("decode the JPEG once (its share per view)", lambda n, w: f(decode)),
+        row("draw the view records", lambda n, w: f(draw)),
+        row("cut: crop + bicubic resize + flip (`augment.cut`)",
+            lambda n, w: f"{f(cut['pil'])} (`pil`)" if w == "before" else f"{f(cut['torch'])} (`torch`)"),
+        row("encode: bf16 rounding (+ zero bitmap) / u8 quantization", lambda n, w: f(costs[n]["encode"]) if w == "before"
+            else f"0 on a GPU ({f(costs[n]['encode'])} on a CPU)"),
+        row("compress (Blosc zstd) + crc32", lambda n, w: f(costs[n]["compress"][w]) + note.get(n, {}).get(w, "")),
+        row("tar append + sha256 + index + commit",
+            lambda n, w: f(costs[n]["store"][w]) + (" (sha256 re-read)" if w == "before" else "")),
+        row("**core-ms per view outside the teacher**", lambda n, w: f"**{f(totals[n][w])}**"),
+        row("KiB per view", lambda n, w: f"{costs[n]['kib']:.1f}")]
+    headers = ["stage"] + [f"`{n}` {'before' if w == 'before' else 'now'}" for n, w in cols]
+    return headers, rows, totals
 
 
 def headline(args, tmp: Path, teacher) -> None:
@@ -209,14 +217,14 @@ def headline(args, tmp: Path, teacher) -> None:
     hw = np.mean([decode_image(s["image"]).size for s in iter_samples(urls[0])], 0)
     print(f"### ImageNet-like inputs, V = {v}: {n} JPEGs of {hw[0]:.0f} x {hw[1]:.0f} px and {kb:.0f} KiB on average "
           f"(ImageNet: ~400 x 350, ~110 KB)\n")
-    rows, totals = core_ms_per_view(pattern, v, tmp)
+    headers, rows, totals = core_ms_per_view(pattern, v, tmp)
     print("CPU core-ms per view of each stage outside the teacher (`time.thread_time` of one thread; Blosc on one "
           "thread; \"before\" = the previous version's path, measured in this run):\n")
-    print(table(["stage", "`bf16-zstd` before", "`bf16-zstd` now", "`u8-zstd` before", "`u8-zstd` now"], rows))
+    print(table(headers, rows))
 
     cores = len(os.sched_getaffinity(0))
     results = {}
-    for codec in ("bf16-zstd", "u8-zstd"):
+    for codec in HEADLINE_CODECS:
         before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         s = extraction(pattern, tmp, f"headline-{codec}", v, args.batch, args.workers, codec, args.device)
         after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -231,18 +239,17 @@ def headline(args, tmp: Path, teacher) -> None:
     print(f"extract-features (run_extraction: {args.workers} data worker(s), extract.batch_size {args.batch}, "
           f"device {args.device}) against its two stages alone:\n")
     print(table(["what", "views/s", "ratio to the teacher alone", "cores busy (CPU-s / wall-s)"], rows))
-    total = IMAGENET_IMAGES * v
-    rate = min(alone, cores * 1000 / totals["bf16-zstd"]["after_cpu_teacher"] if args.device == "cpu" else
-               cores * 1000 / totals["bf16-zstd"]["after"])
-    measured = results["bf16-zstd"][0]
-    print(f"ImageNet-1k x {v} views = {total / 1e6:.1f} M views ({IMAGENET_SHARDS} shards): at the measured "
-          f"`bf16-zstd` rate here ({measured:.1f} views/s) {total / measured / 3600:.1f} h on this machine; "
-          f"its bound, min(teacher alone, {cores} cores / core-ms per view), is {rate:.1f} views/s = "
-          f"{total / rate / 3600:.1f} h. The CPU side alone: {cores} cores / "
-          f"{totals['bf16-zstd']['after']:.2f} core-ms = {cores * 1000 / totals['bf16-zstd']['after']:.0f} views/s "
-          f"(`bf16-zstd`), {cores * 1000 / totals['u8-zstd']['after']:.0f} views/s (`u8-zstd`); 5,700 views/s (ImageNet "
-          f"x 16 in an hour) needs {5.7 * totals['bf16-zstd']['after']:.1f} / {5.7 * totals['u8-zstd']['after']:.1f} "
-          "cores for it.\n")
+    total, default = IMAGENET_IMAGES * v, Config().cache.codec
+    per_view = totals[default]["after_cpu_teacher" if args.device == "cpu" else "after"]
+    rate = min(alone, cores * 1000 / per_view)
+    measured = results[default][0]
+    host = ", ".join(f"`{c}` {cores * 1000 / t['after']:.0f}" for c, t in totals.items())
+    need = ", ".join(f"`{c}` {5.7 * t['after']:.1f}" for c, t in totals.items())
+    print(f"ImageNet-1k x {v} views = {total / 1e6:.1f} M views ({IMAGENET_SHARDS} shards), default codec `{default}`: "
+          f"at the rate measured here ({measured:.1f} views/s) {total / measured / 3600:.1f} h on this machine; its "
+          f"bound, min(teacher alone, {cores} cores / core-ms per view), is {rate:.1f} views/s = "
+          f"{total / rate / 3600:.1f} h. The host side alone on {cores} cores, views/s: {host}. Cores of host work "
+          f"that 5,700 views/s (ImageNet x 16 in an hour) needs on a GPU node: {need}.\n")
 
 
 

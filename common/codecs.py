@@ -7,6 +7,9 @@ of the same input decode to the same tokens. docs/BENCHMARKS.md measures them al
 - `fp32`       raw float32, uncompressed (the baseline of the codec study)
 - `bf16`       the teacher's 16-bit output, uncompressed
 - `bf16-zstd`  lossless for the 16-bit output: bf16 bits, byte shuffle, zstd (the default)
+- `bf16z-zstd` the same bits, lossless, exact zeros as a bitmap and the nonzero values' bytes as two planes
+               (`pack_zero_bitmap`), zstd: ~18 % smaller and ~2x faster to compress than `bf16-zstd` on
+               post-ReLU tokens (about half zeros); the training step unpacks it on its device
 - `bf16-lz4`   the same bits with lz4: larger, faster to encode and decode
 - `u8-zstd`    lossy, sized by the paper's metric: per-token uint8 with the coarsest step that keeps the
                token's cosine >= 0.9995 (at least 16 levels, at most 255; a token 255 linear levels cannot
@@ -19,6 +22,7 @@ as 8 trailing bytes of its row, and decode alike: y = q * |scale| + lo, and x = 
 """
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -43,14 +47,19 @@ def token_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where((na == 0) & (nb == 0), 1.0, cos)
 
 
-def quantize_u8(tokens: torch.Tensor, target_cos: float | None, min_levels: int = U8_MIN_LEVELS):
+def quantize_u8(tokens: torch.Tensor, target_cos: float | None, min_levels: int = U8_MIN_LEVELS,
+                sync_free: bool | None = None):
     """tokens [N, C] fp32 (any device) -> q [N, C] uint8, lo [N], scale [N] (scale < 0: square-root companded).
 
     target_cos None: 255 levels per token (the first scheme). Else each token gets the coarsest step
     whose decoded token keeps cosine >= target_cos, between (max - min) / 255 and (max - min) / min_levels.
     The step is predicted from the token's energy (uniform rounding error: 1 - cos ~ n s^2 / 24 |x|^2 over
-    the n values off the grid), then checked exactly and shrunk for the tokens that miss."""
+    the n values off the grid), then checked exactly and shrunk for the tokens that miss.
+
+    sync_free (default: on a GPU): every round runs on every token, so nothing waits for the device; else rounds
+    nobody needs are skipped. The result is the same."""
     tokens = tokens.float()
+    sync_free = tokens.is_cuda if sync_free is None else sync_free
     lo = tokens.amin(-1)
     span = tokens.amax(-1) - lo
     flat = span == 0  # constant tokens (all zero included) are exact with any step
@@ -63,36 +72,32 @@ def quantize_u8(tokens: torch.Tensor, target_cos: float | None, min_levels: int 
         step = torch.sqrt(24 * (1 - target_cos) * 0.8 * energy / off_grid.clamp(min=1))  # 0.8: aim inside
         step = torch.where(flat, 1.0, torch.minimum(torch.maximum(step, finest), span / min_levels))
     q = torch.round((tokens - lo[:, None]) / step[:, None])
-    if target_cos is not None:
-        cos = token_cosines(q * step[:, None] + lo[:, None], tokens)
-        todo = torch.nonzero(cos < target_cos).flatten()
-        for shrink in (0.7, 0.5, 0.0):  # 0.0: the last round takes the finest step
-            todo = todo[step[todo] > finest[todo]]
-            if not len(todo):
-                break
-            step[todo] = torch.maximum(step[todo] * shrink, finest[todo])
-            q[todo] = torch.round((tokens[todo] - lo[todo, None]) / step[todo, None])
-            cos[todo] = token_cosines(q[todo] * step[todo, None] + lo[todo, None], tokens[todo])
-            todo = todo[cos[todo] < target_cos]
+    if target_cos is None:
+        return q.clamp(0, 255).to(torch.uint8), lo, step
+    cos = token_cosines(q * step[:, None] + lo[:, None], tokens)
+    for shrink in (0.7, 0.5, 0.0):  # 0.0: the last round takes the finest step
+        todo = (cos < target_cos) & (step > finest)
+        if not sync_free and not todo.any():
+            break
+        step = torch.where(todo, torch.maximum(step * shrink, finest), step)
+        q = torch.where(todo[:, None], torch.round((tokens - lo[:, None]) / step[:, None]), q)
+        cos = torch.where(todo, token_cosines(q * step[:, None] + lo[:, None], tokens), cos)
     q = q.clamp(0, 255).to(torch.uint8)
-    if target_cos is not None:
-        miss = torch.nonzero(cos < target_cos).flatten()
-        if len(miss):
-            _compand(tokens, q, lo, step, miss, cos[miss])
+    miss = cos < target_cos
+    if sync_free or miss.any():
+        q, lo, step = _compand(tokens, q, lo, step, miss, cos)
     return q, lo, step
 
 
-def _compand(tokens, q, lo, scale, miss, cos) -> None:
-    """Tokens that even 255 linear levels leave below the target (a few huge channels): quantize
+def _compand(tokens, q, lo, scale, miss, cos):
+    """Tokens that even 255 linear levels leave below the target (`miss`: a few huge channels): quantize
     sign(x) sqrt|x| instead, which spends the levels on the many small values; kept where it is better."""
-    t = tokens[miss]
-    y = torch.sign(t) * torch.sqrt(t.abs())
+    y = torch.sign(tokens) * torch.sqrt(tokens.abs())
     ylo = y.amin(-1)
-    ystep = (y.amax(-1) - ylo) / 255
+    ystep = torch.where(miss, (y.amax(-1) - ylo) / 255, 1.0)  # 1.0 where unused (a flat token's span is 0)
     yq = torch.round((y - ylo[:, None]) / ystep[:, None]).clamp(0, 255).to(torch.uint8)
-    better = token_cosines(_uncompand(yq.float() * ystep[:, None] + ylo[:, None]), t) > cos
-    idx = miss[better]
-    q[idx], lo[idx], scale[idx] = yq[better], ylo[better], -ystep[better]
+    better = miss & (token_cosines(_uncompand(yq.float() * ystep[:, None] + ylo[:, None]), tokens) > cos)
+    return (torch.where(better[:, None], yq, q), torch.where(better, ylo, lo), torch.where(better, -ystep, scale))
 
 
 def _uncompand(y):
@@ -105,6 +110,48 @@ def pack_u8(q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     return torch.cat([q, side], -1)
 
 
+_BIT = 2 ** torch.arange(7, -1, -1, dtype=torch.int32)  # packbits order: the first value is the high bit
+
+
+def pack_zero_bitmap(bits: torch.Tensor) -> torch.Tensor:
+    """bf16 bit patterns [..., T, C] (int16) -> uint8 [..., T, 2C + ceil(C/8)], the bytes of one view being
+    [a bitmap of the nonzero values, ceil(C/8) bytes per token | the high bytes of the nonzero values, in order |
+    their low bytes | zeros]. A post-ReLU view is about half exact zeros: they cost one bit instead of two bytes,
+    and the entropy coder gets ~half the bytes to model. Fixed size (a Zarr chunk), no data-dependent shapes
+    (nothing waits for a GPU): values are scattered to their places, zeros to a slot that is cut off."""
+    *lead, t, c = bits.shape
+    v, n, b = math.prod(lead), t * c, (c + 7) // 8
+    nz = (bits != 0).reshape(v, t, c)
+    padded = torch.cat([nz, nz.new_zeros(v, t, 8 * b - c)], -1).view(v, t, b, 8)
+    bitmap = (padded.int() * _BIT.to(bits.device)).sum(-1).to(torch.uint8).view(v, t * b)
+    nz = nz.view(v, n)
+    word = bits.reshape(v, n).int() & 0xFFFF
+    rank = nz.cumsum(-1) - 1                      # place of each nonzero value among the nonzero values
+    count = rank[:, -1:] + 1                      # nonzero values of each view
+    dump = t * b + 2 * n                          # zeros (whose bytes are 0) all go here, then it is cut off
+    out = torch.zeros(v, dump + 1, dtype=torch.uint8, device=bits.device)
+    out[:, :t * b] = bitmap
+    out.scatter_(1, torch.where(nz, t * b + rank, dump), (word >> 8).to(torch.uint8))
+    out.scatter_(1, torch.where(nz, t * b + count + rank, dump), (word & 0xFF).to(torch.uint8))
+    return out[:, :dump].reshape(*lead, t, 2 * c + b)
+
+
+def unpack_zero_bitmap(packed: torch.Tensor) -> torch.Tensor:
+    """pack_zero_bitmap's output [..., T, W] (any device) -> the bf16 bit patterns [..., T, C] (int16)."""
+    *lead, t, w = packed.shape
+    c = next(c for c in range(max(1, 8 * w // 17 - 1), 8 * w // 17 + 2) if 2 * c + (c + 7) // 8 == w)
+    v, n, b = math.prod(lead), t * c, (c + 7) // 8
+    flat = packed.reshape(v, t * w)
+    shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
+    nz = ((flat[:, :t * b].view(v, t, b, 1) >> shifts) & 1).view(v, t, 8 * b)[..., :c].reshape(v, n).bool()
+    rank = (nz.cumsum(-1) - 1).clamp(min=0)
+    count = nz.sum(-1, keepdim=True)
+    hi = flat.gather(1, t * b + rank).int()
+    lo = flat.gather(1, (t * b + count + rank).clamp(max=t * w - 1)).int()
+    word = torch.where(nz, (hi << 8) | lo, 0)
+    return torch.where(word >= 1 << 15, word - (1 << 16), word).to(torch.int16).view(*lead, t, c)
+
+
 @dataclass(frozen=True)
 class TokenCodec:
     name: str
@@ -113,6 +160,7 @@ class TokenCodec:
     clevel: int = 1              # zstd level 1 with 256 KiB blocks: smaller AND 2-4x faster than level 3 here
     cname: str = "zstd"
     blocksize: int = 1 << 18     # bytes per Blosc block (0 = Blosc's choice)
+    zero_bitmap: bool = False    # bf16 only: exact zeros as a bitmap, the nonzero values' bytes as two planes
 
     @property
     def lossy(self) -> bool:
@@ -142,6 +190,8 @@ class TokenCodec:
         8 trailing bytes of its row, so a view is ONE array: one read, one checksum, one Zarr chunk."""
         if self.lossy:
             return (tokens, channels + 8), "uint8"
+        if self.zero_bitmap:
+            return (tokens, 2 * channels + (channels + 7) // 8), "uint8"
         return (tokens, channels), "uint16" if self.kind == "bf16" else "float32"
 
     def encode_tensor(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -152,7 +202,8 @@ class TokenCodec:
         if self.kind == "fp32":
             return tokens.float().contiguous()
         if self.kind == "bf16":
-            return tokens.to(torch.bfloat16).contiguous().view(torch.int16)  # round to nearest even
+            bits = tokens.to(torch.bfloat16).contiguous().view(torch.int16)  # round to nearest even
+            return pack_zero_bitmap(bits) if self.zero_bitmap else bits
         q, lo, scale = quantize_u8(tokens.reshape(-1, tokens.shape[-1]), U8_TARGET_COS if self.kind == "u8" else None)
         return pack_u8(q, lo, scale).reshape(*tokens.shape[:-1], tokens.shape[-1] + 8)
 
@@ -170,7 +221,7 @@ class TokenCodec:
         """packed [..., T, C'] -> tokens [..., T, C] fp32."""
         if self.kind == "fp32":
             return packed.astype(np.float32)  # a copy: stored arrays may be read-only buffers
-        if self.kind == "bf16":
+        if self.kind == "bf16" and not self.zero_bitmap:
             return from_bf16_bits(packed)
         return self.decode_tensor(torch.from_numpy(np.array(packed, np.uint8))).numpy()
 
@@ -179,12 +230,14 @@ class TokenCodec:
         array for u8 codecs (2x / 4x fewer bytes than fp32 through the DataLoader's queue); the step decodes
         the batch on its device with `decode_tensor`."""
         packed = np.array(packed, copy=True)
-        if self.kind == "bf16":
+        if self.kind == "bf16" and not self.zero_bitmap:
             return torch.from_numpy(packed.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(packed)
 
     def decode_tensor(self, packed: torch.Tensor) -> torch.Tensor:
         """`to_tensor`'s output (batched, on any device) -> tokens [..., T, C] fp32, as `decode` computes them."""
+        if self.zero_bitmap:
+            return unpack_zero_bitmap(packed).view(torch.bfloat16).float()
         if not self.lossy:
             return packed.float()
         side = packed[..., -8:].contiguous().view(torch.float32)  # [..., T, 2]: lo, scale
@@ -213,6 +266,7 @@ CODECS = {c.name: c for c in (
     TokenCodec("fp32", "fp32", None),
     TokenCodec("bf16", "bf16", None),
     TokenCodec("bf16-zstd", "bf16", numcodecs.Blosc.SHUFFLE),
+    TokenCodec("bf16z-zstd", "bf16", numcodecs.Blosc.NOSHUFFLE, blocksize=1 << 19, zero_bitmap=True),
     TokenCodec("bf16-lz4", "bf16", numcodecs.Blosc.SHUFFLE, clevel=5, cname="lz4"),
     TokenCodec("u8-zstd", "u8", numcodecs.Blosc.BITSHUFFLE),
     TokenCodec("u8lin-zstd", "u8lin", numcodecs.Blosc.NOSHUFFLE),

@@ -49,7 +49,7 @@ class Teacher:
 class Cache:
     path: str = "cache"
     format: str = "wds"                    # "wds" (tar) or "zarr" (Zarr v3 group)
-    codec: str = "bf16-zstd"               # see common/codecs.py: CODECS
+    codec: str = "bf16z-zstd"              # see common/codecs.py: CODECS
 
 
 @dataclass

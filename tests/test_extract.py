@@ -61,7 +61,8 @@ def test_manifest_and_records(extracted):
     assert m["stats"]["token_diversity"] == pytest.approx(td, abs=1e-3)
 
 
-@pytest.mark.parametrize("codec,cut", [("bf16-zstd", "torch"), ("u8-zstd", "torch"), ("bf16-zstd", "pil")])
+@pytest.mark.parametrize("codec,cut", [("bf16-zstd", "torch"), ("u8-zstd", "torch"), ("bf16-zstd", "pil"),
+                                       ("bf16z-zstd", "torch")])
 def test_replay_is_exact(tmp_path, source, codec, cut):
     """Replaying each recorded view with the cache's cut path and running the teacher online reproduces the stored
     tokens; stage two's loader gives exactly those pixels."""
@@ -74,11 +75,13 @@ def test_replay_is_exact(tmp_path, source, codec, cut):
     records = {s["key"]: s["views"] for s in iter_feature_shard(Path(cfg.cache.path), "shard-000000", manifest)}
     from tests.test_train import epoch_batches
 
-    loaded = {}  # stage two's pixels of each (key, view), over V epochs
+    loaded = {}  # stage two's pixels and tokens of each (key, view), over V epochs
     for epoch in range(3):
         for batch in epoch_batches(Path(cfg.cache.path), epoch, 1)[0]:
-            key = batch["keys"][0]
-            loaded[key, int(view_order(0, key, 3)[epoch])] = batch["images"][0]
+            key, view = batch["keys"][0], int(view_order(0, batch["keys"][0], 3)[epoch])
+            loaded[key, view] = batch["images"][0]
+            tokens = get_codec(codec).decode_tensor(batch["tokens"])[0].numpy()  # as the training step decodes them
+            np.testing.assert_array_equal(tokens, stored[key][view])
     for s in iter_samples(str(source / "shard-000000.tar")):
         img = decode_image(s["image"])
         assert (records[s["key"]] == sample_views(0, s["key"], img.height, img.width, 3)).all()
@@ -87,7 +90,7 @@ def test_replay_is_exact(tmp_path, source, codec, cut):
             assert torch.equal(loaded[s["key"], v], pixels[v])
         online = teacher(pixels).numpy()  # [V, T, C]
         err = np.abs(stored[s["key"]] - online)
-        if codec == "bf16-zstd":  # exact up to bf16 rounding of the teacher's output
+        if codec.startswith("bf16"):  # exact up to bf16 rounding of the teacher's output
             assert (err <= np.abs(online) * 2 ** -8 + 1e-6).all()
         else:
             assert (err <= get_codec(codec).max_abs_error(online) * 1.001 + 1e-6).all()
@@ -204,3 +207,54 @@ def test_u8_caches_written_before_bitshuffle_still_decode():
         np.testing.assert_array_equal(codec.decompress(bytes(old.encode(p)), 16, 64), p)
         np.testing.assert_array_equal(codec.decompress(codec.compress(p), 16, 64), p)
     assert codec.blosc().shuffle == numcodecs.Blosc.BITSHUFFLE
+
+
+def test_u8_quantization_without_host_syncs_gives_the_same_bytes():
+    """On a GPU the cosine search runs every round on every token (no data-dependent shapes, nothing waits for the
+    device); on a CPU it skips rounds nobody needs. Both give the same q, lo and scale, companded tokens included."""
+    from common.codecs import U8_TARGET_COS, quantize_u8
+
+    rng = np.random.default_rng(0)
+    relu = np.maximum(rng.normal(0, 1, (64, 2048)), 0)
+    spiky = rng.uniform(0, 3, (16, 2048))
+    spiky[:, 0] = rng.uniform(100, 2000, 16)  # one huge channel: 255 linear levels miss, companding is needed
+    tokens = torch.from_numpy(np.concatenate([relu, spiky, np.zeros((2, 2048))]).astype(np.float32))
+    a, b = quantize_u8(tokens, U8_TARGET_COS, sync_free=False), quantize_u8(tokens, U8_TARGET_COS, sync_free=True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert (a[2] < 0).any() and (a[2] > 0).any()  # both linear and companded tokens were exercised
+    dec = get_codec("u8-zstd").decode_tensor(torch.cat([a[0], torch.stack([a[1], a[2]], -1).view(torch.uint8)], -1))
+    cos = torch.nn.functional.cosine_similarity(dec, tokens, dim=-1)
+    assert (cos[:-2] >= U8_TARGET_COS).all() and torch.equal(dec[-2:], tokens[-2:])
+
+
+@pytest.mark.parametrize("shape", [(3, 49, 2048), (2, 4, 13), (1, 1, 1)])
+def test_zero_bitmap_layout_is_lossless(shape):
+    """bf16z-zstd stores a view as [bitmap of nonzeros | high bytes | low bytes | zeros]: the same bf16 bits as
+    bf16-zstd for post-ReLU tokens, negative zero, channels not a multiple of 8, and views with no zeros or only
+    zeros; decoded alike by numpy and by the training step's torch path."""
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.normal(0, 1, shape), 0).astype(np.float32)
+    x[0, 0, 0] = -0.0
+    x = np.concatenate([x, np.zeros((1, *shape[1:]), np.float32), rng.uniform(1, 2, (1, *shape[1:])).astype(np.float32)])
+    plain, z = get_codec("bf16-zstd"), get_codec("bf16z-zstd")
+    packed = z.encode(x)
+    assert packed.shape == (len(x), *z.packed_spec(*shape[1:])[0]) and packed.dtype == np.uint8
+    expected = plain.decode(plain.encode(x)).view(np.uint32)
+    assert np.array_equal(z.decode(packed).view(np.uint32), expected)
+    batch = torch.stack([z.to_tensor(z.decompress(z.compress(p), *shape[1:])) for p in packed])
+    assert np.array_equal(z.decode_tensor(batch).numpy().view(np.uint32), expected)
+
+
+def test_zero_bitmap_codec_in_both_formats(tmp_path, source):
+    """bf16z-zstd in tars and in Zarr (a fixed-size uint8 chunk per view) decodes to the same tokens as bf16-zstd."""
+    caches = {}
+    for fmt, codec in (("wds", "bf16z-zstd"), ("zarr", "bf16z-zstd"), ("wds", "bf16-zstd")):
+        cfg = load_config(write_config(tmp_path, source, 1, fmt=fmt, codec=codec, cache=f"{fmt}-{codec}"))
+        run_extraction(cfg, progress=False)
+        caches[fmt, codec] = stored_tokens(Path(cfg.cache.path))
+    ref = caches["wds", "bf16-zstd"]
+    for tokens in caches.values():
+        assert list(tokens) == list(ref)
+        for k in ref:
+            np.testing.assert_array_equal(tokens[k], ref[k])
