@@ -6,8 +6,8 @@ of the same input decode to the same tokens. docs/BENCHMARKS.md measures them al
 
 - `fp32`       raw float32, uncompressed (the baseline of the codec study)
 - `bf16`       the teacher's 16-bit output, uncompressed
-- `bf16-zstd`  lossless for the 16-bit output: bf16 bits, byte shuffle, zstd (the default)
-- `bf16z-zstd` the same bits, lossless, exact zeros as a bitmap and the nonzero values' bytes as two planes
+- `bf16-zstd`  lossless for the 16-bit output: bf16 bits, byte shuffle, zstd
+- `bf16z-zstd` (the default) the same bits, lossless, exact zeros as a bitmap and the nonzero values' bytes as two planes
                (`pack_zero_bitmap`), zstd: ~18 % smaller and ~2x faster to compress than `bf16-zstd` on
                post-ReLU tokens (about half zeros); the training step unpacks it on its device
 - `bf16-lz4`   the same bits with lz4: larger, faster to encode and decode
@@ -139,7 +139,9 @@ def pack_zero_bitmap(bits: torch.Tensor) -> torch.Tensor:
 def unpack_zero_bitmap(packed: torch.Tensor) -> torch.Tensor:
     """pack_zero_bitmap's output [..., T, W] (any device) -> the bf16 bit patterns [..., T, C] (int16)."""
     *lead, t, w = packed.shape
-    c = next(c for c in range(max(1, 8 * w // 17 - 1), 8 * w // 17 + 2) if 2 * c + (c + 7) // 8 == w)
+    c = next((c for c in range(max(1, 8 * w // 17 - 1), 8 * w // 17 + 2) if 2 * c + (c + 7) // 8 == w), None)
+    if c is None:
+        raise ValueError(f"a zero-bitmap view row has 2C + ceil(C/8) bytes; {w} fits no channel count C")
     v, n, b = math.prod(lead), t * c, (c + 7) // 8
     flat = packed.reshape(v, t * w)
     shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)

@@ -167,11 +167,12 @@ class ToHost:
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors, self.event = tensors, None
-        if any(t.is_cuda for t in tensors.values()):
+        device = next((t.device for t in tensors.values() if t.is_cuda), None)
+        if device is not None:
             self.tensors = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                             for k, t in tensors.items()}
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(device))  # the stream the copies were queued on
 
     def wait(self) -> dict[str, torch.Tensor]:
         if self.event is not None:
@@ -203,6 +204,8 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
     names = dict(zip(urls, shard_names(urls)))  # unique, or a ConfigError naming the URLs, before any work
     rank, world = rank_and_world(cfg.extract.rank, cfg.extract.world_size)
     device = pick_device(cfg.extract.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # this rank's GPU is the current one: streams, events, pinned memory
     teacher = build_teacher(cfg.teacher, device)
     check_crop_size(cfg.augment.size, teacher.stride, cfg.teacher.layer)
     with torch.no_grad():
@@ -268,6 +271,8 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
             name = item["shard"]
             job = jobs.setdefault(name, ShardJob(cache, cfg, name, item["source"], token_shape, leases[name]))
             b = len(item["keys"])
+            if stop.requested and not item["last"]:  # its shard will be aborted: do not compress it first
+                return
             if b:
                 out = result.wait()
                 if out["bad"].any():

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.augment import replay_probe
+from common.augment import CUTS, replay_probe
 from common.codecs import FORMAT_VERSION, TokenCodec, get_codec, view_crc32
 from common.faults import fault_point
 from common.stats import TokenStats
@@ -360,7 +360,7 @@ class FeatureShardWriter:
             if self.fmt == "wds":
                 offsets, sizes = [p[i][0] for p in placed], [p[i][1] for p in placed]
             else:
-                self._buffer.append(packed[i])
+                self._buffer.append(np.array(packed[i]))  # a copy: `packed` may be pinned memory, reused
                 if len(self._buffer) == SHARD_SAMPLES:
                     self._flush()
             cls = clss[i]
@@ -660,6 +660,8 @@ def check_replay(manifest: dict) -> None:
     """A CacheError if this machine's libraries cut a fixed probe differently from the machine that extracted the
     cache: stage two would train on other pixels than the teacher saw."""
     cut, recorded = manifest_cut(manifest), manifest.get("replay")
+    if cut not in CUTS:
+        raise CacheError(f"manifest.json: augment.cut is {cut!r}; this version cuts views with {', '.join(CUTS)}")
     if recorded is None:
         return  # a cache from before the probe was recorded
     here = replay_versions(cut)

@@ -118,7 +118,7 @@ def token_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- layer 1: manifest and records
 
-def check_manifest(cache: Path, report: Report) -> dict | None:
+def check_manifest(cache: Path, report: Report, recompute: int = 0) -> dict | None:
     try:
         manifest = read_manifest(cache)
     except CacheError as e:
@@ -140,8 +140,11 @@ def check_manifest(cache: Path, report: Report) -> dict | None:
         return None
     try:
         check_replay(manifest)
-    except CacheError as e:
-        report.problems.append(Problem(None, None, str(e), redo=False))
+    except CacheError as e:  # the cache is fine; this machine would replay it wrong (a problem only if it does)
+        if recompute:
+            report.problems.append(Problem(None, None, str(e), redo=False))
+        else:
+            report.warnings.append(f"{e} (not a problem of the cache: training on this machine would refuse it)")
     if manifest["codec"].get("error_bound", codec.error_bound) != codec.error_bound:
         report.warnings.append(f"codec {codec.name}: the cache was written when it promised "
                                f"'{manifest['codec']['error_bound']}'; this version promises '{codec.error_bound}' "
@@ -434,7 +437,7 @@ def verify_cache(cache: str | Path, recompute: int = 0, source_shards: str | Non
     if not cache.is_dir():
         report.problems.append(Problem(None, None, f"{cache} is not a directory (give the cache.path of a cache)"))
         return report
-    manifest = report.manifest = check_manifest(cache, report)
+    manifest = report.manifest = check_manifest(cache, report, recompute)
     if manifest is None:
         return report
     check_strays(cache, manifest, report)

@@ -49,7 +49,7 @@ seed = {seed}
 [cache]
 path = "{out}/cache"
 format = "wds"
-codec = "bf16-zstd"
+codec = "bf16z-zstd"
 
 [extract]
 batch_size = 32
