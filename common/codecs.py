@@ -8,7 +8,7 @@ of the same input decode to the same tokens. docs/BENCHMARKS.md measures them al
 - `bf16`       the teacher's 16-bit output, uncompressed
 - `bf16-zstd`  lossless for the 16-bit output: bf16 bits, byte shuffle, zstd
 - `bf16z-zstd` (the default) the same bits, lossless, exact zeros as a bitmap and the nonzero values' bytes as two planes
-               (`pack_zero_bitmap`), zstd: ~18 % smaller and ~2x faster to compress than `bf16-zstd` on
+               (`pack_zero_bitmap`), zstd: ~19 % smaller and ~2x faster to compress than `bf16-zstd` on
                post-ReLU tokens (about half zeros); the training step unpacks it on its device
 - `bf16-lz4`   the same bits with lz4: larger, faster to encode and decode
 - `u8-zstd`    lossy, sized by the paper's metric: per-token uint8 with the coarsest step that keeps the
