@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, help="interleaved epochs per row (default 5, quick 3)")
     p.add_argument("--views", default="10,1", help="augment.views of the caches, comma separated")
-    p.add_argument("--codecs", default="bf16-zstd,u8-zstd")
+    p.add_argument("--codecs", default="bf16z-zstd,bf16-zstd,u8-zstd")
     p.add_argument("--sizes", default="192,320", help="smallest,largest side of the source images (ImageNet's "
                    "photos are about 333,500)")
     args = p.parse_args()
