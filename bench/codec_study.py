@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from _common import header, median, random_teacher, recalibrate_bn, source_views, table, teacher_tokens, Timer
 
-from common.codecs import CODECS, TokenCodec, pack_u8, quantize_u8
-from shards.verify import token_cosines
+from common.codecs import CODECS, TokenCodec, pack_u8, quantize_u8, token_cosines
 from common.stats import token_diversity
 
 RAW_FP32_VIEW = 7 * 7 * 2048 * 4
@@ -108,12 +107,12 @@ def measure(codecs, samples: np.ndarray, reps: int) -> dict[str, dict]:
             dec_t[codec.name].append(td.s)
             if rep == 0:
                 dec = np.stack(dec).reshape(-1, c)
-                cos_n = token_cosines((dec - mean) / std, (flat - mean) / std)
+                cos_n = token_cosines(*(torch.from_numpy(((x - mean) / std).astype(np.float32)) for x in (dec, flat)))
                 out[codec.name] = {
                     "bytes": sum(len(b) for x in blobs for b in x) / (s * v),
                     "max_err": float(np.abs(dec - flat).max()),
                     "rel_err": float((np.abs(dec - flat).max(-1) / np.maximum(np.abs(flat).max(-1), 1e-30)).max()),
-                    "min_cos": float(token_cosines(dec, flat).min()),
+                    "min_cos": float(token_cosines(torch.from_numpy(dec), torch.from_numpy(flat)).min()),
                     "min_cos_norm": float(cos_n.min()),
                     "nmse_norm": float((((dec - flat) / std) ** 2).sum() / (((flat - mean) / std) ** 2).sum()),
                     "zeros": float((dec == 0).mean())}

@@ -105,18 +105,20 @@ def replay_views(img: Image.Image, records: np.ndarray, size: int, cut: str) -> 
     """All recorded views [V, 5] of one decoded image: uint8 [V, 3, size, size], cut by `cut` (see CUTS)."""
     if cut == "torch":
         pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None]  # [1, 3, H, W], HWC memory
-    elif cut != "pil":
+
+        def cut_one(top, left, h, w):
+            return F.interpolate(pixels[..., top:top + h, left:left + w], size=(size, size), mode="bicubic",
+                                 antialias=True, align_corners=False)[0]
+    elif cut == "pil":
+        def cut_one(top, left, h, w):
+            view = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+            return torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1)
+    else:
         raise ValueError(f"unknown cut {cut!r} (choose from {', '.join(CUTS)})")
     out = torch.empty(len(records), 3, size, size, dtype=torch.uint8)
     for v, (top, left, h, w, flip) in enumerate(np.asarray(records).tolist()):
-        if cut == "torch":
-            view = F.interpolate(pixels[..., top:top + h, left:left + w], size=(size, size), mode="bicubic",
-                                 antialias=True, align_corners=False)[0]
-            out[v] = view.flip(-1) if flip else view
-        else:
-            view = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-            view = view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
-            out[v] = torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1)
+        view = cut_one(top, left, h, w)
+        out[v] = view.flip(-1) if flip else view
     return out
 
 

@@ -348,8 +348,8 @@ class FeatureShardWriter:
                 raise CacheError(f"key {key!r} contains a dot, which WebDataset would split")
         b = len(keys)
         flat = packed.reshape(b * self.views, *packed.shape[2:])  # [b*V, T, C']
-        jobs = np.array_split(np.arange(b * self.views), max(1, min(b * self.views, pool._max_workers if pool else 1)))
-        parts = list((pool.map if pool else map)(lambda idx: self._compress(flat[idx]), jobs))
+        cuts = np.linspace(0, b * self.views, max(1, min(b * self.views, pool._max_workers if pool else 1)) + 1).astype(int)
+        parts = list((pool.map if pool else map)(lambda i: self._compress(flat[cuts[i]:cuts[i + 1]]), range(len(cuts) - 1)))
         blobs = [bl for bls, _ in parts for bl in bls]
         crcs = [c for _, cs in parts for c in cs]
         if self.fmt == "wds":  # the V tars are appended in parallel, each in sample order

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.codecs import get_codec
+from common.codecs import get_codec, token_cosines
 from shards.features import (
     CacheError,
     CorruptSample,
@@ -107,13 +107,6 @@ def error_bound(codec, online: np.ndarray, extra_rtol: float = 0.0) -> np.ndarra
     mag = np.abs(online)
     noise = 1e-5 * mag.max(-1, keepdims=True) + 1e-6
     return codec_bound(codec, online) * 1.001 + noise + extra_rtol * mag
-
-
-def token_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine of each token pair [..., T, C] -> [..., T]; two all-zero tokens count as identical."""
-    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
-    cos = (a * b).sum(-1) / np.maximum(na * nb, 1e-30)
-    return np.where((na == 0) & (nb == 0), 1.0, cos)
 
 
 # ---------------------------------------------------------------- layer 1: manifest and records
@@ -415,7 +408,8 @@ def recompute_views(manifest: dict, triples: list[tuple[str, str, int]], capture
         err = np.abs(stored - online)
         ratio = float((err / error_bound(codec, online, extra_rtol)).max())
         row = {"shard": name, "key": key, "view": view, "max_abs_err": float(err.max()),
-               "err_over_bound": ratio, "min_cos": float(token_cosines(stored, online).min()),
+               "err_over_bound": ratio,
+               "min_cos": float(token_cosines(torch.from_numpy(stored), torch.from_numpy(online)).min()),
                "status": "ok" if ratio <= 1 else "FAILED"}
         report.recompute.append(row)
         if ratio > 1:
