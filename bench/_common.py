@@ -68,7 +68,7 @@ def make_source(out: Path, shards: int, per_shard: int, seed: int = 0, classes: 
                 sizes: tuple[int, int] = IMAGE_SIZES, imagenet_like: bool = False) -> str:
     """Synthetic JPEG shards `out/src-000000.tar ...` with sides in `sizes` (or ImageNet's typical size and JPEG
     bytes: IMAGENET_LIKE); returns the brace pattern."""
-    from shards.make import write_shards
+    from shards.source import write_shards
     from shards.synthetic import synthetic_samples
 
     kw = IMAGENET_LIKE if imagenet_like else {"size": sizes}

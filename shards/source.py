@@ -7,13 +7,15 @@ of the file name). Only plain bytes are read: nothing from a shard is ever unpic
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import braceexpand
+from tqdm import tqdm
 from webdataset.gopen import gopen
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -171,3 +173,29 @@ def rank_and_world(rank: int = -1, world: int = -1) -> tuple[int, int]:
         from common.config import ConfigError
         raise ConfigError(f"rank {rank} is not in [0, world size {world})")
     return rank, world
+
+
+def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "shard", maxcount: int = 1000,
+                 total: int | None = None, progress: bool = True) -> list[Path]:
+    """samples: dicts with `key` (no dots), `image` (bytes), `ext`, `cls` and optional `meta`.
+    Shards are written as `<prefix>-000000.tar`, ... (each to a temporary name, then renamed)."""
+    import webdataset as wds
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    tar = f = None
+    for i, s in enumerate(tqdm(samples, total=total, unit="img", disable=not progress, desc="make-shards")):
+        if i % maxcount == 0:
+            if tar is not None:
+                tar.close(), f.close(), os.replace(f.name, paths[-1])
+            paths.append(out_dir / f"{prefix}-{len(paths):06d}.tar")
+            f = open(f"{paths[-1]}.tmp", "wb")
+            tar = wds.TarWriter(f, encoder=False, mtime=0.0)
+        entry = {"__key__": s["key"], s["ext"]: s["image"], "cls": str(s["cls"]).encode()}
+        if s.get("meta") is not None:
+            entry["json"] = json.dumps(s["meta"]).encode()
+        tar.write(entry)
+    if tar is not None:
+        tar.close(), f.close(), os.replace(f.name, paths[-1])
+    return paths

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.config import load_config
-from shards.make import write_shards
+from shards.source import write_shards
 from shards.synthetic import synthetic_samples
 
 REPO = Path(__file__).resolve().parent.parent

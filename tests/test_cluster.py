@@ -18,7 +18,7 @@ from common.config import ConfigError, load_config
 from extract.pipeline import run_extraction
 from shards.features import Lease, read_index, read_manifest
 from shards.source import ShardError, iter_samples, shard_name, shard_names
-from shards.verify import verify_cache
+from img2vec.verify import verify_cache
 from tests.conftest import REPO, BIN, make_source, write_config
 
 

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 import torch.nn.functional as F
 
-from train.export import (GLOBAL_POOLS, ExportError, check_timm_keys, export_encoder, load_student, resolve_checkpoint,
+from img2vec.export import (GLOBAL_POOLS, ExportError, check_timm_keys, export_encoder, load_student, resolve_checkpoint,
                           timm_keys, timm_model_args)
-from train.export import main as export_main
-from train.knn import Features, center_box, extract_features, in_val_split, knn_predict, knn_scores, random_student
-from train.knn import main as knn_main
+from img2vec.export import main as export_main
+from img2vec.knn import Features, center_box, extract_features, in_val_split, knn_predict, knn_scores, random_student
+from img2vec.knn import main as knn_main
 from train.model import STUDENTS
 
 

@@ -15,10 +15,10 @@ from PIL import Image
 from common.augment import decode_image, replay
 from common.codecs import get_codec
 from common.config import load_config
-from common.diversity import center_view, query_tokens, similarity_map, teacher_label
+from img2vec.diversity import center_view, query_tokens, similarity_map, teacher_label
 from common.stats import token_diversity
 from common.teacher import build_teacher
-from common.tools import main as img2vec
+from img2vec.cli import main as img2vec
 from extract.pipeline import run_extraction
 from shards.features import iter_feature_shard, read_manifest
 from shards.source import iter_samples

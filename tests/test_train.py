@@ -346,7 +346,7 @@ def test_cached_and_online_runs_take_the_same_samples_masks_and_losses(tmp_path,
 def test_resolved_student_is_printed_and_recorded_and_masks_per_view_reaches_the_model(tmp_path, extracted, capsys):
     """decoder_depth 0 = from the arch (ViT-Ti: 2 blocks); config.json records what was built, so export and knn
     rebuild the same student; masks_per_view goes from the config into the model."""
-    from train.export import load_student
+    from img2vec.export import load_student
 
     path, _ = extracted
     run = tmp_path / "run"

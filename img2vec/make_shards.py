@@ -10,41 +10,11 @@ sorted, files sorted within a class).
 from __future__ import annotations
 
 import json
-import os
 import random
-from collections.abc import Iterable
 from pathlib import Path
 
-from tqdm import tqdm
-
 from shards.features import write_json_atomic
-from shards.source import IMAGE_EXTS
-
-
-def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "shard", maxcount: int = 1000,
-                 total: int | None = None, progress: bool = True) -> list[Path]:
-    """samples: dicts with `key` (no dots), `image` (bytes), `ext`, `cls` and optional `meta`.
-    Shards are written as `<prefix>-000000.tar`, ... (each to a temporary name, then renamed)."""
-    import webdataset as wds
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    tar = f = None
-    for i, s in enumerate(tqdm(samples, total=total, unit="img", disable=not progress, desc="make-shards")):
-        if i % maxcount == 0:
-            if tar is not None:
-                tar.close(), f.close(), os.replace(f.name, paths[-1])
-            paths.append(out_dir / f"{prefix}-{len(paths):06d}.tar")
-            f = open(f"{paths[-1]}.tmp", "wb")
-            tar = wds.TarWriter(f, encoder=False, mtime=0.0)
-        entry = {"__key__": s["key"], s["ext"]: s["image"], "cls": str(s["cls"]).encode()}
-        if s.get("meta") is not None:
-            entry["json"] = json.dumps(s["meta"]).encode()
-        tar.write(entry)
-    if tar is not None:
-        tar.close(), f.close(), os.replace(f.name, paths[-1])
-    return paths
+from shards.source import IMAGE_EXTS, write_shards
 
 
 def folder_files(folder: Path, classes: list[str]) -> list[tuple[int, Path]]:

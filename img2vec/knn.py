@@ -193,7 +193,7 @@ def encoder_from_weights(path: str | Path, arch: str | None = None, img_size: in
         raise ConfigError(f"--weights: no such file {path}")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    from train.export import timm_model_args
+    from img2vec.export import timm_model_args
 
     size = img_size or int(meta.get("img_size", 224))
     if arch:
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None, prog: str = "img2vec knn") -> int:
     if args.k < 1 or args.temperature <= 0 or not 0 < args.crop_pct <= 1:
         p.error("-k must be >= 1, --temperature > 0, and --crop-pct in (0, 1]")
 
-    from train.export import ExportError, load_student
+    from img2vec.export import ExportError, load_student
 
     try:
         if args.run:

@@ -88,7 +88,7 @@ def finetune_command(path: str | Path, arch: str, model_name: str, kwargs: dict)
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """A run dir (-> its latest complete checkpoint) or a checkpoint dir -> (checkpoint dir, run dir)."""
-    from train.loop import Checkpoints
+    from train.checkpoints import Checkpoints
 
     path = Path(path)
     if not path.exists():

@@ -141,7 +141,7 @@ def run_child(cmd: list[str], cwd: Path) -> None:
 
 
 def make_data(out: Path, r: dict, seed: int) -> dict:
-    from shards.make import write_shards
+    from shards.source import write_shards
     from shards.synthetic import CLASSES, synthetic_samples
 
     shards = out / "shards"
@@ -198,12 +198,12 @@ class TeacherEncoder:
 
 
 def similarity_maps(spec: str, pattern: str, out_dir: Path, seed: int, images: int = 4, size: int = 224) -> dict:
-    """The teacher's similarity maps of 3 query tokens per view (the paper's Figure 3) from common.diversity, at
+    """The teacher's similarity maps of 3 query tokens per view (the paper's Figure 3) from img2vec.diversity, at
     224 px so that its 7x7 token grid shows; skipped with a note where that module is missing or differs."""
     try:
-        from common.diversity import shards_diversity, write_maps
+        from img2vec.diversity import shards_diversity, write_maps
     except ImportError as e:
-        return {"skipped": f"common.diversity is not available ({e})"}
+        return {"skipped": f"img2vec.diversity is not available ({e})"}
     try:
         result = shards_diversity(pattern, [spec], images=images, size=size, teacher_seed=seed,
                                   map_images=images, progress=False)
@@ -296,8 +296,8 @@ def main(argv: list[str] | None = None, prog: str = "img2vec demo") -> int:
     t0 = time.time()
     from common.config import load_config
     from common.teacher import build_teacher
-    from train.export import export_encoder, load_student
-    from train.knn import knn_accuracy
+    from img2vec.export import export_encoder, load_student
+    from img2vec.knn import knn_accuracy
 
     exported = export_encoder(out / "run", out / "encoder.safetensors")
     print(f"exported -> {exported['out']}\n  load with: {exported['snippet']}", flush=True)
