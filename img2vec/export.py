@@ -145,7 +145,7 @@ def read_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 def load_student(path: str | Path, weights: bool = True):
     """Run dir or checkpoint dir -> (student in eval mode, info). `weights=False` gives the run's student at
     its initialisation (same arch, size and seed as the run started from)."""
-    from train.loop import build_student
+    from train.model import build_student
 
     if weights:
         ckpt, run_dir = resolve_checkpoint(path)

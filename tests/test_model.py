@@ -7,7 +7,7 @@ import torch
 from train.losses import global_loss, normalize_targets, patch_loss, smooth_l1
 from train.masking import unit_mask, units_to_patches
 from common.config import ConfigError, load_config
-from train.loop import build_student
+from train.model import build_student
 from train.model import STUDENTS, param_groups, resolve_student, vit_huge_patch16, vit_tiny_patch16
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,9 +22,11 @@ from common.teacher import IMAGENET_MEAN, IMAGENET_STD
 from extract.pipeline import run_extraction
 from shards.features import CorruptSample, iter_feature_shard, read_index, read_manifest, source_urls
 from tests.conftest import BIN, REPO, make_source, run_cli, write_config
+from train.checkpoints import Checkpoints
 from train.data import CacheIndex, EpochData, epoch_plan, make_loader, steps_per_epoch
-from train.loop import Checkpoints, build_student, main, online_teacher, train
+from train.loop import main, online_teacher, train
 from train.losses import normalize_targets
+from train.model import build_student
 
 UNEVEN = [9, 2, 6, 4, 7]  # samples per source shard of the uneven source (2 is below the batch size)
 

@@ -27,20 +27,10 @@ from shards.source import ShardError
 from train import data
 from train.losses import normalize_targets
 from train.checkpoints import Checkpoints, DiskFull, NonFinite
-from train.model import STUDENTS, describe_student, param_groups, resolve_student
+from train.model import build_student, describe_student, param_groups, resolve_student
 from train.preempt import StepGuard
 from train.masking import step_generator
 from train.rundir import MetricsLog, RunDirLock, StepTrace, check_sources, open_run
-
-
-def build_student(cfg: Config, manifest: dict) -> torch.nn.Module:
-    s = resolve_student(cfg.student)  # 0 = the arch's value, written into cfg (and so into config.json)
-    tokens, channels = manifest["token_shape"]
-    size = manifest["augment"]["size"]
-    return STUDENTS[s.arch](img_size=size, teacher_dim=channels, teacher_stride=size // math.isqrt(tokens),
-                            decoder_depth=s.decoder_depth, decoder_dim=s.decoder_dim, decoder_heads=s.decoder_heads,
-                            head_hidden=s.head_hidden, multi_block=s.multi_block, mask_ratio=s.mask_ratio,
-                            masks_per_view=s.masks_per_view)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:

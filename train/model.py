@@ -4,6 +4,7 @@ Encoder keys follow timm's VisionTransformer, so `encoder_state_dict()` loads wi
 `timm.create_model("vit_*_patch16_224", num_classes=0)`.
 """
 
+import math
 from functools import partial
 
 import torch
@@ -305,3 +306,14 @@ def describe_student(student) -> str:
     s = student
     return (f"student {s.arch}: decoder {s.decoder_depth} blocks x {s.decoder_dim} wide, {s.decoder_heads} heads; "
             f"mask_ratio {s.mask_ratio}, masks_per_view {s.masks_per_view}, multi_block {s.multi_block!r}")
+
+
+def build_student(cfg, manifest: dict) -> nn.Module:
+    """The student `cfg.student` names, sized for the cache: its crop size, token grid and teacher width."""
+    s = resolve_student(cfg.student)  # 0 = the arch's value, written into cfg (and so into config.json)
+    tokens, channels = manifest["token_shape"]
+    size = manifest["augment"]["size"]
+    return STUDENTS[s.arch](img_size=size, teacher_dim=channels, teacher_stride=size // math.isqrt(tokens),
+                            decoder_depth=s.decoder_depth, decoder_dim=s.decoder_dim, decoder_heads=s.decoder_heads,
+                            head_hidden=s.head_hidden, multi_block=s.multi_block, mask_ratio=s.mask_ratio,
+                            masks_per_view=s.masks_per_view)
