@@ -39,8 +39,9 @@ class Augment:
 @dataclass
 class Teacher:
     arch: str = "resnet50"
-    weights: str = "random"                # local .pth, http(s) URL, or the word "random"
-    layer: int = -1                        # feature stage giving the tokens; -1 = last (stride 32)
+    weights: str = "random"                # local .pth, http(s) URL, a packaged name (common/teacher.py), "random"
+    layer: int = -1                        # convnet: feature stage, ViT: block giving the tokens; -1 = last
+    norm: bool = True                      # ViT: the final norm on the block's patch tokens (convnets: unused)
     dtype: str = "bfloat16"                # autocast dtype on GPU; the CPU runs fp32
     seed: int = 0                          # init seed when weights = "random"
 
