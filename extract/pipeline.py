@@ -26,21 +26,19 @@ from common.faults import fault_point
 from common.signals import StopSignals
 from common.stats import TokenStats
 from common.teacher import build_teacher
-from shards.features import (
-    CacheError,
-    FeatureShardWriter,
-    Lease,
+from shards.errors import CacheError
+from shards.index import read_record, record_problems
+from shards.leases import Lease, remove_partial
+from shards.manifest import (
     check_replay,
     finalize_manifest,
     make_manifest,
     manifest_differences,
     read_manifest,
-    read_record,
-    record_problems,
-    remove_partial,
-    write_json_atomic,
+    write_manifest,
 )
 from shards.source import ShardError, expand_shards, is_seekable, iter_samples, rank_and_world, rank_shards, shard_names
+from shards.writer import FeatureShardWriter
 
 
 def pick_device(name: str) -> torch.device:
@@ -113,29 +111,33 @@ class ViewBatches(IterableDataset):
 
 
 class ShardJob:
-    """Writer-thread side of one shard: open lazily, add batches, commit."""
+    """Writer-thread side of one shard: open lazily, add batches, commit. Its `stats` are summed in the main
+    thread as batches finish, before the commit that records them is queued."""
 
     def __init__(self, cache: Path, cfg: Config, name: str, source: str, token_shape, lease: Lease):
-        self.args = (cache, name, cfg.cache.format, get_codec(cfg.cache.codec), cfg.augment.views, *token_shape)
-        self.source, self.writer, self.lease = source, None, lease
+        self.cache, self.name, self.source, self.lease = cache, name, source, lease
+        self.layout = (cfg.cache.format, get_codec(cfg.cache.codec), cfg.augment.views, *token_shape)
+        self.writer: FeatureShardWriter | None = None
         self.skipped: list[dict] = []
         self.stats = TokenStats()
 
-    def add(self, keys, records, src, src_hw, cls, tokens: np.ndarray, skipped, pool=None) -> None:
+    def _open(self) -> FeatureShardWriter:
         if self.writer is None:
-            self.writer = FeatureShardWriter(*self.args)
+            self.writer = FeatureShardWriter(self.cache, self.name, *self.layout)
+        return self.writer
+
+    def add(self, keys, records, src, src_hw, cls, tokens: np.ndarray, skipped, encoders=None) -> None:
+        writer = self._open()
         if keys:
-            self.writer.add_batch(keys, records, src, src_hw, cls, tokens, pool)
+            writer.add_batch(keys, records, src, src_hw, cls, tokens, encoders)
         self.skipped += skipped
         self.lease.beat()  # the heartbeat another host reads before it may take the shard over
         if keys:
-            fault_point("write", self.args[1])
+            fault_point("write", self.name)
 
     def commit(self) -> dict:
-        if self.writer is None:
-            self.writer = FeatureShardWriter(*self.args)
-        seekable = is_seekable(self.source)
-        return self.writer.commit(self.skipped, self.source, self.stats, seekable)
+        writer = self._open()
+        return writer.commit(self.skipped, self.source, self.stats, is_seekable(self.source))
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -162,7 +164,7 @@ def teacher_step(teacher, codec, views: torch.Tensor, device) -> dict[str, torch
 
 class ToHost:
     """A dict of device tensors on its way to the host. On a GPU the copies are queued behind the batch's compute
-    into pinned memory and waited for later (one batch later in `_extract`), so the GPU runs the next batch
+    into pinned memory and waited for later (one batch later, in ShardsInFlight), so the GPU runs the next batch
     meanwhile; on the CPU they are the tensors themselves."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
@@ -193,7 +195,7 @@ def prepare_cache(cfg: Config, teacher, token_shape, urls: list[str]) -> Path:
                              + "\n  ".join(diffs) + "\nUse another cache.path, or delete the cache to redo it.")
         check_replay(old)  # the shards this run adds must be cut as the ones already there
     else:
-        write_json_atomic(cache / "manifest.json", manifest)
+        write_manifest(cache, manifest)
     return cache
 
 
@@ -240,7 +242,7 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
     manifest = finalize_manifest(cache)
     return {"rank": rank, "world_size": world, "shards_mine": len(mine), "shards_already_complete": already,
             "shards_busy_elsewhere": busy, **result, "cache_complete": manifest is not None,
-            "token_diversity": manifest["stats"]["token_diversity"] if manifest else None}
+            "token_diversity": manifest.stats.token_diversity if manifest else None}
 
 
 def complete(cache: Path, name: str) -> bool:
@@ -249,76 +251,123 @@ def complete(cache: Path, name: str) -> bool:
     return record is not None and not record_problems(cache, name, record)
 
 
+class ShardsInFlight:
+    """The shards being written, one ShardJob each from its first batch on, and the writer thread's queue.
+
+    The teacher runs batch k while the host stores batch k - 1: `push` takes batch k, launched on the device,
+    and finishes the one before it (its tokens handed to the writer thread); a shard's last batch queues its
+    commit (or its abort, if its source broke) and then its lease's release. On a stop, a batch not the last of
+    its shard is dropped uncompressed, and `close` aborts the shards still open: nothing of them is recorded.
+    """
+
+    QUEUED = 4  # writer-thread tasks the main thread runs ahead by: bounds the host memory held in tokens
+
+    def __init__(self, cache: Path, cfg: Config, token_shape, leases: dict[str, Lease], *, pool: ThreadPoolExecutor,
+                 encoders: ThreadPoolExecutor, stop: StopSignals, bar: tqdm, shards: int):
+        self.cache, self.cfg, self.token_shape, self.leases = cache, cfg, token_shape, leases
+        self.pool, self.encoders, self.stop, self.bar, self.shards = pool, encoders, stop, bar, shards
+        self.codec = get_codec(cfg.cache.codec)
+        self.jobs: dict[str, ShardJob] = {}
+        self.futures: list[Future] = []  # the writer thread's tasks, oldest first
+        self.waiting: tuple[dict, ToHost | None] | None = None  # launched on the device, not yet stored
+        self.done, self.failed, self.images, self.skipped = 0, [], 0, 0
+        self.t0 = time.time()
+
+    def push(self, item: dict, launched: ToHost | None) -> None:
+        if self.waiting is not None:
+            self.finish(*self.waiting)
+        self.waiting = (item, launched)
+
+    def flush(self) -> None:
+        """The batch launched last (before any stop request): stored, its shard committed if it was its last."""
+        if self.waiting is not None:
+            self.finish(*self.waiting)
+            self.waiting = None
+
+    def close(self) -> None:
+        """Wait for the writer thread; after a stop, the shards still open are aborted first."""
+        if self.stop.requested:
+            self.abort_open()
+        while self.futures:
+            self.futures.pop(0).result()
+
+    def finish(self, item: dict, launched: ToHost | None) -> None:
+        if self.stop.requested and not item["last"]:  # its shard will be aborted: do not compress it first
+            return
+        self.store(item, launched.wait() if item["keys"] else None)
+        while len(self.futures) > self.QUEUED or (self.futures and self.futures[0].done()):
+            self.futures.pop(0).result()  # re-raises a writer error here, e.g. no space left on the device
+        self.bar.update(len(item["keys"]))
+        views_per_s = self.images * self.cfg.augment.views / max(time.time() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"shards {self.done}/{self.shards} views/s {views_per_s:.1f} skipped {self.skipped}")
+
+    def store(self, item: dict, out: dict[str, torch.Tensor] | None) -> None:
+        """A batch's tokens (`out` of teacher_step) and skipped samples to the writer thread; at its shard's last
+        batch, the commit (or the abort, if the source broke) and then the lease's release."""
+        job = self.job(item)
+        if item["keys"]:
+            if out["bad"].any():
+                self.abort_open()
+                while self.futures:
+                    self.futures.pop(0).result()
+                raise_nonfinite(out["bad"], item)
+            job.stats.add(out)
+            self.submit(job.add, item["keys"], item["records"], item["src"], item["src_hw"], item["cls"],
+                        self.codec.to_numpy(out["packed"]), item["skipped"], self.encoders)
+        elif item["skipped"]:
+            self.submit(job.add, [], None, [], [], [], None, item["skipped"])
+        self.images += len(item["keys"])
+        self.skipped += len(item["skipped"])
+        if item["last"]:
+            if item["error"]:
+                self.failed.append(f"{item['source']}: {item['error']}")
+                self.submit(job.abort)
+            else:
+                self.submit(job.commit)
+                self.done += 1
+            self.submit(job.lease.release)
+            del self.jobs[job.name]
+
+    def job(self, item: dict) -> ShardJob:
+        name = item["shard"]
+        if name not in self.jobs:
+            self.jobs[name] = ShardJob(self.cache, self.cfg, name, item["source"], self.token_shape, self.leases[name])
+        return self.jobs[name]
+
+    def submit(self, fn, *args) -> None:
+        self.futures.append(self.pool.submit(fn, *args))
+
+    def abort_open(self) -> None:
+        """The shards not at their end are dropped, unrecorded (their leases are released by run_extraction)."""
+        for job in self.jobs.values():
+            self.submit(job.abort)
+
+
 def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str], leases: dict[str, Lease], teacher,
              token_shape, device, progress: bool, rank: str) -> dict:
-    """The teacher runs batch k while the host stores batch k - 1: each loader item is launched on the device,
-    then the item before it is finished (its tokens handed to the writer thread, its shard committed if done)."""
+    """Each loader item is launched on the device, then handed to the shards in flight, which store the one
+    before it meanwhile (see ShardsInFlight)."""
     loader = DataLoader(ViewBatches(pending, names, cfg), batch_size=None, num_workers=min(cfg.data.workers, len(pending)),
                         pin_memory=device.type == "cuda")
     codec = get_codec(cfg.cache.codec)
-    jobs: dict[str, ShardJob] = {}
-    inflight: list[Future] = []
-    done, failed, images, skipped = 0, [], 0, 0
     t0 = time.time()
     bar = tqdm(total=None, unit="img", disable=not progress, dynamic_ncols=True,
                desc=f"extract rank {rank}")
     threads = cfg.extract.encode_threads or max(1, len(os.sched_getaffinity(0)) - cfg.data.workers - 1)
     with ThreadPoolExecutor(1, thread_name_prefix="writer") as pool, StopSignals() as stop, \
             ThreadPoolExecutor(threads, thread_name_prefix="encode") as encoders:
-
-        def finish(item: dict, result: ToHost | None) -> None:
-            nonlocal done, images, skipped
-            name = item["shard"]
-            job = jobs.setdefault(name, ShardJob(cache, cfg, name, item["source"], token_shape, leases[name]))
-            b = len(item["keys"])
-            if stop.requested and not item["last"]:  # its shard will be aborted: do not compress it first
-                return
-            if b:
-                out = result.wait()
-                if out["bad"].any():
-                    for f in inflight + [pool.submit(j.abort) for j in jobs.values()]:
-                        f.result()
-                    raise_nonfinite(out["bad"], item)
-                job.stats.add(out)
-                inflight.append(pool.submit(job.add, item["keys"], item["records"], item["src"], item["src_hw"],
-                                            item["cls"], codec.to_numpy(out["packed"]), item["skipped"], encoders))
-            elif item["skipped"]:
-                inflight.append(pool.submit(job.add, [], None, [], [], [], None, item["skipped"]))
-            images += b
-            skipped += len(item["skipped"])
-            if item["last"]:
-                if item["error"]:
-                    failed.append(f"{item['source']}: {item['error']}")
-                    inflight.append(pool.submit(job.abort))
-                else:
-                    inflight.append(pool.submit(job.commit))
-                    done += 1
-                inflight.append(pool.submit(leases[name].release))
-                del jobs[name]
-            while len(inflight) > 4 or (inflight and inflight[0].done()):
-                inflight.pop(0).result()  # re-raises a writer error here, e.g. no space left on the device
-            bar.update(b)
-            elapsed = max(time.time() - t0, 1e-9)
-            bar.set_postfix_str(f"shards {done}/{len(pending)} views/s {images * cfg.augment.views / elapsed:.1f} "
-                                f"skipped {skipped}")
-
-        waiting = None  # (item, ToHost): launched on the device, not yet finished
+        shards = ShardsInFlight(cache, cfg, token_shape, leases, pool=pool, encoders=encoders, stop=stop, bar=bar,
+                                shards=len(pending))
         for item in loader:
             if stop.requested:  # SIGTERM / SIGUSR1
                 break
-            launched = (item, ToHost(teacher_step(teacher, codec, item["views"], device)) if item["keys"] else None)
-            if waiting is not None:
-                finish(*waiting)
-            waiting = launched
-        if waiting is not None:  # launched before any stop request: stored, its shard committed if it was the last
-            finish(*waiting)
-        if stop.requested:  # shards in flight are dropped unrecorded; finished ones are kept
-            inflight += [pool.submit(j.abort) for j in jobs.values()]
-        for f in inflight:
-            f.result()
+            shards.push(item, ToHost(teacher_step(teacher, codec, item["views"], device)) if item["keys"] else None)
+        shards.flush()
+        shards.close()
     bar.close()
     elapsed = time.time() - t0
-    return {"preempted": stop.received, "shards_done": done, "shards_failed": failed, "images": images,
+    images = shards.images
+    return {"preempted": stop.received, "shards_done": shards.done, "shards_failed": shards.failed, "images": images,
             "views": images * cfg.augment.views,
-            "skipped_samples": skipped, "seconds": round(elapsed, 2),
+            "skipped_samples": shards.skipped, "seconds": round(elapsed, 2),
             "images_per_s": round(images / elapsed, 2) if elapsed > 0 else 0.0}
