@@ -16,18 +16,23 @@ The two differ in a few % of pixels by 1-17 levels, so a cache is replayed with 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import re
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.runtime import seed_from
+
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
+CENTER_CROP = 0.875  # ImageNet evaluation's resize 256 / crop 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # pixel normalisation of the teachers and the student
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -54,9 +59,52 @@ def decode_error(e: Exception) -> str:
     return re.sub(r"0x[0-9a-fA-F]{6,}", "<address>", text)[:300]
 
 
+def decode_samples(samples: Iterable[dict], reject: Callable[[dict], str | None] | None = None,
+                   decode: Callable[[bytes], Image.Image] = decode_image
+                   ) -> Iterator[tuple[dict, Image.Image | None, str | None]]:
+    """The decode-and-skip stage of every reader of source samples (extraction, k-NN, diversity): each sample
+    as (sample, its RGB image, None), or as (sample, None, why) when it is skipped: `reject(sample)` names a
+    reason, it has no image entry, or its image does not decode (decode_error's text). A bad image is data,
+    not a crash: the caller counts or records it and goes on."""
+    for s in samples:
+        why = reject(s) if reject is not None else None
+        if why is None and s["image"] is None:
+            why = "no image entry (.jpg/.jpeg/.png/.webp)"
+        if why is not None:
+            yield s, None, why
+            continue
+        try:
+            img = decode(s["image"])
+        except Exception as e:  # noqa: BLE001 - any decoder error is the sample's, not the run's
+            yield s, None, decode_error(e)
+            continue
+        yield s, img, None
+
+
+def pixel_scale(device=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """A normalisation's mean and std (per channel, of pixels in [0, 1]) on the uint8 scale: two fp32
+    [1, 3, 1, 1] tensors on `device`, made once and passed to normalize_pixels for every batch."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+
+
+def normalize_pixels(x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 pixels [B, 3, H, W] -> (x - mean) / std in fp32, mean and std from pixel_scale (default: ImageNet's,
+    made on x's device)."""
+    if mean is None or std is None:
+        mean, std = pixel_scale(x.device)
+    return (x.float() - mean) / std
+
+
+def center_view(height: int, width: int, crop: float = CENTER_CROP) -> np.ndarray:
+    """Evaluation's view: the central square covering `crop` of the shorter side, as a view record [1, 5]
+    (no flip)."""
+    side = max(1, min(height, width, round(min(height, width) * crop)))
+    return np.array([[(height - side) // 2, (width - side) // 2, side, side, 0]], np.int32)
+
+
 def _rng(seed: int, key: str, view: int) -> np.random.Generator:
-    digest = hashlib.sha256(f"{seed}/{key}/{view}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return np.random.default_rng(seed_from(seed, key, view))
 
 
 def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,

@@ -13,7 +13,6 @@ T = 0.07 as in DINO).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -21,11 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
-from common.augment import CUTS, decode_image, replay
+from common.augment import CUTS, center_view, decode_samples, normalize_pixels, replay
 from common.config import ConfigError
-from common.teacher import IMAGENET_MEAN, IMAGENET_STD
+from common.runtime import pick_device, seed_from, worker_slice, write_json_output
 from shards.source import ShardError, expand_shards, iter_samples
 
 # --------------------------------------------------------------------------------------------------------
@@ -34,14 +33,12 @@ from shards.source import ShardError, expand_shards, iter_samples
 
 def center_box(height: int, width: int, crop_pct: float = 0.875) -> list[int]:
     """A centered square view record [top, left, side, side, flip=0]: `crop_pct` of the short side."""
-    side = max(1, min(height, width, round(min(height, width) * crop_pct)))
-    return [(height - side) // 2, (width - side) // 2, side, side, 0]
+    return center_view(height, width, crop_pct)[0].tolist()
 
 
 def in_val_split(key: str, fraction: float, seed: int = 0) -> bool:
     """Deterministic split by key hash: the same key is always on the same side, whatever the order."""
-    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") < fraction * 2**64
+    return seed_from(seed, key) < fraction * 2**64
 
 
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
@@ -71,22 +68,19 @@ class EvalCrops(IterableDataset):
         self.split, self.val_fraction, self.seed = split, val_fraction, seed
 
     def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        for url in self.urls[wid::nw]:
-            for s in iter_samples(url):
-                if self.split is not None and (self.split == "val") != in_val_split(s["key"], self.val_fraction,
-                                                                                     self.seed):
-                    continue
-                if s["image"] is None or s["cls"] is None:
-                    yield None, -1, s["key"]
-                    continue
-                try:
-                    img = decode_image(s["image"])
-                except Exception:  # noqa: BLE001 - a bad sample is skipped and counted
+        for url in worker_slice(self.urls):
+            for s, img, _ in decode_samples(filter(self.in_split, iter_samples(url)), reject=_unlabelled):
+                if img is None:  # no image, no label, or it does not decode: skipped and counted
                     yield None, -1, s["key"]
                     continue
                 yield replay(img, center_box(img.height, img.width, self.crop_pct), self.size, CUTS[0]), s["cls"], s["key"]
+
+    def in_split(self, sample: dict) -> bool:
+        return self.split is None or (self.split == "val") == in_val_split(sample["key"], self.val_fraction, self.seed)
+
+
+def _unlabelled(sample: dict) -> str | None:
+    return "no .cls label" if sample["cls"] is None else None
 
 
 def _collate(items):
@@ -106,10 +100,7 @@ class Features:
 @torch.no_grad()
 def encode(encoder, images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 3, S, S] -> mean-pooled patch tokens after the final norm, L2-normalised: [N, D]"""
-    device = next(encoder.parameters()).device
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    x = (images.to(device).float() - mean) / std
+    x = normalize_pixels(images.to(next(encoder.parameters()).device))
     tokens = encoder.forward_features(x)                          # [N, prefix + L, D]
     patches = tokens[:, getattr(encoder, "num_prefix_tokens", 1):]  # drop the cls token
     pooled = patches.mean(dim=1)
@@ -281,9 +272,7 @@ def main(argv: list[str] | None = None, prog: str = "img2vec knn") -> int:
             what = f"{args.arch} at random init (seed {args.seed})"
         if args.img_size and args.img_size != img_size:
             p.error(f"--img-size {args.img_size}: the encoder was trained at {img_size}")
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
-        encoder.to(device)
+        encoder.to(pick_device(args.device))
         result = knn_accuracy(encoder, args.train_shards or args.shards, args.val_shards, img_size, args.k,
                               args.temperature, args.crop_pct, args.batch_size, args.workers,
                               args.val_fraction if args.shards else 0.0, args.seed, progress=not args.no_progress)
@@ -296,6 +285,5 @@ def main(argv: list[str] | None = None, prog: str = "img2vec knn") -> int:
           f"({result['val_samples']} queries, {result['train_samples']} in the memory bank, "
           f"{result['classes']} classes, {result['skipped']} skipped)")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json_output(args.json, result)
     return 0
