@@ -1,8 +1,8 @@
 """Block masking in teacher-token units: one unit = one teacher token = unit x unit student patches."""
 
-import hashlib
-
 import torch
+
+from common.runtime import seed_from
 
 
 def unit_mask(batch, grid_h, grid_w, ratio, generator=None, device=None):
@@ -33,5 +33,4 @@ def units_to_patches(unit_mask, grid_h, grid_w, unit):
 def step_generator(seed: int, rank: int, batch_index: int) -> torch.Generator:
     """The generator of one rank's masks for one batch, seeded by (seed, rank, batch) alone: a resumed run, the
     online-teacher baseline and the uninterrupted run draw the same masks for a batch; every rank its own."""
-    digest = hashlib.sha256(f"{seed}/mask/{rank}/{batch_index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.Generator().manual_seed(seed_from(seed, "mask", rank, batch_index) >> 1)
