@@ -15,14 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from common.augment import decode_error, decode_image, replay_views, sample_views
+from common.augment import decode_image, decode_samples, replay_views, sample_views
 from common.codecs import get_codec
 from common.config import Config, check_crop_size, validate
 from common import faults
 from common.faults import fault_point
+from common.runtime import pick_device, worker_slice
 from common.signals import StopSignals
 from common.stats import TokenStats
 from common.teacher import build_teacher
@@ -41,14 +42,15 @@ from shards.source import ShardError, expand_shards, is_seekable, iter_samples, 
 from shards.writer import FeatureShardWriter
 
 
-def pick_device(name: str) -> torch.device:
-    """"auto": this process's own GPU (LOCAL_RANK from torchrun/accelerate, SLURM_LOCALID), else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    return torch.device("cuda", local % torch.cuda.device_count())
+def unusable_key(sample: dict) -> str | None:
+    """Why a sample's key cannot key the cache: not UTF-8 (keys are stored as UTF-8), or twice in its shard."""
+    try:
+        sample["key"].encode()
+    except UnicodeEncodeError:  # a member name that is not UTF-8
+        return "key is not valid UTF-8"
+    if sample["duplicate"]:
+        return "duplicate key: the shard holds this key twice; only its first sample is used"
+    return None
 
 
 class ViewBatches(IterableDataset):
@@ -59,9 +61,7 @@ class ViewBatches(IterableDataset):
         self.urls, self.names, self.a, self.batch_size = urls, names, cfg.augment, cfg.extract.batch_size
 
     def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        for url in self.urls[wid::nw]:
+        for url in worker_slice(self.urls):
             yield from self.shard_batches(url)
 
     def _batch(self, url, rows, skipped, last, error=None):
@@ -74,28 +74,17 @@ class ViewBatches(IterableDataset):
                 "skipped": skipped, "last": last, "error": error}
 
     def shard_batches(self, url: str):
-        a = self.a
+        a, name = self.a, self.names[url]
+
+        def decode(data: bytes):
+            fault_point("decode", name)  # the reliability tests kill or signal the process here
+            return decode_image(data)
+
         rows, skipped = [], []
         try:
-            for s in iter_samples(url):
-                try:
-                    s["key"].encode()
-                except UnicodeEncodeError:  # a member name that is not UTF-8: keys are stored as UTF-8
-                    skipped.append({"key": s["key"].encode(errors="backslashreplace").decode(),
-                                    "reason": "key is not valid UTF-8"})
-                    continue
-                if s["duplicate"]:
-                    skipped.append({"key": s["key"], "reason": "duplicate key: the shard holds this key twice; "
-                                                               "only its first sample is used"})
-                    continue
-                if s["image"] is None:
-                    skipped.append({"key": s["key"], "reason": "no image entry (.jpg/.jpeg/.png/.webp)"})
-                    continue
-                try:
-                    fault_point("decode", self.names[url])
-                    img = decode_image(s["image"])
-                except Exception as e:  # noqa: BLE001 - a bad sample is data, not a crash
-                    skipped.append({"key": s["key"], "reason": decode_error(e)})
+            for s, img, why in decode_samples(iter_samples(url), reject=unusable_key, decode=decode):
+                if img is None:  # a bad sample is data, not a crash: skipped and recorded
+                    skipped.append({"key": s["key"].encode(errors="backslashreplace").decode(), "reason": why})
                     continue
                 records = sample_views(a.seed, s["key"], img.height, img.width, a.views, a.scale, a.ratio, a.flip)
                 src = {"offset": s["offset"], "size": len(s["image"]), "crc": zlib.crc32(s["image"])}
