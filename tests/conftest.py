@@ -1,11 +1,17 @@
-"""Shared fixtures: small real WebDataset shards and a small config (random ResNet-18 teacher, 64 px)."""
+"""What the test modules share: small real WebDataset shards, the test config (random ResNet-18 teacher, 64 px)
+written from a table with dotted overrides, the session's extracted caches, and helpers to read a cache's
+batches, run training in this process, and run console scripts as a user would."""
 from __future__ import annotations
 
+import copy
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.config import load_config
@@ -15,38 +21,50 @@ from shards.synthetic import synthetic_samples
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-CONFIG = """
-[data]
-shards = "{src}/shard-{{000000..{last:06d}}}.tar"
-workers = 0
-[augment]
-size = 64
-views = 3
-[teacher]
-arch = "resnet18"
-weights = "random"
-[cache]
-path = "{cache}"
-format = "{fmt}"
-codec = "{codec}"
-[extract]
-batch_size = 4
-[student]
-arch = "vit_tiny_patch16"
-decoder_dim = 64
-decoder_heads = 4
-decoder_depth = 1
-head_hidden = 128
-[train]
-run_dir = "{run}"
-batch_size = 4
-workers = 0
-shuffle_buffer = 8
-lr = 1e-3
-warmup_epochs = 1
-checkpoint_every = 1000
-log_every = 1
-"""
+UNEVEN = [9, 2, 6, 4, 7]  # samples per source shard of the uneven source (2 is below the batch size)
+
+# ---------------------------------------------------------------------------------------------------- the config
+
+CONFIG = {  # data.shards, cache.path/format/codec and train.run_dir are filled in by write_config
+    "data": {"workers": 0},
+    "augment": {"size": 64, "views": 3},
+    "teacher": {"arch": "resnet18", "weights": "random"},
+    "cache": {},
+    "extract": {"batch_size": 4},
+    "student": {"arch": "vit_tiny_patch16", "decoder_dim": 64, "decoder_heads": 4, "decoder_depth": 1,
+                "head_hidden": 128},
+    "train": {"batch_size": 4, "workers": 0, "shuffle_buffer": 8, "lr": 1e-3, "warmup_epochs": 1,
+              "checkpoint_every": 1000, "log_every": 1},
+}
+
+
+def toml_text(tables: dict[str, dict]) -> str:
+    """Tables of plain values -> TOML (a JSON string, number, boolean or list is a TOML value as written)."""
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
+                   for name, table in tables.items())
+
+
+def write_config(tmp: Path, src: Path | str | None = None, n_shards: int = 1, fmt: str = "wds",
+                 codec: str = "bf16-zstd", cache: str = "cache", run: str = "run",
+                 sets: dict[str, object] | None = None) -> Path:
+    """Write the test config to tmp/<cache>.toml: shards src/shard-{000000..n_shards-1}.tar, the cache at tmp/<cache>,
+    the run dir at tmp/<run>; `sets` overrides dotted keys as --set does ({"data.shards": [url, ...]})."""
+    tables = copy.deepcopy(CONFIG)
+    if src is not None:
+        tables["data"]["shards"] = f"{src}/shard-{{000000..{n_shards - 1:06d}}}.tar"
+    tables["cache"].update(path=str(tmp / cache), format=fmt, codec=codec)
+    tables["train"]["run_dir"] = str(tmp / run)
+    for key, value in (sets or {}).items():
+        table, name = key.split(".")
+        tables.setdefault(table, {})[name] = value
+    if "shards" not in tables["data"]:
+        raise ValueError("write_config needs src or sets={'data.shards': ...}")
+    path = tmp / f"{cache}.toml"
+    path.write_text(toml_text(tables))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- sources
 
 
 def make_source(dirpath: Path, n: int = 18, per_shard: int = 6, seed: int = 0) -> Path:
@@ -54,11 +72,16 @@ def make_source(dirpath: Path, n: int = 18, per_shard: int = 6, seed: int = 0) -
     return dirpath
 
 
-def write_config(tmp: Path, src: Path, n_shards: int, fmt: str = "wds", codec: str = "bf16-zstd",
-                 cache: str = "cache", run: str = "run") -> Path:
-    path = tmp / f"{cache}.toml"
-    path.write_text(CONFIG.format(src=src, last=n_shards - 1, cache=tmp / cache, fmt=fmt, codec=codec, run=tmp / run))
-    return path
+def make_uneven_source(dirpath: Path, sizes: list[int]) -> Path:
+    """Shards shard-000000.tar ... with the given numbers of samples (keys unique across shards)."""
+    for i, n in enumerate(sizes):
+        part = make_source(dirpath / f"part{i}", n=n, per_shard=n, seed=i)
+        (part / "shard-000000.tar").rename(dirpath / f"shard-{i:06d}.tar")
+        part.rmdir()
+    return dirpath
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture
@@ -80,7 +103,7 @@ def source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def extracted(tmp_path_factory, source):
-    """A finished bf16-zstd wds cache over `source`: (config path, Config)."""
+    """A finished bf16-zstd wds cache over `source`: (config path, Config). Read only: tests copy it to damage it."""
     from extract.pipeline import run_extraction
 
     tmp = tmp_path_factory.mktemp("cache")
@@ -90,8 +113,75 @@ def extracted(tmp_path_factory, source):
     return path, cfg
 
 
+@pytest.fixture(scope="session")
+def uneven(tmp_path_factory):
+    """An extracted cache over 5 source shards of UNEVEN sizes: (config path, Config). Read only."""
+    from extract.pipeline import run_extraction
+
+    tmp = tmp_path_factory.mktemp("uneven")
+    path = write_config(tmp, make_uneven_source(tmp / "src", UNEVEN), len(UNEVEN))
+    cfg = load_config(path)
+    run_extraction(cfg, progress=False)
+    return path, cfg
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def cache_files(cache: Path) -> dict[str, bytes]:
+    """Every file of a cache by relative path: two caches are byte-identical when these are equal."""
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+def epoch_batches(cache: Path, epoch: int, bs: int, seed: int = 0, world: int = 1, rank: int = 0, workers: int = 0,
+                  start: int = 0, **kw) -> tuple[list[dict], np.ndarray]:
+    """The batches one rank's loader yields in one epoch (random reader), and the plan they follow."""
+    from shards.manifest import read_manifest, source_urls
+    from train.data import CacheIndex, EpochData, epoch_plan, make_loader
+
+    manifest = read_manifest(cache)
+    index = CacheIndex(cache, manifest, source_urls(manifest))
+    plan = epoch_plan(index.counts, epoch=epoch, seed=seed, world=world, rank=rank, batch_size=bs, mode="random",
+                      workers=workers)
+    data = EpochData(index, plan, epoch=epoch, seed=seed, start=start, mode="random", **kw)
+    return list(make_loader(data, workers)), plan
+
+
+def run_in_process(config: Path, run: Path, *overrides: str) -> dict:
+    """Train in this process with the config and --set style overrides, in run dir `run`: the summary."""
+    from train.loop import train
+
+    cfg = load_config(config, list(overrides))
+    cfg.train.run_dir = str(run)
+    return train(cfg, progress=False)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """A run's metrics.jsonl rows."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(args: list[str], env: dict | None = None, cwd: Path | None = None, timeout: int = 300):
     """Run a console script of this environment as a user would."""
     full_env = dict(os.environ, **(env or {}))
     cmd = [str(BIN / args[0]) if (BIN / args[0]).exists() else args[0], *args[1:]]
     return subprocess.run(cmd, env=full_env, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def can_mount() -> bool:
+    """Whether this process may mount a small tmpfs (root, as in CI): the full-disk tests need one."""
+    probe = Path("/tmp/img2vec-mount-probe")
+    probe.mkdir(exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", str(probe)], capture_output=True)
+    return ok
+
+
+needs_mount = pytest.mark.skipif(not can_mount(), reason="needs root to mount a small tmpfs (CI runs as root)")
