@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import header, median, random_teacher, recalibrate_bn, source_views, table  # noqa: E402
-from common.teacher import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from common.augment import normalize_pixels  # noqa: E402
 from train.losses import normalize_targets  # noqa: E402
 from train.masking import unit_mask  # noqa: E402
 from train.model import vit_tiny_patch16  # noqa: E402
@@ -36,12 +36,6 @@ def student(m: int):
     torch.manual_seed(0)  # the same init for every M
     return vit_tiny_patch16(img_size=SIZE, depth=4, decoder_depth=2, decoder_dim=128, decoder_heads=4,
                             teacher_dim=512, head_hidden=256, mask_ratio=0.6, masks_per_view=m)
-
-
-def normalise(views: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    return (views.float() - mean) / std
 
 
 def train(m: int, images, targets, steps: int, batch: int, lr: float, log_at: set[int], held_out) -> dict:
@@ -97,7 +91,7 @@ def main() -> int:
     recalibrate_bn(teacher, source_views(16, 1, SIZE, seed=9)[0])
     with torch.no_grad():
         tokens = torch.cat([teacher(views[i:i + 32]) for i in range(0, len(views), 32)])  # [N, 9, 512]
-    images, targets = normalise(views), normalize_targets(tokens, "layernorm")
+    images, targets = normalize_pixels(views), normalize_targets(tokens, "layernorm")
     held = (images[n_train:], targets[n_train:],
             unit_mask(n_held, 3, 3, 0.6, generator=torch.Generator().manual_seed(3)))
     images, targets = images[:n_train], targets[:n_train]
