@@ -6,78 +6,52 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import zlib
 import os
-import socket
 import sys
+import zlib
 from pathlib import Path
 
 from common.config import Config, ConfigError
+from common.files import LockFile, write_atomic
+from shards.manifest import Manifest
 from train.checkpoints import Checkpoints, DiskFull, is_disk_full
 
 
-class RunDirLock:
-    """`<run_dir>/lock`, created with O_EXCL and holding host, pid and SLURM job id. A lock of a dead process
-    on this host, or of this same SLURM job (requeued, maybe on another node), is stale and taken over; a
-    live one, or one of another host, refuses the second training."""
+class RunDirLock(LockFile):
+    """`<run_dir>/lock` (common.files.LockFile), holding host, pid, nonce and SLURM job id. A lock of a dead
+    process on this host, or of this same SLURM job (requeued, maybe on another node), is stale and taken over;
+    a live one, or one of another host, refuses the second training."""
 
     def __init__(self, run_dir: Path):
-        self.path, self.held = run_dir / "lock", False
+        super().__init__(run_dir / "lock", slurm_job_id=os.environ.get("SLURM_JOB_ID"))
 
     def acquire(self) -> None:
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and not self._stale(owner):
-                    raise ConfigError(f"{self.path.parent} is in use by another training (host {owner.get('host')}, "
-                                      f"pid {owner.get('pid')}): use another train.run_dir, or wait for it. If that "
-                                      f"process is gone, delete {self.path}") from None
-                print(f"warning: taking over the stale lock {self.path} ({owner or 'unreadable'})", file=sys.stderr)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
+        if super().acquire():
+            if self.taken_over is not None:
+                print(f"warning: taking over the stale lock {self.path} ({self.taken_over or 'unreadable'})",
+                      file=sys.stderr)
             return
-        raise ConfigError(f"{self.path}: another training took the lock at the same time")
+        owner = self.holder()
+        if not owner:  # created a moment ago and not yet written, or released: another training raced us
+            raise ConfigError(f"{self.path}: another training took the lock at the same time")
+        raise ConfigError(f"{self.path.parent} is in use by another training (host {owner.get('host')}, "
+                          f"pid {owner.get('pid')}): use another train.run_dir, or wait for it. If that "
+                          f"process is gone, delete {self.path}")
 
-    def _owner(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None  # torn by a crash between create and write: stale
-
-    @staticmethod
-    def _stale(owner: dict) -> bool:
-        if owner.get("slurm_job_id") and owner["slurm_job_id"] == os.environ.get("SLURM_JOB_ID"):
+    def _stale(self, h: dict) -> bool:
+        if h.get("slurm_job_id") and h["slurm_job_id"] == os.environ.get("SLURM_JOB_ID"):
             return True  # a job runs once at a time: this is its earlier run, killed before it could unlock
-        if owner.get("host") != socket.gethostname():
-            return False  # cannot see another host's processes
-        try:
-            os.kill(int(owner["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, ValueError, TypeError):
-            return False
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        return super()._stale(h)
 
 
-def cache_identity(manifest: dict) -> dict:
+def cache_identity(manifest: Manifest) -> dict:
     """What makes a cache the same data: its teacher, codec and shard list."""
-    shards = json.dumps([s["name"] for s in manifest["shards"]]).encode()
-    return {"teacher_sha256": manifest["teacher"]["sha256"], "codec": manifest["codec"]["name"],
-            "shards_sha256": hashlib.sha256(shards).hexdigest(), "shards": len(manifest["shards"])}
+    shards = json.dumps(manifest.shard_names).encode()
+    return {"teacher_sha256": manifest.teacher.sha256, "codec": manifest.codec.name,
+            "shards_sha256": hashlib.sha256(shards).hexdigest(), "shards": len(manifest.shards)}
 
 
-def run_identity(cfg: Config, world_size: int, manifest: dict, data_plan: dict) -> dict:
+def run_identity(cfg: Config, world_size: int, manifest: Manifest, data_plan: dict) -> dict:
     """What a resume must share with the run it resumes: the data order and batches depend on these
     (`data_plan`: the reader mode, the per-shard sample counts, and for streaming its workers and buffer)."""
     return {"world_size": world_size, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
@@ -115,7 +89,7 @@ def check_sources(urls: dict[str, str | None]) -> None:
                           "names), e.g. --set data.shards='/new/place/train-{0000..1023}.tar'")
 
 
-def open_run(accelerator, cfg: Config, manifest: dict, ckpts: Checkpoints, data_plan: dict) -> int:
+def open_run(accelerator, cfg: Config, manifest: Manifest, ckpts: Checkpoints, data_plan: dict) -> int:
     """The main process checks the run dir's identity, writes the resolved config and picks the newest
     usable checkpoint; every rank loads that one. Returns its step (0 for a fresh run)."""
     from accelerate.utils import broadcast_object_list
@@ -126,8 +100,9 @@ def open_run(accelerator, cfg: Config, manifest: dict, ckpts: Checkpoints, data_
         identity = run_identity(cfg, accelerator.num_processes, manifest, data_plan)
         check_identity(run_dir, identity, resuming=bool(ckpts.complete()))
         latest = [ckpts.latest_valid(accelerator.num_processes)]
+        recipe = manifest.to_dict()
         write_text(run_dir / "config.json", json.dumps(dict(cfg.to_dict(), cache_manifest={
-            k: manifest[k] for k in ("teacher", "augment", "codec", "token_shape")}), indent=1), "config")
+            k: recipe[k] for k in ("teacher", "augment", "codec", "token_shape")}), indent=1), "config")
     broadcast_object_list(latest)
     if latest[0] is None:
         return 0
@@ -140,9 +115,7 @@ def open_run(accelerator, cfg: Config, manifest: dict, ckpts: Checkpoints, data_
 
 def write_text(path: Path, text: str, what: str) -> None:
     try:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as e:
         if is_disk_full(e):
             raise DiskFull(what, path) from None

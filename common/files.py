@@ -1,0 +1,181 @@
+"""Files that survive a crash: the one atomic write, fsync of a tree, sha256 of a file, and the one lock file.
+
+A write goes to a temporary name beside its target, is fsynced and renamed over it, so a reader sees the old
+file or the new one, never half of one. A lock is a file created with O_EXCL; see `LockFile` for when a lock
+left behind by a dead process counts as stale.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Every file and directory under `path` (or the file `path`), and its parent directory."""
+    paths = [path] if path.is_file() else [Path(r) / f for r, _, fs in os.walk(path) for f in fs]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if path.is_dir():
+        for r, ds, _ in os.walk(path):
+            for d in ds:
+                fsync_dir(Path(r) / d)
+        fsync_dir(path)
+    fsync_dir(path.parent)
+
+
+def unique_suffix() -> str:
+    """Host, pid and a random part: ranks on different hosts often share a small pid."""
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace `path` by `data` in one step: written to `<name>.tmp-<unique>`, fsynced, renamed, the directory
+    fsynced. On an error (a full disk) the temporary is removed and the old file stays."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{unique_suffix()}")
+    try:
+        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """`obj` as JSON with indent=1 (the cache's manifest and completion records), written atomically."""
+    write_atomic(path, json.dumps(obj, indent=1))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def mtime(path: Path) -> float:
+    """The file's mtime, 0 if it is gone."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+TORN_AFTER = 60.0  # s: a lock file still empty or unparsable this long after its creation was left by a crash
+_HELD: set[str] = set()  # nonces of the locks this process holds (a lock naming our pid and another nonce is
+                         # a previous life's: a restarted container often gets the same hostname and pid)
+
+
+class LockFile:
+    """A file created with O_EXCL by the one process that holds it: {"host", "pid", "nonce", **info}. Its mtime
+    is the holder's heartbeat (`beat()`). The lock is stale when its process is dead on this host, when it names
+    our pid but no nonce this process holds (a previous life), when it is torn (empty or unparsable) for
+    TORN_AFTER seconds, or, given a `ttl`, when another host's has not beaten for `ttl` seconds (without one,
+    another host's lock never counts as dead: its processes cannot be seen from here). Taking over a stale lock
+    goes through a second O_EXCL file, `<name>.takeover`, so two processes that both judge it stale cannot both
+    take it."""
+
+    def __init__(self, path: Path, ttl: float | None = None, **info):
+        self.path, self.ttl = Path(path), ttl
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "nonce": os.urandom(8).hex(), **info}
+        self.taken_over: dict | None = None  # the stale holder that acquire() replaced ({} if torn), if any
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.me, f)
+        _HELD.add(self.me["nonce"])
+        return True
+
+    def acquire(self) -> bool:
+        """True if this process now holds the lock (created, or a stale one taken over)."""
+        if self._create():
+            return True
+        if not self.stale():
+            return False
+        guard = self.path.with_name(self.path.name + ".takeover")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:  # another process is taking it over (or died doing so long ago)
+            if time.time() - mtime(guard) > TORN_AFTER:
+                guard.unlink(missing_ok=True)
+            return False
+        os.close(fd)
+        try:
+            if not self.stale():  # judged again, now that no one else can take it over
+                return False
+            previous = self.holder()
+            self.path.unlink(missing_ok=True)
+            if not self._create():
+                return False
+            self.taken_over = previous
+            return True
+        finally:
+            guard.unlink(missing_ok=True)
+
+    def holder(self) -> dict:
+        """The holder's record, {} if there is none or it cannot be read."""
+        try:
+            h = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return h if isinstance(h, dict) else {}
+
+    def stale(self) -> bool:
+        h = self.holder()
+        if not h:  # torn or vanished: a writer died between create and write, or just released it
+            return not self.path.exists() or time.time() - mtime(self.path) > TORN_AFTER
+        return self._stale(h)
+
+    def _stale(self, h: dict) -> bool:
+        """Whether the holder `h` (parsed) is dead; subclasses add their own reasons."""
+        if h.get("host") != self.me["host"]:
+            return self.ttl is not None and time.time() - mtime(self.path) > self.ttl
+        try:
+            pid = int(h["pid"])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+        return pid == self.me["pid"] and h.get("nonce") not in _HELD  # our pid, a previous life
+
+    def held(self) -> bool:
+        return self.holder().get("nonce") == self.me["nonce"]
+
+    def beat(self) -> None:
+        if self.held():
+            os.utime(self.path)
+
+    def clear_stale(self) -> None:
+        if self.path.exists() and self.stale():
+            self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.held():
+            self.path.unlink(missing_ok=True)
+        _HELD.discard(self.me["nonce"])

@@ -1,0 +1,113 @@
+"""Where a feature shard lives, its per-sample index and its completion record.
+
+    <name>/index.npy    one row per sample (`index_dtype`): key, label, where the image lives in its source
+                        tar (data offset, size, crc32), decoded size, the V view records, and per view where
+                        its tokens lie (offset, size, wds only) and their crc32; the row's own crc32 last
+    <name>.done.json    completion record: samples, skipped keys + reasons, files (size, sha256), stats
+
+Nothing without a record is read: the record is written last, after the shard directory is renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from common.codecs import FORMAT_VERSION
+from common.files import file_sha256
+from shards.errors import CacheError
+
+
+def shard_dir(cache: Path, name: str) -> Path:
+    return Path(cache) / name
+
+
+def record_path(cache: Path, name: str) -> Path:
+    return Path(cache) / f"{name}.done.json"
+
+
+# ---------------------------------------------------------------- the per-sample index
+
+def index_dtype(views: int, key_bytes: int) -> np.dtype:
+    return np.dtype([
+        ("key", f"S{max(key_bytes, 1)}"), ("cls", "<i4"),
+        ("src_offset", "<i8"), ("src_size", "<i8"), ("src_crc", "<u4"),   # the image member in the source tar
+        ("height", "<i4"), ("width", "<i4"),                                 # decoded size
+        ("views", "<i4", (views, 5)),                                        # [top, left, h, w, flip] per view
+        ("offset", "<i8", (views,)), ("nbytes", "<i8", (views,)),            # the view's bytes in vNN.tar (wds)
+        ("crc", "<u4", (views,)),                                            # crc32 of the view's packed array
+        ("row_crc", "<u4"),                                                  # crc32 of the row's other bytes
+    ])
+
+
+def row_ok(row) -> bool:
+    """A row of an index is as written (its crop box, flip, offsets, key): training pairs nothing by a damaged one."""
+    return zlib.crc32(row.tobytes()[:-4]) == int(row["row_crc"])
+
+
+def read_index(cache: Path, name: str) -> np.ndarray:
+    """The shard's index, memory-mapped (every process of a node shares the page cache; no pickle)."""
+    path = shard_dir(cache, name) / "index.npy"
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path}: unreadable index ({e}); run `img2vec verify` on the cache") from None
+
+
+# ---------------------------------------------------------------- completion records
+
+def read_record(cache: Path, name: str) -> dict | None:
+    p = record_path(cache, name)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{p}: completion record is not valid JSON ({e}); delete it to redo shard {name}") from None
+
+
+def record_problems(cache: Path, name: str, record: dict) -> list[str]:
+    """Cheap checks that a recorded shard's files are all there with their recorded sizes."""
+    root = shard_dir(cache, name)
+    problems = []
+    for rel, meta in record.get("files", {}).items():
+        p = root / rel
+        if not p.exists():
+            problems.append(f"{p} is missing")
+        elif p.stat().st_size != meta["size"]:
+            problems.append(f"{p} has {p.stat().st_size} bytes, the record says {meta['size']}")
+    if not record.get("files"):
+        problems.append(f"{record_path(cache, name)} lists no files (not a format-{FORMAT_VERSION} record)")
+    return problems
+
+
+def check_recorded(cache: Path, name: str, record: dict | None = None) -> dict:
+    """The record of a shard that is complete (recorded, every file there), or a CacheError saying what to do."""
+    record = record or read_record(cache, name)
+    if record is None:
+        raise CacheError(f"cache {cache}: shard {name} has no completion record (extraction unfinished or "
+                         "interrupted); rerun extract-features with the same config to finish it")
+    problems = record_problems(cache, name, record)
+    if problems:
+        raise CacheError(f"cache {cache}: shard {name}: {problems[0]}; rerun extract-features with the same "
+                         "config to redo it")
+    return record
+
+
+def tree_files(path: Path, known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """relative path -> {"size", "sha256"} of every file under a shard directory (a record's "files"); `known`
+    gives those of files hashed while they were written (their size on disk is checked against it)."""
+    files = sorted(Path(r) / f for r, _, fs in os.walk(path) for f in fs)
+    out = {}
+    for p in files:
+        rel, size = str(p.relative_to(path)), p.stat().st_size
+        if known and rel in known:
+            if known[rel]["size"] != size:
+                raise CacheError(f"{p}: {size} bytes on disk, {known[rel]['size']} written; the file system lost data")
+            out[rel] = known[rel]
+        else:
+            out[rel] = {"size": size, "sha256": file_sha256(p)}
+    return out

@@ -1,0 +1,180 @@
+"""Reading feature shards: one view of any samples, each checked against its crc32 in the index.
+
+Reading one view of a sample reads that view's bytes only (plus 16 bytes of Zarr's shard index per sample in
+zarr), so an epoch reads ~1/V of the cache. Files are read with pread through a small per-process LRU of open
+descriptors, readahead off: the kernel reads what is asked, not the neighbouring samples or views.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from common.codecs import view_crc32
+from shards.errors import CacheError, CorruptSample
+from shards.index import check_recorded, read_index, row_ok, shard_dir
+from shards.manifest import Manifest
+
+_open_files: OrderedDict[str, int] = OrderedDict()
+MAX_OPEN_FILES = 0  # per process, 0 = half of open_file_budget(): ImageNet's 1,282 x (V view files + a source)
+
+
+@functools.lru_cache(maxsize=1)
+def open_file_budget() -> int:
+    """Descriptors this process may use: the soft RLIMIT_NOFILE, first raised to the hard limit (at most
+    65,536), since a random reader keeps many files open (the LRUs of read descriptors and index maps)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard if hard != resource.RLIM_INFINITY else 65536, 65536)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return max(soft, 256)
+
+
+def pread(path, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset`, through a small per-process LRU of open files read without readahead (the
+    kernel reads what is asked, not the neighbouring samples or views). A forked worker starts with the
+    parent's descriptors, which pread shares safely (no file position)."""
+    path = str(path)
+    try:
+        fd = _open_files.pop(path, None)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            while len(_open_files) >= (MAX_OPEN_FILES or open_file_budget() // 2):
+                os.close(_open_files.popitem(last=False)[1])
+        _open_files[path] = fd
+        return os.pread(fd, size, offset)
+    except OSError as e:  # a vanished file, an I/O error: name it (a CacheError, not a traceback)
+        raise CacheError(f"{path}: {e.strerror or e} while reading {size} bytes at {offset}; check the file "
+                         "system, then `img2vec verify` the cache") from None
+
+
+
+class FeatureShard:
+    """Random access to one recorded feature shard: its index (memory-mapped), and one view of any samples.
+    Cheap to open (training opens and drops many); `samples` is the recorded count, checked against the index."""
+
+    def __init__(self, cache: Path, name: str, manifest: Manifest, samples: int | None = None):
+        self.cache, self.name = Path(cache), name
+        if samples is None:
+            samples = check_recorded(cache, name)["samples"]
+        self.fmt = manifest.cache_format
+        self.codec = manifest.token_codec
+        self.tokens, self.channels = manifest.token_grid
+        self.index = read_index(cache, name)
+        if len(self.index) != samples:
+            raise CacheError(f"cache {cache}: shard {name}: index holds {len(self.index)} samples, its record "
+                             f"{samples}; run `img2vec verify`")
+        self._array = None
+
+    def key(self, i: int) -> str:
+        return self.index["key"][i].decode()
+
+    def read_views(self, ids, views) -> list[np.ndarray | CorruptSample]:
+        """Packed arrays [T, C'] of view views[j] of sample ids[j], each checked against its crc32; a sample
+        whose bytes are damaged comes back as a CorruptSample (the caller raises or skips it)."""
+        ids, views = np.asarray(ids, np.int64), np.asarray(views, np.int64)
+        out: list = [None] * len(ids)
+        order = np.lexsort((ids, views))  # view file by view file, in file order: short seeks
+        raw = self._read_wds(ids[order], views[order]) if self.fmt == "wds" else self._read_zarr(ids[order], views[order])
+        for j, data in zip(order, raw):
+            i, v = int(ids[j]), int(views[j])
+            if not isinstance(data, CorruptSample) and view_crc32(data) != self.index["crc"][i, v]:
+                data = CorruptSample(self.name, self.key(i), f"view {v}: crc32 differs from the index")
+            out[j] = data
+        return out
+
+    def _read_wds(self, ids, views):
+        out = []
+        for i, v in zip(ids, views):
+            if not row_ok(self.index[i]):  # its offset and size are not to be trusted: read nothing
+                out.append(CorruptSample(self.name, self.key(i), f"index row {i}: crc32 differs"))
+                continue
+            size, offset = int(self.index["nbytes"][i, v]), int(self.index["offset"][i, v])
+            data = pread(shard_dir(self.cache, self.name) / f"v{v:02d}.tar", size, offset)
+            try:
+                if len(data) != size:
+                    raise ValueError(f"v{v:02d}.tar ends {size - len(data)} bytes early")
+                out.append(self.codec.decompress(data, self.tokens, self.channels))
+            except Exception as e:  # noqa: BLE001 - any failure to decode stored bytes is corruption
+                out.append(CorruptSample(self.name, self.key(i), f"view {v}: {type(e).__name__}: {e}"))
+        return out
+
+    def _read_zarr(self, ids, views):
+        import zarr
+
+        if self._array is None:
+            store = _random_read_store(shard_dir(self.cache, self.name) / "tokens.zarr")
+            self._array = zarr.open_array(store=store, path="tokens", mode="r")
+        try:  # one call for the lot: zarr's per-call overhead is large; one shard index read per file
+            return list(self._array.get_coordinate_selection((views, ids)))
+        except Exception:  # noqa: BLE001 - find the damaged chunk(s) one by one
+            out = []
+            for i, v in zip(ids, views):
+                try:
+                    out.append(self._array[int(v), int(i)])
+                except Exception as e:  # noqa: BLE001
+                    out.append(CorruptSample(self.name, self.key(i), f"view {v}: {type(e).__name__}: {e}"))
+            return out
+
+    def close(self) -> None:
+        self._array = None
+
+
+def _random_read_store(root: Path):
+    """A read-only Zarr LocalStore whose byte-range reads (a shard's index, one inner chunk) are single
+    preads with readahead off: the kernel reads the chunk asked for, not its neighbours (other samples)."""
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import LocalStore
+
+    def pread_range(path: Path, byte_range) -> bytes:
+        if isinstance(byte_range, RangeByteRequest):
+            return pread(path, byte_range.end - byte_range.start, byte_range.start)
+        size = path.stat().st_size
+        if isinstance(byte_range, OffsetByteRequest):
+            return pread(path, size - byte_range.offset, byte_range.offset)
+        if isinstance(byte_range, SuffixByteRequest):
+            start = max(0, size - byte_range.suffix)
+            return pread(path, size - start, start)
+        raise TypeError(f"unexpected byte range {byte_range!r}")
+
+    class RandomReadStore(LocalStore):
+        async def get(self, key, prototype=None, byte_range=None):
+            if byte_range is None:
+                return await super().get(key, prototype, byte_range)
+            prototype = prototype or default_buffer_prototype()
+            try:  # inline, not in a thread: one hop less per chunk, and these reads are small and local
+                data = pread_range(self.root / key, byte_range)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+            return prototype.buffer.from_bytes(data)
+
+    return RandomReadStore(root, read_only=True)
+
+
+def iter_feature_shard(cache: Path, name: str, manifest: Manifest) -> Iterator[dict]:
+    """Every sample of a recorded shard with ALL its views (tools and tests; training reads one view):
+    {"key", "cls", "views" [V, 5], "src_hw", "packed" [V, T, C']}. Raises CorruptSample on a damaged view."""
+    shard = FeatureShard(cache, name, manifest)
+    views = manifest.views
+    try:
+        for i, meta in enumerate(shard.index):
+            packed = shard.read_views(np.full(views, i), np.arange(views))
+            bad = next((p for p in packed if isinstance(p, CorruptSample)), None)
+            if bad is not None:
+                raise bad
+            yield {"key": meta["key"].decode(), "cls": int(meta["cls"]), "views": np.array(meta["views"]),
+                   "src_hw": [int(meta["height"]), int(meta["width"])], "packed": np.stack(packed)}
+    finally:
+        shard.close()

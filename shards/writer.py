@@ -1,0 +1,178 @@
+"""Writing one feature shard (cache format 2): the V view files (wds tars or one Zarr array), the index, the record.
+
+    <name>/v00.tar ... vNN.tar (wds) one tar per view: member `<key>.tokens` = one compressed packed view
+    <name>/tokens.zarr         (zarr) array "tokens" [V, N, T, C'], one inner chunk per (view, sample), Zarr v3
+                               sharding codec with SHARD_SAMPLES samples of one view per shard file; its
+                               attributes name the codec and the layout (`zarr_attributes`)
+
+The shard is written under `<name>.tmp-<unique>/`, fsynced and renamed to `<name>/` in one step; only then
+is its completion record written.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from common.codecs import FORMAT_VERSION, TokenCodec, view_crc32
+from common.faults import fault_point
+from common.files import fsync_dir, fsync_tree, unique_suffix, write_json_atomic
+from common.stats import TokenStats
+from shards.errors import CacheError
+from shards.index import index_dtype, record_path, shard_dir, tree_files
+
+SHARD_SAMPLES = 256  # zarr: samples of one view per shard file (its index: 16 B x 256 = 4 KiB)
+ZARR_LAYOUT = "[view, sample, token, packed channel]"
+
+
+def zarr_attributes(codec: TokenCodec, tokens: int, channels: int) -> dict:
+    """What a reader needs beyond the array's shape and dtype: the packed channels C' mean nothing without
+    the codec (docs/FORMAT.md gives its bytes); tokens x channels is the decoded view [T, C]."""
+    return {"img2vec": {"codec": codec.name, "layout": ZARR_LAYOUT, "format_version": FORMAT_VERSION,
+                        "tokens": tokens, "channels": channels}}
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "img2vec", "img2vec"
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+class FeatureShardWriter:
+    """Writes one feature shard into `<name>.tmp-<pid>/`; `commit()` fsyncs, renames to `<name>/` and records it."""
+
+    def __init__(self, cache: Path, name: str, fmt: str, codec: TokenCodec, views: int, tokens: int, channels: int):
+        self.cache, self.name, self.fmt, self.codec = Path(cache), name, fmt, codec
+        self.final = shard_dir(self.cache, name)
+        self.tmp = self.cache / f"{name}.tmp-{unique_suffix()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.views, self.tokens, self.channels = views, tokens, channels
+        self.rows: list[tuple] = []
+        if fmt == "wds":
+            self._files = [open(self.tmp / f"v{v:02d}.tar", "wb") for v in range(views)]
+            self._hashes = [hashlib.sha256() for _ in range(views)]
+            self._sizes = [0] * views
+        else:
+            self._buffer: list[np.ndarray] = []
+            self._open_zarr()
+
+    def _open_zarr(self) -> None:
+        import zarr
+        from zarr.codecs import BloscCodec, Crc32cCodec
+
+        (t, c), dtype = self.codec.packed_spec(self.tokens, self.channels)
+        comp = self.codec.blosc()
+        shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}
+        compressors = [Crc32cCodec()]  # checked by zarr on every read of a chunk
+        if comp is not None:
+            compressors.insert(0, BloscCodec(cname=comp.cname, clevel=comp.clevel, shuffle=shuffle[comp.shuffle],
+                                             blocksize=comp.blocksize))
+        group = zarr.open_group(str(self.tmp / "tokens.zarr"), mode="w", zarr_format=3)
+        self._array = group.create_array("tokens", shape=(self.views, 0, t, c), chunks=(1, 1, t, c),
+                                         shards=(1, SHARD_SAMPLES, t, c), dtype=dtype, fill_value=0,
+                                         compressors=compressors,
+                                         dimension_names=("view", "sample", "token", "packed_channel"),
+                                         attributes=zarr_attributes(self.codec, self.tokens, self.channels))
+
+    def add(self, key: str, views: np.ndarray, src: dict, hw, cls: int | None, tokens: np.ndarray) -> None:
+        """One sample: its view records [V, 5], its image's place in the source tar (`offset`, `size`, `crc`),
+        decoded size (h, w), label, and its teacher tokens [V, T, C] (fp32)."""
+        self.add_batch([key], [views], [src], [hw], [cls], self.codec.encode(tokens)[None])
+
+    def add_batch(self, keys, views, srcs, hws, clss, packed: np.ndarray, pool=None) -> None:
+        """Samples in order; packed [b, V, T, C'] (codec.encode / encode_tensor). With a thread pool, the b x V views
+        are compressed and checksummed in parallel (Blosc and zlib release the GIL); they are written in order, so
+        the bytes do not depend on the pool."""
+        for key in keys:
+            if "." in key.rsplit("/", 1)[-1]:
+                raise CacheError(f"key {key!r} contains a dot, which WebDataset would split")
+        b = len(keys)
+        flat = packed.reshape(b * self.views, *packed.shape[2:])  # [b*V, T, C']
+        cuts = np.linspace(0, b * self.views, max(1, min(b * self.views, pool._max_workers if pool else 1)) + 1).astype(int)
+        parts = list((pool.map if pool else map)(lambda i: self._compress(flat[cuts[i]:cuts[i + 1]]), range(len(cuts) - 1)))
+        blobs = [bl for bls, _ in parts for bl in bls]
+        crcs = [c for _, cs in parts for c in cs]
+        if self.fmt == "wds":  # the V tars are appended in parallel, each in sample order
+            placed = list((pool.map if pool else map)(lambda v: self._append(v, keys, blobs[v::self.views]),
+                                                      range(self.views)))  # [V][b] (offset, size)
+        for i, key in enumerate(keys):
+            offsets, sizes = [0] * self.views, [0] * self.views
+            if self.fmt == "wds":
+                offsets, sizes = [p[i][0] for p in placed], [p[i][1] for p in placed]
+            else:
+                self._buffer.append(np.array(packed[i]))  # a copy: `packed` may be pinned memory, reused
+                if len(self._buffer) == SHARD_SAMPLES:
+                    self._flush()
+            cls = clss[i]
+            self.rows.append((key.encode(), -1 if cls is None else int(cls), srcs[i]["offset"], srcs[i]["size"],
+                              srcs[i]["crc"], int(hws[i][0]), int(hws[i][1]), np.asarray(views[i], np.int32), offsets,
+                              sizes, crcs[i * self.views:(i + 1) * self.views]))
+
+    def _compress(self, packed: np.ndarray):
+        """views [n, T, C'] -> (compressed bytes per view (wds), crc32 per view)."""
+        blobs = [self.codec.compress(p) for p in packed] if self.fmt == "wds" else [None] * len(packed)
+        return blobs, [view_crc32(p) for p in packed]
+
+    def _append(self, v: int, keys: list[str], blobs: list[bytes]) -> list[tuple[int, int]]:
+        """Append one member per sample to view v's tar: [(data offset, size)]."""
+        placed = []
+        for key, data in zip(keys, blobs):
+            header = _tar_header(f"{key}.tokens", len(data))
+            placed.append((self._sizes[v] + len(header), len(data)))
+            self._write(v, header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        return placed
+
+    def _write(self, v: int, data: bytes) -> None:
+        """Append to view v's tar, hashing as it goes: commit records the sha256 without reading the file back."""
+        self._files[v].write(data)
+        self._hashes[v].update(data)
+        self._sizes[v] += len(data)
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._array.append(np.stack(self._buffer, axis=1), axis=1)  # [V, n, T, C']
+            self._buffer = []
+
+    def _close(self) -> None:
+        if self.fmt == "wds":
+            for v, f in enumerate(self._files):
+                if not f.closed:
+                    self._write(v, b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+                    f.close()
+        else:
+            self._flush()
+
+    def commit(self, skipped: list[dict], source: str, stats: TokenStats, seekable: bool) -> dict:
+        self._close()
+        dtype = index_dtype(self.views, max((len(r[0]) for r in self.rows), default=1))
+        index = np.array([(*r, 0) for r in self.rows], dtype=dtype)
+        for row in index:
+            row["row_crc"] = zlib.crc32(row.tobytes()[:-4])
+        np.save(self.tmp / "index.npy", index, allow_pickle=False)
+        fsync_tree(self.tmp)
+        os.replace(self.tmp, self.final)  # one rename: the shard directory appears whole or not at all
+        fsync_dir(self.cache)
+        fault_point("commit", self.name)
+        record = {"shard": self.name, "source": source, "format": self.fmt, "format_version": FORMAT_VERSION,
+                  "samples": len(self.rows), "skipped": skipped, "seekable": seekable,
+                  "files": tree_files(self.final, self._known()), "stats": stats.to_dict()}
+        write_json_atomic(record_path(self.cache, self.name), record)
+        return record
+
+    def _known(self) -> dict[str, dict]:
+        """The tars' sizes and sha256, as written (the index and Zarr's files are hashed from disk)."""
+        if self.fmt != "wds":
+            return {}
+        return {f"v{v:02d}.tar": {"size": self._sizes[v], "sha256": h.hexdigest()} for v, h in enumerate(self._hashes)}
+
+    def abort(self) -> None:
+        if self.fmt == "wds":
+            for f in self._files:
+                f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
