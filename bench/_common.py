@@ -133,7 +133,8 @@ def write_cache(cache: Path, shards_pattern: str, views: int, codec: str, token_
     from common.augment import decode_image, sample_views
     from common.config import Config
     from common.stats import TokenStats
-    from shards.features import FeatureShardWriter, finalize_manifest, make_manifest, write_json_atomic
+    from shards.manifest import finalize_manifest, make_manifest, write_manifest
+    from shards.writer import FeatureShardWriter
     from shards.source import expand_shards, is_seekable, iter_samples, shard_names
 
     cfg = Config()
@@ -143,7 +144,7 @@ def write_cache(cache: Path, shards_pattern: str, views: int, codec: str, token_
     urls = expand_shards(shards_pattern)
     token_shape = token_pool.shape[1:]
     cache.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cache / "manifest.json", make_manifest(cfg, fingerprint, token_shape, urls))
+    write_manifest(cache, make_manifest(cfg, fingerprint, token_shape, urls))
     rng = np.random.default_rng(seed)
     a = cfg.augment
     stats = TokenStats()

@@ -26,8 +26,8 @@ from common.codecs import get_codec
 from common.config import Config
 from common.stats import TokenStats
 from extract.pipeline import ViewBatches, run_extraction
-from shards.features import FeatureShardWriter
 from shards.source import expand_shards, iter_samples, shard_names
+from shards.writer import FeatureShardWriter
 
 
 def config(pattern: str, cache: Path, views: int, batch: int, workers: int, codec: str, device: str) -> Config:
@@ -137,7 +137,7 @@ def codec_costs(codec, tokens: np.ndarray, tmp: Path) -> dict:
     import numcodecs
 
     from common.codecs import view_crc32
-    from shards.features import file_sha256
+    from common.files import file_sha256
 
     packed = codec.encode(tokens)
     host_encode = thread_ms(lambda: codec.encode(tokens), len(tokens))

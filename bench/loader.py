@@ -23,13 +23,13 @@ from pathlib import Path
 
 from _common import header, make_source, median, random_teacher, source_views, table, teacher_tokens, write_cache
 
-import shards.features as features
 import train.data as data
+from shards.manifest import read_manifest, source_urls
 
 
 def loader(cache: Path, epoch: int, workers: int, batch: int, mode: str, with_tokens: bool = True):
-    manifest = features.read_manifest(cache)
-    index = data.CacheIndex(cache, manifest, features.source_urls(manifest))
+    manifest = read_manifest(cache)
+    index = data.CacheIndex(cache, manifest, source_urls(manifest))
     plan = data.epoch_plan(index.counts, epoch, 0, 1, 0, batch, mode, workers, buffer=256)
     return data.make_loader(data.EpochData(index, plan, epoch, 0, 0, mode, with_tokens), workers)
 
@@ -60,8 +60,8 @@ def bytes_read(cache: Path, epoch: int, batch: int) -> tuple[int, int, int]:
     n = sum(len(b["keys"]) for b in loader(cache, epoch, 0, batch, "random"))
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, files)],
                          capture_output=True, text=True, check=True).stdout
-    manifest = features.read_manifest(cache)
-    per_view = sum(p.stat().st_size for p in files) / (manifest["samples"] * manifest["augment"]["views"])
+    manifest = read_manifest(cache)
+    per_view = sum(p.stat().st_size for p in files) / (manifest.samples * manifest.views)
     return sum(int(x) for x in out.split()), int(per_view * n), n
 
 

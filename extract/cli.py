@@ -8,7 +8,7 @@ import sys
 
 from common.config import ConfigError, add_config_args, load_config
 from common.signals import PREEMPTED
-from shards.features import CacheError
+from shards.errors import CacheError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from shards.features import write_json_atomic
+from common.files import write_json_atomic
 from shards.source import IMAGE_EXTS, write_shards
 
 

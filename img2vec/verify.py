@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.codecs import get_codec, token_cosines
+from common.codecs import token_cosines
 from common.runtime import pick_device, write_json_output
 from shards.check import REDO_HINT, Checks, Problem, check_manifest, check_records, check_shards
-from shards.features import CacheError, manifest_cut, read_index, source_urls
+from shards.errors import CacheError
+from shards.index import read_index
+from shards.manifest import Manifest, TeacherMismatch, cache_teacher, source_urls
 
 
 @dataclass
@@ -71,28 +73,26 @@ def pick_triples(cache: Path, records: dict[str, dict], views: int, n: int, seed
     return [(*keys[i // views], int(i % views)) for i in flat]
 
 
-def rebuild_teacher(manifest: dict, weights: str | None, seed: int, device, report: Report):
+def rebuild_teacher(manifest: Manifest, weights: str | None, seed: int | None, device, report: Report):
+    """The cache's teacher (shards.manifest.cache_teacher), or None with the problem noted."""
     from common.config import ConfigError
-    from common.config import Teacher as TeacherConfig
-    from common.teacher import build_teacher
 
-    t = manifest["teacher"]
-    weights = weights or manifest.get("teacher_weights", "random")
-    cfg = TeacherConfig(arch=t["arch"], layer=t["layer"], weights=weights, dtype="float32", seed=seed)
     try:
-        teacher = build_teacher(cfg, device)
+        teacher = cache_teacher(manifest, weights, seed, device)
     except ConfigError as e:
         report.problems.append(Problem(None, None, f"cannot rebuild the teacher for --recompute: {e} "
                                                    "(a checkpoint that moved: pass --teacher-weights PATH)", False))
         return None
-    report.teacher = dict(teacher.fingerprint)
-    if teacher.fingerprint["sha256"] != t["sha256"]:
+    except TeacherMismatch as e:
+        report.teacher = e.fingerprint
         hint = (f"random weights depend on teacher.seed: pass the seed the cache was made with (--teacher-seed; "
-                f"tried {seed})" if weights == "random" else f"{weights} is not the checkpoint the cache was made with")
-        report.problems.append(Problem(None, None, f"teacher weights sha256 {teacher.fingerprint['sha256'][:12]}... "
-                                                   f"differ from the manifest's {t['sha256'][:12]}...: {hint}",
-                                       False))
+                f"tried {e.seed})" if e.weights == "random" else f"{e.weights} is not the checkpoint the cache was "
+                "made with")
+        report.problems.append(Problem(None, None, f"teacher weights sha256 {e.fingerprint['sha256'][:12]}... "
+                                                   f"differ from the manifest's {manifest.teacher.sha256[:12]}...: "
+                                                   f"{hint}", False))
         return None
+    report.teacher = dict(teacher.fingerprint)
     return teacher
 
 
@@ -133,12 +133,12 @@ def replay_from_source(name: str, url: str, want: dict[str, list[int]], captured
     return jobs
 
 
-def recompute_views(manifest: dict, triples: list[tuple[str, str, int]], captured: dict, sources: dict,
+def recompute_views(manifest: Manifest, triples: list[tuple[str, str, int]], captured: dict, sources: dict,
                     teacher, device, extra_rtol: float, report: Report) -> None:
     """Replay each triple's view from its source, run the teacher, compare with the stored tokens."""
     import torch
 
-    size, cut = manifest["augment"]["size"], manifest_cut(manifest)
+    size, cut = manifest.augment.size, manifest.cut
     by_shard: dict[str, dict[str, list[int]]] = {}
     for name, key, view in triples:
         if (name, key) in captured:  # a sample that failed its byte checks is already a problem
@@ -156,7 +156,7 @@ def recompute_views(manifest: dict, triples: list[tuple[str, str, int]], capture
             pixels = torch.stack([j[3] for j in jobs[i:i + 32]]).to(device)
             outs.append(teacher(pixels).cpu().numpy())  # [b, T, C]
     online_all = np.concatenate(outs) if outs else np.zeros((0,))
-    codec = get_codec(manifest["codec"]["name"])
+    codec = manifest.token_codec
     for (name, key, view, _), online in zip(jobs, online_all):
         compare_view(name, key, view, captured[(name, key)]["tokens"][view], online, codec, extra_rtol, report)
 
@@ -199,7 +199,7 @@ def verify_cache(cache: str | Path, recompute: int = 0, source_shards: str | Non
     if manifest is None:
         return report
     records = check_records(cache, manifest, report)
-    triples = pick_triples(cache, records, manifest["augment"]["views"], recompute, seed)
+    triples = pick_triples(cache, records, manifest.views, recompute, seed)
     report.recompute_requested = len(triples)
     wanted: dict[str, dict[str, list[int]]] = {}
     for name, key, view in triples:
@@ -211,7 +211,7 @@ def verify_cache(cache: str | Path, recompute: int = 0, source_shards: str | Non
     return report
 
 
-def recompute_triples(manifest: dict, triples: list, captured: dict, source_shards: str | None,
+def recompute_triples(manifest: Manifest, triples: list, captured: dict, source_shards: str | None,
                       teacher_weights: str | None, teacher_seed: int | None, device: str, extra_rtol: float,
                       report: Report) -> None:
     import torch
@@ -224,8 +224,6 @@ def recompute_triples(manifest: dict, triples: list, captured: dict, source_shar
     except ValueError as e:  # ConfigError: an empty pattern
         report.problems.append(Problem(None, None, f"--source-shards: {e}", False))
         return
-    if teacher_seed is None:
-        teacher_seed = manifest.get("teacher_seed", 0)
     teacher = rebuild_teacher(manifest, teacher_weights, teacher_seed, device, report)
     if teacher is not None:
         recompute_views(manifest, triples, captured, sources, teacher, device, extra_rtol, report)
@@ -235,9 +233,9 @@ def format_report(report: Report, seed: int = 0) -> str:
     lines = [f"cache {report.cache}"]
     m = report.manifest
     if m:
-        a, t = m["augment"], m["teacher"]
-        lines[0] += (f"  ({m['cache_format']}, {m['codec']['name']}, teacher {t['arch']} layer {t['layer']}, "
-                     f"{a['views']} views of {a['size']} px, tokens {m['token_shape'][0]}x{m['token_shape'][1]})")
+        a, t = m.augment, m.teacher
+        lines[0] += (f"  ({m.cache_format}, {m.codec.name}, teacher {t.arch} layer {t.layer}, "
+                     f"{a.views} views of {a.size} px, tokens {m.tokens}x{m.channels})")
     if report.shards:
         w = max(12, *(len(r["shard"]) for r in report.shards))
         lines.append(f"{'shard':<{w}}  {'samples':>7}  {'skipped':>7}  {'sha256':<8}  {'samples ok':>10}  status")
@@ -247,7 +245,7 @@ def format_report(report: Report, seed: int = 0) -> str:
             lines.append(f"{r['shard']:<{w}}  {n!s:>7}  {'-' if r['skipped'] is None else r['skipped']!s:>7}  "
                          f"{r['sha256']:<8}  {ok:>10}  {r['status']}")
     if report.recompute:
-        codec = get_codec(m["codec"]["name"])
+        codec = m.token_codec
         tw = report.teacher or {}
         lines.append(f"\nrecompute: {len(report.recompute)} views (seed {seed}) with teacher {tw.get('arch')} "
                      f"(weights {tw.get('weights')}, sha256 matches the manifest)\nbound: {codec.name}: "
@@ -273,13 +271,13 @@ def format_report(report: Report, seed: int = 0) -> str:
         redo = sorted({p.shard for p in report.problems if p.shard and p.redo})
         lines.append(f"FAILED: {len(report.problems)} problem(s)")
         if redo:
-            lines.append(f"shards to redo ({len(redo)} of {len(m['shards'])}): {', '.join(redo[:20])}"
+            lines.append(f"shards to redo ({len(redo)} of {len(m.shards)}): {', '.join(redo[:20])}"
                          + (" ..." if len(redo) > 20 else "") + f"\n{REDO_HINT}")
     else:
         samples = sum(r["samples"] for r in report.shards)
         skipped = sum(r["skipped"] for r in report.shards)
         n = len(report.shards)
-        lines.append(f"\nOK: {n} shard{'s' if n != 1 else ''}, {samples} samples ({samples * m['augment']['views']} "
+        lines.append(f"\nOK: {n} shard{'s' if n != 1 else ''}, {samples} samples ({samples * m.views} "
                      f"views), {skipped} skipped at extraction"
                      + (f"; {len(report.recompute)} recomputed views within the codec's bound" if report.recompute
                         else ""))

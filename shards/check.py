@@ -13,32 +13,21 @@ Every problem names the shard, and the key when there is one:
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common.codecs import get_codec
-from shards.features import (
-    CacheError,
-    CorruptSample,
-    FeatureShard,
-    check_replay,
-    file_sha256,
-    read_manifest,
-    read_record,
-    record_path,
-    record_problems,
-    row_ok,
-    shard_dir,
-)
+from common.files import file_sha256
+from shards.errors import CacheError, CorruptSample
+from shards.index import read_record, record_path, record_problems, row_ok, shard_dir
+from shards.manifest import Manifest, check_replay, read_manifest
+from shards.reader import FeatureShard
 
 REDO_HINT = ("to redo a shard: delete <cache>/<shard>.done.json and rerun extract-features with the same config "
              "(complete shards are skipped)")
 STAT_FIELDS = ("count", "sum", "sumsq", "td_sum", "td_count")
-MANIFEST_FIELDS = ("format_version", "cache_format", "codec", "teacher", "augment", "token_shape", "shards")
 
 
 @dataclass
@@ -59,7 +48,7 @@ class Problem:
 class Checks:
     """What the format checks found: one row per manifest shard, the problems and the warnings."""
     cache: str
-    manifest: dict | None = None
+    manifest: Manifest | None = None
     shards: list[dict] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -71,26 +60,17 @@ class Checks:
 
 # ---------------------------------------------------------------- layer 1: manifest and records
 
-def check_manifest(cache: Path, report: Checks, replays: bool = False) -> dict | None:
+def check_manifest(cache: Path, report: Checks, replays: bool = False) -> Manifest | None:
     """The manifest, or None (with the problem noted). `replays`: views will be replayed on this machine, so a
     replay probe that differs is a problem, not a warning."""
     try:
-        manifest = read_manifest(cache)
+        manifest = read_manifest(cache)  # not JSON, a field missing or of another type: a CacheError naming it
     except CacheError as e:
         report.problems.append(Problem(None, None, str(e)))
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        report.problems.append(Problem(None, None, f"{cache / 'manifest.json'} is not valid JSON ({e}); "
-                                                   "the cache's identity is lost: re-extract into a new cache"))
-        return None
-    missing = [f for f in MANIFEST_FIELDS if f not in manifest]
-    if missing:
-        report.problems.append(Problem(None, None, f"{cache / 'manifest.json'} lacks {', '.join(missing)}: "
-                                                   "not a manifest written by extract-features"))
-        return None
     try:
-        codec = get_codec(manifest["codec"]["name"])
-    except (KeyError, TypeError, ValueError) as e:
+        codec = manifest.token_codec
+    except ValueError as e:  # ConfigError: a codec this version does not know
         report.problems.append(Problem(None, None, f"manifest.json: codec: {e}"))
         return None
     try:
@@ -100,26 +80,26 @@ def check_manifest(cache: Path, report: Checks, replays: bool = False) -> dict |
             report.problems.append(Problem(None, None, str(e), redo=False))
         else:
             report.warnings.append(f"{e} (not a problem of the cache: training on this machine would refuse it)")
-    if manifest["codec"].get("error_bound", codec.error_bound) != codec.error_bound:
+    if manifest.codec.error_bound not in (None, codec.error_bound):
         report.warnings.append(f"codec {codec.name}: the cache was written when it promised "
-                               f"'{manifest['codec']['error_bound']}'; this version promises '{codec.error_bound}' "
+                               f"'{manifest.codec.error_bound}'; this version promises '{codec.error_bound}' "
                                "(the recompute checks the latter)")
     return manifest
 
 
-def check_records(cache: Path, manifest: dict, report: Checks) -> dict[str, dict]:
+def check_records(cache: Path, manifest: Manifest, report: Checks) -> dict[str, dict]:
     """Stray files, each shard's completion record, the manifest's merged statistics: {shard: usable record}."""
     check_strays(cache, manifest, report)
     records = {}
-    for s in manifest["shards"]:
-        record = check_record(cache, s["name"], manifest, report)
+    for name in manifest.shard_names:
+        record = check_record(cache, name, manifest, report)
         if record is not None:
-            records[s["name"]] = record
+            records[name] = record
     check_merged_stats(manifest, records, report)
     return records
 
 
-def check_record(cache: Path, name: str, manifest: dict, report: Checks) -> dict | None:
+def check_record(cache: Path, name: str, manifest: Manifest, report: Checks) -> dict | None:
     """The record of one shard, or None (with the problem noted) when it cannot be used."""
     try:
         record = read_record(cache, name)
@@ -138,14 +118,14 @@ def check_record(cache: Path, name: str, manifest: dict, report: Checks) -> dict
     return None if missing else record
 
 
-def record_self_problems(record: dict, name: str, manifest: dict) -> list[str]:
+def record_self_problems(record: dict, name: str, manifest: Manifest) -> list[str]:
     """Where a record (with every field) disagrees with itself or the manifest: name, format, sizes, statistics."""
-    views, (tokens, channels) = manifest["augment"]["views"], manifest["token_shape"]
+    views, (tokens, channels) = manifest.views, manifest.token_grid
     stats, bad = record["stats"], []
     if record.get("shard", name) != name:
         bad.append(f"record names shard {record['shard']!r}")
-    if record.get("format", manifest["cache_format"]) != manifest["cache_format"]:
-        bad.append(f"record format {record['format']!r} but the manifest says {manifest['cache_format']!r}")
+    if record.get("format", manifest.cache_format) != manifest.cache_format:
+        bad.append(f"record format {record['format']!r} but the manifest says {manifest.cache_format!r}")
     if not isinstance(record["samples"], int):
         bad.append(f"record says {record['samples']!r} samples")
     if not isinstance(stats, dict) or any(f not in stats for f in STAT_FIELDS):
@@ -162,13 +142,13 @@ def record_self_problems(record: dict, name: str, manifest: dict) -> list[str]:
     return bad
 
 
-def check_merged_stats(manifest: dict, records: dict[str, dict], report: Checks) -> None:
+def check_merged_stats(manifest: Manifest, records: dict[str, dict], report: Checks) -> None:
     """The manifest's statistics and counts are the merge of its records' (finalize_manifest)."""
     from common.stats import TokenStats
 
-    if len(records) != len(manifest["shards"]):
+    if len(records) != len(manifest.shards):
         return  # the shards without a usable record are reported one by one
-    if "stats" not in manifest:
+    if manifest.stats is None:
         report.problems.append(Problem(None, None, "manifest.json has no merged statistics although every shard is "
                                                    "recorded: rerun extract-features with the same config to merge "
                                                    "them"))
@@ -179,18 +159,18 @@ def check_merged_stats(manifest: dict, records: dict[str, dict], report: Checks)
             stats.merge(TokenStats.from_dict(r["stats"]))
     except (KeyError, TypeError, ValueError):
         return  # already reported per shard
-    m = manifest["stats"]
+    m = manifest.stats
     want = {"samples": sum(r["samples"] for r in records.values()),
             "skipped": sum(len(r["skipped"]) for r in records.values())}
     for k, v in want.items():
-        if manifest.get(k) != v:
-            report.problems.append(Problem(None, None, f"manifest.json says {k} = {manifest.get(k)!r}, the records "
+        if getattr(manifest, k) != v:
+            report.problems.append(Problem(None, None, f"manifest.json says {k} = {getattr(manifest, k)!r}, the records "
                                                        f"sum to {v}: a record or the manifest was changed"))
     differ = [k for k, ok in (
-        ("views", m.get("views") == stats.td_count), ("tokens", m.get("tokens") == stats.count),
-        ("mean", np.allclose(m.get("mean", []), stats.mean, rtol=1e-9, atol=0)),
-        ("var", np.allclose(m.get("var", []), stats.var, rtol=1e-9, atol=0)),
-        ("token_diversity", math.isclose(m.get("token_diversity", math.nan), stats.diversity, rel_tol=1e-9)))
+        ("views", m.views == stats.td_count), ("tokens", m.tokens == stats.count),
+        ("mean", np.allclose(m.mean, stats.mean, rtol=1e-9, atol=0)),
+        ("var", np.allclose(m.var, stats.var, rtol=1e-9, atol=0)),
+        ("token_diversity", math.isclose(m.token_diversity, stats.diversity, rel_tol=1e-9)))
         if not ok]
     if differ:
         report.problems.append(Problem(None, None, f"manifest.json statistics ({', '.join(differ)}) differ from the "
@@ -198,8 +178,8 @@ def check_merged_stats(manifest: dict, records: dict[str, dict], report: Checks)
                                                    "was changed"))
 
 
-def check_strays(cache: Path, manifest: dict, report: Checks) -> None:
-    names = {s["name"] for s in manifest["shards"]}
+def check_strays(cache: Path, manifest: Manifest, report: Checks) -> None:
+    names = set(manifest.shard_names)
     for p in sorted(cache.iterdir()):
         if ".tmp-" in p.name:
             report.warnings.append(f"{p.name}: leftover temporary of an interrupted writer (harmless; extract-features "
@@ -212,15 +192,14 @@ def check_strays(cache: Path, manifest: dict, report: Checks) -> None:
 
 # ---------------------------------------------------------------- layer 2: bytes
 
-def check_shards(cache: Path, manifest: dict, records: dict[str, dict], report: Checks,
+def check_shards(cache: Path, manifest: Manifest, records: dict[str, dict], report: Checks,
                  wanted: dict[str, dict[str, list[int]]] | None = None, progress: bool = False) -> dict:
     """check_shard for every shard of the manifest, a row each in `report.shards`. Returns the captured samples
     {(shard, key): {"views", "tokens", "src_hw"}} of `wanted` ({shard: {key: views}}) that passed."""
     from tqdm import tqdm
 
     captured: dict = {}
-    for s in tqdm(manifest["shards"], desc="verify", unit="shard", disable=not progress, dynamic_ncols=True):
-        name = s["name"]
+    for name in tqdm(manifest.shard_names, desc="verify", unit="shard", disable=not progress, dynamic_ncols=True):
         if name in records:
             report.shards.append(check_shard(cache, name, manifest, records[name], (wanted or {}).get(name, {}),
                                              report, captured))
@@ -230,7 +209,7 @@ def check_shards(cache: Path, manifest: dict, records: dict[str, dict], report: 
     return captured
 
 
-def check_shard(cache: Path, name: str, manifest: dict, record: dict, wanted: dict[str, list[int]],
+def check_shard(cache: Path, name: str, manifest: Manifest, record: dict, wanted: dict[str, list[int]],
                 report: Checks, captured: dict) -> dict:
     """Files (size, sha256), the index, then every view of every sample: decodes, finite, crc32 as indexed.
     Samples in `wanted` (key -> views) keep their view records and decoded tokens in `captured` for recompute."""
@@ -281,12 +260,11 @@ def check_index(shard: FeatureShard, report: Checks) -> list[str]:
     return keys
 
 
-def check_views(shard: FeatureShard, keys: list[str], manifest: dict, wanted: dict[str, list[int]],
+def check_views(shard: FeatureShard, keys: list[str], manifest: Manifest, wanted: dict[str, list[int]],
                 files_changed: bool, report: Checks) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Every view of every sample: its crc32 as indexed, decodes, finite. -> (bad [N] bool, the decoded tokens
     [V, T, C] of the `wanted` samples by index row)."""
-    codec = get_codec(manifest["codec"]["name"])
-    views = manifest["augment"]["views"]
+    codec, views = manifest.token_codec, manifest.views
     bad = np.zeros(len(keys), bool)
     tokens_of: dict[int, np.ndarray] = {}
     ids = np.arange(len(keys))
