@@ -182,19 +182,18 @@ def test_huge_student_loads_strictly_into_timm_vit_h16_and_gives_the_same_featur
 
 
 def test_decoder_settings_come_from_the_arch_unless_the_config_sets_them():
-    manifest = {"token_shape": [49, 2048], "augment": {"size": 224}}
     expect = {"vit_base_patch16": 2, "vit_large_patch16": 4, "vit_huge_patch16": 4}
     for arch, depth in expect.items():
         cfg = load_config(REPO / "pipeline.toml", [f"student.arch={arch}"])
         assert cfg.student.decoder_depth == 0  # pipeline.toml leaves it to the arch
         with torch.device("meta"):
-            student = build_student(cfg, manifest)
+            student = build_student(cfg, (49, 2048), 224)
         assert len(student.decoder_blocks) == depth and cfg.student.decoder_depth == depth  # resolved in cfg
         assert (cfg.student.decoder_dim, cfg.student.decoder_heads) == (512, 16)
         assert student.decoder_embed.out_features == 512 and student.decoder_blocks[0].attn.num_heads == 16
     cfg = load_config(REPO / "pipeline.toml", ["student.arch=vit_large_patch16", "student.decoder_depth=3"])
     with torch.device("meta"):
-        assert len(build_student(cfg, manifest).decoder_blocks) == 3  # a set value wins
+        assert len(build_student(cfg, (49, 2048), 224).decoder_blocks) == 3  # a set value wins
 
 
 def test_student_config_errors_name_the_key():

@@ -308,11 +308,11 @@ def describe_student(student) -> str:
             f"mask_ratio {s.mask_ratio}, masks_per_view {s.masks_per_view}, multi_block {s.multi_block!r}")
 
 
-def build_student(cfg, manifest: dict) -> nn.Module:
-    """The student `cfg.student` names, sized for the cache: its crop size, token grid and teacher width."""
+def build_student(cfg, token_grid: tuple[int, int], size: int) -> nn.Module:
+    """The student `cfg.student` names, sized for the cache: its crop `size` and token grid (tokens, teacher
+    channels), as the manifest records them (Manifest.token_grid, .augment.size)."""
     s = resolve_student(cfg.student)  # 0 = the arch's value, written into cfg (and so into config.json)
-    tokens, channels = manifest["token_shape"]
-    size = manifest["augment"]["size"]
+    tokens, channels = token_grid
     return STUDENTS[s.arch](img_size=size, teacher_dim=channels, teacher_stride=size // math.isqrt(tokens),
                             decoder_depth=s.decoder_depth, decoder_dim=s.decoder_dim, decoder_heads=s.decoder_heads,
                             head_hidden=s.head_hidden, multi_block=s.multi_block, mask_ratio=s.mask_ratio,
