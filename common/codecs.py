@@ -32,7 +32,7 @@ import torch
 
 FORMAT_VERSION = 2  # 2: view-major tokens, a per-sample index (shards/index.py, shards/writer.py)
 
-U8_TARGET_COS = 0.9995  # per token; DESIGN's goal is >= 0.999, the margin absorbs teacher run-to-run noise
+U8_TARGET_COS = 0.9995  # per token; the goal is >= 0.999 (docs/BENCHMARKS.md), the margin absorbs teacher noise
 U8_MIN_LEVELS = 16      # the coarsest step is (max - min) / 16: |error| <= (max - min) / 32
 
 

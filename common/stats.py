@@ -19,7 +19,8 @@ def token_diversity_per_image(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def token_diversity(tokens: torch.Tensor) -> float:
-    """DESIGN.md's TD over N images: the mean of the per-image values."""
+    """The paper's TD over N images (Pan et al., 2023; see token_diversity_per_image): the mean of the
+    per-image values."""
     return float(token_diversity_per_image(tokens).mean())
 
 
