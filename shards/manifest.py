@@ -116,6 +116,7 @@ class TeacherIdentity(_Part):
     layer: int      # feature stage, -1 = the last
     sha256: str     # of its weights (common.teacher.state_dict_sha256)
     precision: str  # the effective one: a GPU's autocast dtype, float32 on a CPU
+    norm: bool | None = None  # ViTs only: the final norm on the block's tokens (absent for convnets)
     extra: dict = field(default_factory=dict)
 
 
@@ -233,7 +234,8 @@ def make_manifest(cfg, fingerprint: dict, token_shape: tuple[int, int], shard_ur
     return Manifest(
         format_version=FORMAT_VERSION, cache_format=cfg.cache.format,
         codec=CodecEntry(name=codec.name, error_bound=codec.error_bound),
-        teacher=TeacherIdentity(**{k: fingerprint[k] for k in ("arch", "layer", "sha256", "precision")}),
+        teacher=TeacherIdentity(**{k: fingerprint[k] for k in ("arch", "layer", "sha256", "precision")},
+                                norm=fingerprint.get("norm")),
         augment=ViewRecipe(size=a.size, scale=list(a.scale), ratio=list(a.ratio), flip=a.flip, views=a.views,
                            seed=a.seed, interpolation="bicubic", cut=a.cut),
         replay=Replay(**replay_versions(a.cut)),
@@ -367,7 +369,8 @@ def cache_teacher(manifest: Manifest, weights: str | None = None, seed: int | No
     t = manifest.teacher
     weights = weights or manifest.teacher_weights or "random"
     seed = (manifest.teacher_seed or 0) if seed is None else seed
-    cfg = TeacherConfig(arch=t.arch, layer=t.layer, weights=weights, dtype=t.precision, seed=seed)
+    cfg = TeacherConfig(arch=t.arch, layer=t.layer, weights=weights, dtype=t.precision, seed=seed,
+                        norm=True if t.norm is None else t.norm)
     teacher = build_teacher(cfg, device)
     got = teacher.fingerprint["sha256"]
     if got != t.sha256:
