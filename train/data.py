@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from common.augment import decode_image, replay, view_order
+from common.runtime import seed_from, worker_slice
 from common.codecs import get_codec
 from shards.features import (
     CacheError,
@@ -41,10 +42,6 @@ from shards.features import (
     row_ok,
 )
 from shards.source import ShardError, is_seekable, iter_samples
-
-
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
 # ---------------------------------------------------------------- the sample index
@@ -109,7 +106,7 @@ def epoch_plan(counts: np.ndarray, epoch: int, seed: int, world: int, rank: int,
     counts = np.asarray(counts, np.int64)
     steps = steps_per_epoch(int(counts.sum()), world, batch_size)
     if mode == "random":
-        perm = np.random.default_rng(_seed(seed, epoch, "samples")).permutation(int(counts.sum()))
+        perm = np.random.default_rng(seed_from(seed, epoch, "samples")).permutation(int(counts.sum()))
         return perm[:steps * world * batch_size].reshape(steps, world, batch_size)[:, rank].copy()
     # stream: shards in a seeded order; the rank's run of steps x B samples is cut into one contiguous
     # run per worker (whole batches; the loader takes batch j from worker j % W), each shuffled by a buffer
@@ -124,14 +121,14 @@ def epoch_plan(counts: np.ndarray, epoch: int, seed: int, world: int, rank: int,
         rows = np.arange(w, steps, nw)  # the batches worker w yields
         run = mine[at:at + len(rows) * batch_size]
         at += len(run)
-        rng = random.Random(_seed(seed, epoch, rank, w, "buffer"))
+        rng = random.Random(seed_from(seed, epoch, rank, w, "buffer"))
         plan[rows] = np.array(list(shuffle_buffer(run.tolist(), buffer, rng)), np.int64).reshape(-1, batch_size)
     return plan
 
 
 def shard_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
     """The order streaming mode reads the shards in, one epoch."""
-    return np.random.default_rng(_seed(seed, epoch, "shards")).permutation(n_shards)
+    return np.random.default_rng(seed_from(seed, epoch, "shards")).permutation(n_shards)
 
 
 def shuffle_buffer(items, size: int, rng: random.Random):
@@ -269,9 +266,7 @@ class EpochData(IterableDataset):
         self.size, self.cut = index.manifest["augment"]["size"], manifest_cut(index.manifest)
 
     def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        mine = self.plan[self.start + wid::nw]
+        mine = worker_slice(self.plan[self.start:])
         if self.mode == "random":
             raw = (read_batch(self.index, ids, self.epoch, self.seed, self.with_tokens) for ids in mine)
         else:
@@ -300,7 +295,7 @@ def make_loader(dataset: EpochData, workers: int) -> DataLoader:
     # its own generator: making an iterator must not draw from the global RNG
     return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                       prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(_seed(dataset.seed, dataset.epoch) % 2**63))
+                      generator=torch.Generator().manual_seed(seed_from(dataset.seed, dataset.epoch) % 2**63))
 
 
 def reader_mode(index: CacheIndex, wanted: str) -> str:
