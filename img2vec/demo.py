@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # the demo recipe: small enough for a CPU, long enough that the student beats its initialisation on k-NN
@@ -201,7 +202,8 @@ def similarity_maps(spec: str, pattern: str, out_dir: Path, seed: int, images: i
     """The teacher's similarity maps of 3 query tokens per view (the paper's Figure 3) from img2vec.diversity, at
     224 px so that its 7x7 token grid shows; skipped with a note where that module is missing or differs."""
     try:
-        from img2vec.diversity import shards_diversity, write_maps
+        from img2vec.diversity import shards_diversity
+        from img2vec.maps import write_maps
     except ImportError as e:
         return {"skipped": f"img2vec.diversity is not available ({e})"}
     try:
@@ -213,7 +215,7 @@ def similarity_maps(spec: str, pattern: str, out_dir: Path, seed: int, images: i
     return {"files": [str(p) for p in paths], "size": size, "token_diversity": result["rows"][0]["token_diversity"]}
 
 
-def main(argv: list[str] | None = None, prog: str = "img2vec demo") -> int:
+def make_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 epilog="\n".join(__doc__.splitlines()[2:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,71 +231,44 @@ def main(argv: list[str] | None = None, prog: str = "img2vec demo") -> int:
     p.add_argument("--teacher-weights", default="edges",
                    help="'edges' (default): random init with an oriented-edge stem; 'random': all random; or a "
                         "checkpoint path (e.g. a DINO ResNet-50 with --teacher resnet50)")
-    args = p.parse_args(argv)
+    return p
 
-    r = dict(RECIPE["quick" if args.quick else "full"])
-    if args.steps:
-        r["steps"] = args.steps
-    out = Path(args.out).resolve()
+
+@contextmanager
+def timed(times: dict, key: str):
+    t0 = time.time()
+    yield
+    times[key] = time.time() - t0
+
+
+def clear_out(out: Path, force: bool) -> bool:
+    """Make room in `out`: False when an earlier demo is there and `force` is not given, else remove it."""
     owned = [out / n for n in ("shards", "teacher", "cache", "run", "report", "pipeline.toml", "encoder.safetensors")]
     if any(x.exists() for x in owned):
-        if not args.force:
-            print(f"{prog}: error: {out} holds an earlier demo; add --force to replace it, or choose another --out",
-                  file=sys.stderr)
-            return 2
+        if not force:
+            return False
         for x in owned:
             shutil.rmtree(x) if x.is_dir() else x.unlink(missing_ok=True)
-    if args.teacher_weights not in ("edges", "random") and not Path(args.teacher_weights).is_file():
-        print(f"{prog}: error: --teacher-weights {args.teacher_weights!r}: not 'edges', 'random' or a file",
-              file=sys.stderr)
-        return 2
-    report_dir = out / "report"
-    report_dir.mkdir(parents=True)
-    t_start = time.time()
-    times = {}
+    return True
 
-    header(f"1/5 labelled images: {r['classes']} classes x ({r['train_per_class']} train + {r['val_per_class']} val) "
-           f"-> {out / 'shards'}")
-    t0 = time.time()
-    data = make_data(out, r, args.seed)
-    times["data_s"] = time.time() - t0
 
+def choose_teacher(args: argparse.Namespace, out: Path) -> tuple[str, str]:
+    """--teacher-weights -> (the config's teacher.weights, what the teacher is, in words)."""
     if args.teacher_weights == "edges":
         weights = str(write_edge_teacher(out / "teacher" / f"{args.teacher}-edges.pth", args.teacher, args.seed))
-        about = (f"{args.teacher} at random init (seed {args.seed}) with a hand-set oriented-edge stem and its "
-                 f"residual branches on, written to {weights}. No pretrained weights can be downloaded here, and an "
-                 "all-random teacher (--teacher-weights random) is near chance on this k-NN itself (its tokens "
-                 "carry little but colour), leaving the student nothing to gain. The paper's teacher is a DINO "
-                 "ResNet-50: "
-                 "--teacher resnet50 --teacher-weights dino_resnet50.pth")
-    elif args.teacher_weights == "random":
-        weights, about = "random", (f"{args.teacher} at RANDOM init (seed {args.seed}): no pretrained weights can be "
-                                    "downloaded here")
-    else:
-        weights, about = str(Path(args.teacher_weights).resolve()), f"{args.teacher} from {args.teacher_weights}"
-    cfg_path = out / "pipeline.toml"
-    cfg_path.write_text(CONFIG.format(shards=out / "shards", last=data["train_shards"] - 1, out=out, seed=args.seed,
-                                      teacher=args.teacher, teacher_weights=weights, lr=args.lr,
-                                      **{k: r[k] for k in ("size", "views", "steps", "batch")}))
-    header(f"2/5 extract-features: {r['views']} views of each train image at {r['size']} px through the teacher")
-    print(f"teacher: {about}", flush=True)
-    t0 = time.time()
-    run_child(console_script("extract-features", "extract") + ["--config", str(cfg_path)], out)
-    times["extract_s"] = time.time() - t0
-    from shards.features import read_manifest
+        return weights, (f"{args.teacher} at random init (seed {args.seed}) with a hand-set oriented-edge stem and its "
+                         f"residual branches on, written to {weights}. No pretrained weights can be downloaded here, "
+                         "and an all-random teacher (--teacher-weights random) is near chance on this k-NN itself (its "
+                         "tokens carry little but colour), leaving the student nothing to gain. The paper's teacher is "
+                         "a DINO ResNet-50: --teacher resnet50 --teacher-weights dino_resnet50.pth")
+    if args.teacher_weights == "random":
+        return "random", f"{args.teacher} at RANDOM init (seed {args.seed}): no pretrained weights can be downloaded here"
+    return str(Path(args.teacher_weights).resolve()), f"{args.teacher} from {args.teacher_weights}"
 
-    manifest = read_manifest(out / "cache")
-    td = manifest["stats"]["token_diversity"]
-    print(f"cache: {manifest['samples']} images x {r['views']} views, tokens {manifest['token_shape']}, "
-          f"token diversity TD = {td:.4f}", flush=True)
 
-    header(f"3/5 train: vit_tiny_patch16 student at {r['size']} px, {r['steps']} steps of {r['batch']} images")
-    t0 = time.time()
-    run_child([sys.executable, "-m", "train", "--config", str(cfg_path)], out)
-    times["train_s"] = time.time() - t0
-
-    header("4/5 export, then k-NN on the val images: trained student, the same student at init, the teacher")
-    t0 = time.time()
+def evaluate(out: Path, cfg_path: Path, data: dict, size: int) -> tuple[dict, dict]:
+    """Export the trained student, then k-NN on the val images of the trained student, the same student at
+    init, and the teacher -> (export info, {name: k-NN result})."""
     from common.config import load_config
     from common.teacher import build_teacher
     from img2vec.export import export_encoder, load_student
@@ -306,22 +281,27 @@ def main(argv: list[str] | None = None, prog: str = "img2vec demo") -> int:
                 "teacher": lambda: TeacherEncoder(build_teacher(load_config(cfg_path).teacher))}
     knn = {}
     for name, make in encoders.items():
-        knn[name] = knn_accuracy(make(), data["train_pattern"], data["val_pattern"], img_size=r["size"],
+        knn[name] = knn_accuracy(make(), data["train_pattern"], data["val_pattern"], img_size=size,
                                  crop_pct=1.0, workers=1)
         print(f"  k-NN top-1 {name:>7}: {knn[name]['top1']:6.2f}%   top-5 {knn[name]['top5']:6.2f}%", flush=True)
-    times["eval_s"] = time.time() - t0
+    return exported, knn
 
-    header(f"5/5 report -> {report_dir}")
-    loss = plot_loss(out / "run" / "metrics.jsonl", report_dir / "loss.png")
+
+def write_report(report_dir: Path, args: argparse.Namespace, r: dict, got: dict, times: dict, t_start: float) -> None:
+    """Loss curve, similarity maps, report.json and the summary; `got` holds what the steps made (data,
+    teacher weights and about, manifest, exported, knn)."""
+    data, weights, knn, manifest = got["data"], got["weights"], got["knn"], got["manifest"]
+    loss = plot_loss(report_dir.parent / "run" / "metrics.jsonl", report_dir / "loss.png")
     spec = args.teacher if weights == "random" else f"{args.teacher}={weights}"
     maps = similarity_maps(spec, data["val_pattern"], report_dir / "maps", args.seed)
     times["total_s"] = time.time() - t_start
-    gain = knn["trained"]["top1"] - knn["init"]["top1"]
+    td, gain = manifest.stats.token_diversity, knn["trained"]["top1"] - knn["init"]["top1"]
+    recorded = manifest.to_dict()
     report = {
-        "teacher": {"arch": args.teacher, "weights": weights, "about": about},
-        "token_diversity": td, "cache": {k: manifest[k] for k in ("token_shape", "samples", "skipped", "codec")},
+        "teacher": {"arch": args.teacher, "weights": weights, "about": got["about"]},
+        "token_diversity": td, "cache": {k: recorded[k] for k in ("token_shape", "samples", "skipped", "codec")},
         "knn": knn, "knn_gain_top1": gain, "loss": loss, "data": data, "recipe": r, "lr": args.lr,
-        "seed": args.seed, "encoder": exported["out"], "timm_snippet": exported["snippet"],
+        "seed": args.seed, "encoder": got["exported"]["out"], "timm_snippet": got["exported"]["snippet"],
         "loss_png": str(report_dir / "loss.png"), "similarity_maps": maps,
         "seconds": {k: round(v, 1) for k, v in times.items()},
     }
@@ -340,4 +320,53 @@ def main(argv: list[str] | None = None, prog: str = "img2vec demo") -> int:
     elif gain <= 0:
         print("note: the trained student did not beat its initialisation this time; train longer (--steps)",
               flush=True)
+
+
+def main(argv: list[str] | None = None, prog: str = "img2vec demo") -> int:
+    args = make_parser(prog).parse_args(argv)
+    r = dict(RECIPE["quick" if args.quick else "full"])
+    if args.steps:
+        r["steps"] = args.steps
+    out = Path(args.out).resolve()
+    if not clear_out(out, args.force):
+        print(f"{prog}: error: {out} holds an earlier demo; add --force to replace it, or choose another --out",
+              file=sys.stderr)
+        return 2
+    if args.teacher_weights not in ("edges", "random") and not Path(args.teacher_weights).is_file():
+        print(f"{prog}: error: --teacher-weights {args.teacher_weights!r}: not 'edges', 'random' or a file",
+              file=sys.stderr)
+        return 2
+    report_dir = out / "report"
+    report_dir.mkdir(parents=True)
+    t_start, times, got = time.time(), {}, {}
+
+    header(f"1/5 labelled images: {r['classes']} classes x ({r['train_per_class']} train + {r['val_per_class']} val) "
+           f"-> {out / 'shards'}")
+    with timed(times, "data_s"):
+        got["data"] = data = make_data(out, r, args.seed)
+    got["weights"], got["about"] = choose_teacher(args, out)
+    cfg_path = out / "pipeline.toml"
+    cfg_path.write_text(CONFIG.format(shards=out / "shards", last=data["train_shards"] - 1, out=out, seed=args.seed,
+                                      teacher=args.teacher, teacher_weights=got["weights"], lr=args.lr,
+                                      **{k: r[k] for k in ("size", "views", "steps", "batch")}))
+    header(f"2/5 extract-features: {r['views']} views of each train image at {r['size']} px through the teacher")
+    print(f"teacher: {got['about']}", flush=True)
+    with timed(times, "extract_s"):
+        run_child(console_script("extract-features", "extract") + ["--config", str(cfg_path)], out)
+    from shards.manifest import read_manifest
+
+    got["manifest"] = manifest = read_manifest(out / "cache")
+    print(f"cache: {manifest.samples} images x {r['views']} views, tokens {manifest.token_shape}, "
+          f"token diversity TD = {manifest.stats.token_diversity:.4f}", flush=True)
+
+    header(f"3/5 train: vit_tiny_patch16 student at {r['size']} px, {r['steps']} steps of {r['batch']} images")
+    with timed(times, "train_s"):
+        run_child([sys.executable, "-m", "train", "--config", str(cfg_path)], out)
+
+    header("4/5 export, then k-NN on the val images: trained student, the same student at init, the teacher")
+    with timed(times, "eval_s"):
+        got["exported"], got["knn"] = evaluate(out, cfg_path, data, r["size"])
+
+    header(f"5/5 report -> {report_dir}")
+    write_report(report_dir, args, r, got, times, t_start)
     return 0

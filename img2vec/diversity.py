@@ -12,27 +12,18 @@ alike gives the student little to learn per masked token.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from common.augment import center_view
 from common.config import ConfigError
+from common.runtime import pick_device, write_json_output
 from common.stats import token_diversity_per_image
+from img2vec.maps import QUERY_COLORS, write_maps
 
-CENTER_CROP = 0.875  # ImageNet evaluation's resize 256 / crop 224
-
-
-# ---------------------------------------------------------------- views and teachers
-
-def center_view(height: int, width: int, crop: float = CENTER_CROP) -> np.ndarray:
-    """The central square covering `crop` of the shorter side, as a view record [1, 5] (no flip)."""
-    side = max(1, int(round(min(height, width) * crop)))
-    return np.array([[(height - side) // 2, (width - side) // 2, side, side, 0]], np.int32)
+# ---------------------------------------------------------------- teachers and images
 
 
 def parse_teacher(spec: str, layer: int = -1, seed: int = 0):
@@ -65,22 +56,23 @@ def load_teacher(spec: str, layer: int, seed: int, size: int, device: str):
 
 
 def iter_images(urls: list[str], limit: int, skipped: list[str]):
-    """(key, decoded image) of the first `limit` decodable images of the shards, in order."""
-    from common.augment import decode_image
+    """(key, decoded image) of the first `limit` decodable images of the shards, in order; the others are
+    named in `skipped`."""
+    from common.augment import decode_samples
     from shards.source import iter_samples
 
     n = 0
     for url in urls:
-        for s in iter_samples(url):
+        if n >= limit:
+            return
+        for s, img, why in decode_samples(iter_samples(url)):
+            if img is None:  # skipped, as in extraction
+                skipped.append(f"{url} {s['key']}: {why}"[:200])
+                continue
+            yield s["key"], img
+            n += 1
             if n >= limit:
                 return
-            try:
-                img = decode_image(s["image"] or b"")
-            except Exception as e:  # noqa: BLE001 - a bad image is skipped, as in extraction
-                skipped.append(f"{url} {s['key']}: {type(e).__name__}: {e}"[:200])
-                continue
-            n += 1
-            yield s["key"], img
 
 
 # ---------------------------------------------------------------- measuring
@@ -149,17 +141,17 @@ def cache_diversity(cache: str | Path, samples: int = 0, progress: bool = True) 
     """TD of the stored (decoded) tokens of the first `samples` samples of a cache (0 = all), per view."""
     from tqdm import tqdm
 
-    from common.codecs import get_codec
-    from shards.features import iter_feature_shard, read_manifest
+    from shards.manifest import read_manifest
+    from shards.reader import iter_feature_shard
 
     cache = Path(cache)
     manifest = read_manifest(cache)
-    codec = get_codec(manifest["codec"]["name"])
+    codec = manifest.token_codec
     per_view, n = [], 0
-    bar = tqdm(total=samples or manifest.get("samples"), unit="sample", desc="diversity", disable=not progress,
+    bar = tqdm(total=samples or manifest.samples, unit="sample", desc="diversity", disable=not progress,
                dynamic_ncols=True)
-    for shard in manifest["shards"]:
-        for sample in iter_feature_shard(cache, shard["name"], manifest):
+    for name in manifest.shard_names:
+        for sample in iter_feature_shard(cache, name, manifest):
             tokens = torch.from_numpy(codec.decode(sample["packed"]))  # [V, T, C]
             per_view.append(token_diversity_per_image(tokens))
             n += 1
@@ -172,111 +164,12 @@ def cache_diversity(cache: str | Path, samples: int = 0, progress: bool = True) 
     if not n:
         raise ConfigError(f"cache {cache} has no samples")
     td = torch.cat(per_view)
-    t = manifest["teacher"]
-    row = {"teacher": f"{t['arch']} (cache)", "arch": t["arch"], "weights": manifest.get("teacher_weights"),
-           "layer": t["layer"], "sha256": t["sha256"], "tokens": manifest["token_shape"], "images": n,
+    t, stats = manifest.teacher, manifest.stats
+    row = {"teacher": f"{t.arch} (cache)", "arch": t.arch, "weights": manifest.teacher_weights,
+           "layer": t.layer, "sha256": t.sha256, "tokens": manifest.token_shape, "images": n,
            "views": len(td), "token_diversity": float(td.mean())}
     return {"mode": "cache", "cache": str(cache), "codec": codec.name, "rows": [row],
-            "recorded": manifest.get("stats", {}).get("token_diversity"),
-            "recorded_views": manifest.get("stats", {}).get("views")}
-
-
-# ---------------------------------------------------------------- similarity maps
-
-QUERY_COLORS = ("#ff3b30", "#ffcc00", "#00e5ff", "#ff66ff", "#ffffff")
-
-
-def query_tokens(h: int, w: int, n: int = 3) -> list[tuple[int, int]]:
-    """Up to n distinct query tokens (row, col) spread over an h x w grid: the center, then the centers of the
-    top-left, bottom-right, top-right and bottom-left quadrants."""
-    a, b, c, d = h // 4, h - 1 - h // 4, w // 4, w - 1 - w // 4
-    out = []
-    for q in ((h // 2, w // 2), (a, c), (b, d), (a, d), (b, c)):
-        if q not in out:
-            out.append(q)
-    return out[:n]
-
-
-def similarity_map(tokens: torch.Tensor, query: tuple[int, int] | None = None):
-    """tokens [T, C] of a square view -> cosine of the query token (default: the center) to every token [h, w],
-    and the query's (row, col)."""
-    h = math.isqrt(tokens.shape[0])
-    if h * h != tokens.shape[0]:
-        raise ValueError(f"{tokens.shape[0]} tokens do not form a square grid")
-    u = F.normalize(tokens.float(), dim=-1)
-    row, col = query if query is not None else (h // 2, h // 2)
-    return (u @ u[row * h + col]).view(h, h), (row, col)
-
-
-def teacher_label(spec: str) -> str:
-    """`resnet50=/ckpt/dir/dino_resnet50_pretrain.pth` -> `resnet50 (dino_resnet50_pretrain)`: no paths in titles."""
-    arch, eq, weights = spec.partition("=")
-    return f"{arch} ({Path(weights).stem})" if eq else f"{arch} (random init)"
-
-
-def short_key(key: str, width: int = 28) -> str:
-    name = key.rsplit("/", 1)[-1]
-    return name if len(name) <= width else name[:width - 3] + "..."
-
-
-def draw_map(path: Path, key: str, pixels: torch.Tensor, tokens: dict[str, torch.Tensor], queries: int = 3) -> None:
-    """One PNG per view: a row per teacher, the view with its numbered query tokens, then for each query the
-    cosine similarity of that token to every token (the paper's Figure 3), one square per token. Bright =
-    similar; a teacher of high token diversity lights up the query's own region, not the whole view."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    size = pixels.shape[-1]
-    image = pixels.permute(1, 2, 0).numpy()
-    h = math.isqrt(next(iter(tokens.values())).shape[0])
-    qs = query_tokens(h, h, queries)
-    sims = {spec: [similarity_map(t, q)[0] for q in qs] for spec, t in tokens.items()}
-    vmin = min(float(m.min()) for maps in sims.values() for m in maps)  # one colour scale per image
-    vmin = min(vmin, 0.99)
-    rows, cols = len(tokens), 1 + len(qs)
-    fig = Figure(figsize=(2.2 * cols + 0.7, 2.4 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    cell = size / h
-
-    def mark(ax, i, q, number):
-        row, col = q
-        for color, width in (("black", 3.6), (QUERY_COLORS[i % len(QUERY_COLORS)], 2.0)):  # visible on any colour
-            ax.add_patch(Rectangle((col * cell - 0.5, row * cell - 0.5), cell, cell, fill=False, edgecolor=color,
-                                   linewidth=width))
-        if number:
-            ax.text(col * cell + 2, row * cell + 2, str(i + 1), color="black", fontsize=8, fontweight="bold",
-                    va="top", ha="left", bbox=dict(boxstyle="square,pad=0.1", fc=QUERY_COLORS[i % len(QUERY_COLORS)],
-                                                   ec="none"))
-
-    for r, (spec, t) in enumerate(tokens.items()):
-        td = float(token_diversity_per_image(t[None]))
-        ax = axes[r, 0]
-        ax.imshow(image)
-        ax.set_title(f"{short_key(key)}\n{teacher_label(spec)}, TD {td:.3f}", fontsize=8)
-        for i, q in enumerate(qs):
-            mark(ax, i, q, number=True)
-        for i, (q, sim) in enumerate(zip(qs, sims[spec])):
-            ax = axes[r, 1 + i]
-            im = ax.imshow(sim.numpy(), cmap="viridis", vmin=vmin, vmax=1.0, interpolation="nearest",
-                           extent=(-0.5, size - 0.5, size - 0.5, -0.5))
-            mark(ax, i, q, number=False)
-            ax.set_title(f"query {i + 1} vs every token", fontsize=8)
-        fig.colorbar(im, ax=list(axes[r, 1:]), fraction=0.03, pad=0.01, label="cosine")
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.savefig(path, dpi=100)
-
-
-def write_maps(out_dir: str | Path, maps, queries: int = 3) -> list[Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (key, pixels, tokens) in enumerate(maps):
-        path = out_dir / f"{i:03d}-{key.replace('/', '_')}.png"
-        draw_map(path, key, pixels, tokens, queries)
-        paths.append(path)
-    return paths
+            "recorded": stats.token_diversity if stats else None, "recorded_views": stats.views if stats else None}
 
 
 # ---------------------------------------------------------------- command line
@@ -299,7 +192,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None, prog: str = "img2vec diversity") -> int:
+def make_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Token diversity (TD = 1 - mean cosine between distinct tokens of a view) of a "
         "feature cache, or of candidate teachers over source shards, with optional similarity maps.",
@@ -330,6 +223,11 @@ def main(argv: list[str] | None = None, prog: str = "img2vec diversity") -> int:
     p.add_argument("--queries", type=int, default=3, metavar="Q", help="query tokens per map, 1 to 5 (default 3)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the table as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    p = make_parser(prog)
     args = p.parse_args(argv)
     if args.cache and (args.teacher or args.maps):
         p.error("--teacher and --maps go with --shards; a cache's teacher is fixed by its manifest")
@@ -343,10 +241,13 @@ def main(argv: list[str] | None = None, prog: str = "img2vec diversity") -> int:
         p.error(f"--queries must lie in 1..{len(QUERY_COLORS)}")
     if len(set(args.teacher)) != len(args.teacher):
         p.error("the same --teacher is given twice")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    from shards.features import CacheError
+    return args
+
+
+def main(argv: list[str] | None = None, prog: str = "img2vec diversity") -> int:
+    args = parse_args(argv, prog)
+    device = pick_device(args.device)
+    from shards.errors import CacheError
     from shards.source import ShardError
 
     try:
@@ -372,8 +273,7 @@ def main(argv: list[str] | None = None, prog: str = "img2vec diversity") -> int:
         result["map_files"] = [str(x) for x in paths]
         print(f"similarity maps ({len(paths)}): {args.maps}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json_output(args.json, result)
     return 0
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError, config_from_dict
-from common.teacher import IMAGENET_MEAN, IMAGENET_STD
+from common.augment import IMAGENET_MEAN, IMAGENET_STD
+from common.teacher import strip_prefixes
 
 WEIGHTS_FILE = "model.safetensors"      # accelerate's SAFE_WEIGHTS_NAME for the first prepared model
 PICKLE_WEIGHTS_FILE = "pytorch_model.bin"  # what save_state(safe_serialization=False) writes instead
@@ -133,13 +134,7 @@ def read_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
         found = ", ".join(sorted(p.name for p in ckpt.iterdir())) or "nothing"
         raise ExportError(f"checkpoint {ckpt} has no {WEIGHTS_FILE} (found: {found}); sharded or FSDP "
                           "checkpoints must be merged first (accelerate merge-weights)")
-    out = {}
-    for key, value in sd.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
+    return strip_prefixes(sd, _WRAPPER_PREFIXES)
 
 
 def load_student(path: str | Path, weights: bool = True):
@@ -155,7 +150,7 @@ def load_student(path: str | Path, weights: bool = True):
     d, manifest = read_run_config(run_dir)
     cfg = config_from_dict({"student": d["student"]})
     torch.manual_seed(int(d.get("train", {}).get("seed", 0)))  # train seeds before it builds the student
-    student = build_student(cfg, manifest)
+    student = build_student(cfg, manifest["token_shape"], manifest["augment"]["size"])  # config.json's excerpt
     info = {"arch": cfg.student.arch, "img_size": int(manifest["augment"]["size"]), "run_dir": str(run_dir),
             "checkpoint": str(ckpt) if ckpt else None, "step": None}
     if weights:

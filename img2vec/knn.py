@@ -220,7 +220,7 @@ def random_student(arch: str, img_size: int, seed: int = 0):
 # --------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None, prog: str = "img2vec knn") -> int:
+def make_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="k-NN probe (DINO's weighted vote) of an encoder on labelled "
                                 "WebDataset shards (.cls labels).", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n" + "\n".join(__doc__.splitlines()[-3:]))
@@ -245,8 +245,12 @@ def main(argv: list[str] | None = None, prog: str = "img2vec knn") -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    return p
 
+
+def parse_args(argv: list[str] | None, prog: str) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    p = make_parser(prog)
+    args = p.parse_args(argv)
     if bool(args.shards) == bool(args.train_shards):
         p.error("give --train-shards and --val-shards, or --shards with --val-fraction")
     if args.train_shards and not args.val_shards:
@@ -257,19 +261,29 @@ def main(argv: list[str] | None = None, prog: str = "img2vec knn") -> int:
         p.error("--random needs --arch (or --run, for that run's student at its initialisation)")
     if args.k < 1 or args.temperature <= 0 or not 0 < args.crop_pct <= 1:
         p.error("-k must be >= 1, --temperature > 0, and --crop-pct in (0, 1]")
+    return p, args
 
-    from img2vec.export import ExportError, load_student
+
+def load_encoder(args: argparse.Namespace):
+    """The encoder the arguments name -> (encoder, its img_size, what it is in words)."""
+    from img2vec.export import load_student
+
+    if args.run:
+        encoder, info = load_student(args.run, weights=not args.random)
+        return encoder, info["img_size"], f"{info['arch']} from {info['checkpoint'] or 'init of ' + args.run}"
+    if args.weights:
+        encoder, img_size = encoder_from_weights(args.weights, args.arch, args.img_size)
+        return encoder, img_size, f"{args.weights}"
+    encoder, img_size = random_student(args.arch, args.img_size or 224, args.seed)
+    return encoder, img_size, f"{args.arch} at random init (seed {args.seed})"
+
+
+def main(argv: list[str] | None = None, prog: str = "img2vec knn") -> int:
+    p, args = parse_args(argv, prog)
+    from img2vec.export import ExportError
 
     try:
-        if args.run:
-            encoder, info = load_student(args.run, weights=not args.random)
-            img_size, what = info["img_size"], f"{info['arch']} from {info['checkpoint'] or 'init of ' + args.run}"
-        elif args.weights:
-            encoder, img_size = encoder_from_weights(args.weights, args.arch, args.img_size)
-            what = f"{args.weights}"
-        else:
-            encoder, img_size = random_student(args.arch, args.img_size or 224, args.seed)
-            what = f"{args.arch} at random init (seed {args.seed})"
+        encoder, img_size, what = load_encoder(args)
         if args.img_size and args.img_size != img_size:
             p.error(f"--img-size {args.img_size}: the encoder was trained at {img_size}")
         encoder.to(pick_device(args.device))

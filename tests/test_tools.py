@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from common.augment import decode_image, replay
-from common.codecs import get_codec
+from common.augment import center_view, decode_image, replay
 from common.config import load_config
-from img2vec.diversity import center_view, query_tokens, similarity_map, teacher_label
 from common.stats import token_diversity
 from common.teacher import build_teacher
 from img2vec.cli import main as img2vec
+from img2vec.maps import query_tokens, similarity_map, teacher_label
 from extract.pipeline import run_extraction
-from shards.features import iter_feature_shard, read_manifest
+from shards.manifest import read_manifest
+from shards.reader import iter_feature_shard
 from shards.source import iter_samples
 from tests.conftest import run_cli, write_config
 
@@ -154,7 +154,7 @@ def test_diversity_of_cache_equals_brute_force(extracted, tmp_path, capsys):
     row = json.loads((tmp_path / "d.json").read_text())["rows"][0]
     assert (row["images"], row["views"]) == (4, 12) and "resnet18 (cache)" in out
     manifest = read_manifest(cache)
-    codec = get_codec(manifest["codec"]["name"])
+    codec = manifest.token_codec
     tokens = [codec.decode(s["packed"]) for s in iter_feature_shard(cache, "shard-000000", manifest)][:4]
     assert row["token_diversity"] == pytest.approx(brute_force_td(np.concatenate(tokens)), abs=1e-5)
 
