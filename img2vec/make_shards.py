@@ -1,4 +1,5 @@
-"""Writing source shards: an ImageNet-layout folder (one subfolder per class) -> WebDataset tars.
+"""`img2vec make-shards`: an ImageNet-layout folder (one subfolder per class) -> WebDataset tars
+(written by shards.source.write_shards).
 
 Each sample keeps the original image bytes, its `.cls` label, and `.json` with the class name and
 the file's relative path; `classes.json` maps class names to indices. The samples are shuffled (seeded)
