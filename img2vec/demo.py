@@ -290,6 +290,8 @@ def evaluate(out: Path, cfg_path: Path, data: dict, size: int) -> tuple[dict, di
 def write_report(report_dir: Path, args: argparse.Namespace, r: dict, got: dict, times: dict, t_start: float) -> None:
     """Loss curve, similarity maps, report.json and the summary; `got` holds what the steps made (data,
     teacher weights and about, manifest, exported, knn)."""
+    from common.runtime import write_json_output
+
     data, weights, knn, manifest = got["data"], got["weights"], got["knn"], got["manifest"]
     loss = plot_loss(report_dir.parent / "run" / "metrics.jsonl", report_dir / "loss.png")
     spec = args.teacher if weights == "random" else f"{args.teacher}={weights}"
@@ -305,7 +307,7 @@ def write_report(report_dir: Path, args: argparse.Namespace, r: dict, got: dict,
         "loss_png": str(report_dir / "loss.png"), "similarity_maps": maps,
         "seconds": {k: round(v, 1) for k, v in times.items()},
     }
-    (report_dir / "report.json").write_text(json.dumps(report, indent=1))
+    write_json_output(report_dir / "report.json", report)
     maps_line = (f"{len(maps['files'])} similarity maps of the teacher at {maps['size']} px: {report_dir / 'maps'}"
                  if "files" in maps else f"similarity maps skipped: {maps['skipped']}")
     print(f"token diversity of the cache: TD = {td:.4f}\n"
