@@ -96,7 +96,7 @@ class Train:
     grad_accum: int = 1
     clip_grad: float = 3.0                 # 0 = off
     workers: int = 4
-    reader: str = "auto"                   # "auto", "random" (local tars, global shuffle) or "stream" (pipe:)
+    reader: str = "auto"                   # "auto", "random" (tars read by ranges, global shuffle) or "stream"
     shuffle_buffer: int = 1000             # stream reader only
     seed: int = 0
     checkpoint_every: int = 1000           # steps; a checkpoint is also written at the end

@@ -68,7 +68,7 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") if hasattr(path, "open") else open(path, "rb") as f:  # also a cache's RemotePath
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()

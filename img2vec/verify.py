@@ -23,6 +23,7 @@ from shards.check import REDO_HINT, Checks, Problem, check_manifest, check_recor
 from shards.errors import CacheError
 from shards.index import read_index
 from shards.manifest import Manifest, TeacherMismatch, cache_teacher, source_urls
+from shards.urlpath import as_path
 
 
 @dataclass
@@ -190,7 +191,7 @@ def compare_view(name: str, key: str, view: int, stored: np.ndarray, online: np.
 def verify_cache(cache: str | Path, recompute: int = 0, source_shards: str | None = None, seed: int = 0,
                  teacher_weights: str | None = None, teacher_seed: int | None = None, device: str = "cpu",
                  extra_rtol: float = 0.0, progress: bool = True) -> Report:
-    cache = Path(cache)
+    cache = as_path(cache)  # a local folder, or a cache at a URL (read only: shards/urlpath.py)
     report = Report(str(cache))
     if not cache.is_dir():
         report.problems.append(Problem(None, None, f"{cache} is not a directory (give the cache.path of a cache)"))

@@ -9,6 +9,7 @@ Nothing without a record is read: the record is written last, after the shard di
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import zlib
@@ -19,14 +20,16 @@ import numpy as np
 from common.codecs import FORMAT_VERSION
 from common.files import file_sha256
 from shards.errors import CacheError
+from shards.remote import RemoteError
+from shards.urlpath import RemotePath, as_path
 
 
 def shard_dir(cache: Path, name: str) -> Path:
-    return Path(cache) / name
+    return as_path(cache) / name  # a RemotePath for a cache at a URL (read only: shards/urlpath.py)
 
 
 def record_path(cache: Path, name: str) -> Path:
-    return Path(cache) / f"{name}.done.json"
+    return as_path(cache) / f"{name}.done.json"
 
 
 # ---------------------------------------------------------------- the per-sample index
@@ -49,11 +52,14 @@ def row_ok(row) -> bool:
 
 
 def read_index(cache: Path, name: str) -> np.ndarray:
-    """The shard's index, memory-mapped (every process of a node shares the page cache; no pickle)."""
+    """The shard's index, memory-mapped (every process of a node shares the page cache; no pickle); from a
+    cache at a URL, read whole into memory."""
     path = shard_dir(cache, name) / "index.npy"
     try:
+        if isinstance(path, RemotePath):
+            return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RemoteError) as e:
         raise CacheError(f"{path}: unreadable index ({e}); run `img2vec verify` on the cache") from None
 
 

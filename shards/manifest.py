@@ -25,6 +25,7 @@ from common.files import write_json_atomic
 from common.stats import TokenStats
 from shards.errors import CacheError
 from shards.index import read_record
+from shards.urlpath import as_path
 
 IDENTITY_FIELDS = ("format_version", "cache_format", "codec", "teacher", "augment", "token_shape", "shards")
 DEFAULT_CUT = "pil"  # caches from before `augment.cut` cut their views with Pillow
@@ -249,7 +250,7 @@ def write_manifest(cache: Path, manifest: Manifest) -> None:
 
 
 def read_manifest(cache: Path) -> Manifest:
-    p = Path(cache) / "manifest.json"
+    p = as_path(cache) / "manifest.json"  # a local path, or a RemotePath for a cache at a URL (read only)
     if not p.exists():
         raise CacheError(f"{p} not found: is cache.path right, and has extract-features run?")
     try:

@@ -18,6 +18,8 @@ from common.codecs import view_crc32
 from shards.errors import CacheError, CorruptSample
 from shards.index import check_recorded, read_index, row_ok, shard_dir
 from shards.manifest import Manifest
+from shards.remote import RemoteError, is_url, read_ranges
+from shards.urlpath import as_path, zarr_store
 
 _open_files: OrderedDict[str, int] = OrderedDict()
 MAX_OPEN_FILES = 0  # per process, 0 = half of open_file_budget(): ImageNet's 1,282 x (V view files + a source)
@@ -59,13 +61,24 @@ def pread(path, size: int, offset: int) -> bytes:
                          "system, then `img2vec verify` the cache") from None
 
 
+def read_at(requests: list[tuple]) -> list[bytes]:
+    """[(file or URL, offset, size)] -> their bytes: local files through pread, URLs through ranged reads
+    (fetched concurrently, retried, never short; a RemoteError names a URL that keeps failing). Stage two
+    reads every image and view at its recorded offset through here."""
+    out = [b"" if is_url(str(f)) else pread(f, size, offset) for f, offset, size in requests]
+    remote = [i for i, (f, _, _) in enumerate(requests) if is_url(str(f))]
+    for i, data in zip(remote, read_ranges([(str(requests[i][0]), *requests[i][1:]) for i in remote])):
+        out[i] = data
+    return out
+
+
 
 class FeatureShard:
     """Random access to one recorded feature shard: its index (memory-mapped), and one view of any samples.
     Cheap to open (training opens and drops many); `samples` is the recorded count, checked against the index."""
 
     def __init__(self, cache: Path, name: str, manifest: Manifest, samples: int | None = None):
-        self.cache, self.name = Path(cache), name
+        self.cache, self.name = as_path(cache), name
         if samples is None:
             samples = check_recorded(cache, name)["samples"]
         self.fmt = manifest.cache_format
@@ -95,13 +108,19 @@ class FeatureShard:
         return out
 
     def _read_wds(self, ids, views):
+        ok = [row_ok(self.index[i]) for i in ids]  # a damaged row's offset and size are not trusted: read nothing
+        root = shard_dir(self.cache, self.name)
+        try:
+            raw = iter(read_at([(root / f"v{v:02d}.tar", int(self.index["offset"][i, v]), int(self.index["nbytes"][i, v]))
+                                for i, v, good in zip(ids, views, ok) if good]))
+        except RemoteError as e:
+            raise CacheError(f"cache {self.cache}: {e}") from None
         out = []
-        for i, v in zip(ids, views):
-            if not row_ok(self.index[i]):  # its offset and size are not to be trusted: read nothing
+        for i, v, good in zip(ids, views, ok):
+            if not good:
                 out.append(CorruptSample(self.name, self.key(i), f"index row {i}: crc32 differs"))
                 continue
-            size, offset = int(self.index["nbytes"][i, v]), int(self.index["offset"][i, v])
-            data = pread(shard_dir(self.cache, self.name) / f"v{v:02d}.tar", size, offset)
+            size, data = int(self.index["nbytes"][i, v]), next(raw)
             try:
                 if len(data) != size:
                     raise ValueError(f"v{v:02d}.tar ends {size - len(data)} bytes early")
@@ -114,7 +133,8 @@ class FeatureShard:
         import zarr
 
         if self._array is None:
-            store = _random_read_store(shard_dir(self.cache, self.name) / "tokens.zarr")
+            root = shard_dir(self.cache, self.name) / "tokens.zarr"
+            store = zarr_store(str(root)) if is_url(str(root)) else _random_read_store(root)
             self._array = zarr.open_array(store=store, path="tokens", mode="r")
         try:  # one call for the lot: zarr's per-call overhead is large; one shard index read per file
             return list(self._array.get_coordinate_selection((views, ids)))

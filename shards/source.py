@@ -1,4 +1,5 @@
-"""Source shards: ImageNet-style WebDataset tars (local paths or `pipe:` URLs), read as raw samples.
+"""Source shards: ImageNet-style WebDataset tars (local paths, `pipe:` commands, or http(s)://, s3://, gs://,
+hf:// URLs read through shards.remote), read as raw samples.
 
 A sample is `{"key", "image" (bytes or None), "ext", "cls" (int or None)}`; decoding happens later,
 in the stage that owns it. Members are grouped by WebDataset's rule (key = path up to the first dot
@@ -17,6 +18,8 @@ from pathlib import Path
 import braceexpand
 from tqdm import tqdm
 from webdataset.gopen import gopen
+
+from shards.remote import RemoteError, is_url, open_stream, probe_range
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -92,11 +95,12 @@ def _split_member(path: str) -> tuple[str, str]:
 def iter_members(url: str) -> Iterator[tuple[str, str, bytes, int]]:
     """(key, ext, bytes, data offset) of each regular member, streamed. Raises ShardError on a broken tar,
     including one cut at a member boundary (no end-of-archive marker). The offset is into the uncompressed
-    tar: with a local, uncompressed tar it is where `shards.features.pread` finds the bytes again."""
-    if not url.startswith("pipe:") and not Path(url).exists():
+    tar: with an uncompressed tar it is where a ranged read finds the bytes again (pread, or remote.read_range).
+    Local paths and `pipe:` go through webdataset's gopen; http(s)://, s3://, gs://, hf:// through shards.remote."""
+    if not url.startswith("pipe:") and not is_url(url) and not Path(url).exists():
         raise ShardError(url, "file not found (check data.shards)")
     try:
-        stream = gopen(url, "rb")
+        stream = open_stream(url) if is_url(url) else gopen(url, "rb")
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 if not info.isreg():
@@ -113,12 +117,21 @@ def iter_members(url: str) -> Iterator[tuple[str, str, bytes, int]]:
                 raise ShardError(url, f"truncated: no end-of-archive marker after {end} bytes (the tar was cut "
                                       "at a member boundary); re-copy the shard")
         stream.close()
+    except RemoteError as e:
+        raise ShardError(url, e.reason) from None
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(url, f"{type(e).__name__}: {e} (truncated or not a tar?)") from None
 
 
 def is_seekable(url: str) -> bool:
-    """A local, uncompressed tar: samples can be read at their recorded offsets."""
+    """An uncompressed tar, local or at a URL whose server reads ranges: samples can be read at their recorded
+    offsets. A URL is probed with one ranged read of its tar magic (bytes 257-262)."""
+    if is_url(url):
+        try:
+            head = probe_range(url, 257, 5)
+        except RemoteError as e:
+            raise ShardError(url, e.reason) from None
+        return head == b"ustar"
     if url.startswith("pipe:") or ":" in url.split("/")[0]:
         return False
     with open(url, "rb") as f:
