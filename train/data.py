@@ -3,8 +3,9 @@
 - `CacheIndex`: every recorded sample of a cache, numbered 0..N-1 shard by shard in manifest order.
 - `epoch_plan`: this rank's batches of one epoch, [steps, B] global sample ids, in the order the
   DataLoader yields them. Every rank gets the same number of steps; less than one global batch is
-  dropped; no sample is used twice. "random" mode (local uncompressed tars): a permutation of all
-  samples seeded by (seed, epoch), i.i.d. batches. "stream" mode (`pipe:` or compressed sources):
+  dropped; no sample is used twice. "random" mode (uncompressed tars, local or at URLs read by byte
+  ranges): a permutation of all samples seeded by (seed, epoch), i.i.d. batches. "stream" mode (`pipe:`,
+  compressed sources, servers without ranged reads):
   shards in a seeded order, cut into contiguous runs per (rank, worker), shuffled by a seeded buffer.
 - `read_batch` / `stream_batches`: the samples of a batch, their image bytes (read at their recorded
   offsets, or streamed) checked against the recorded crc32, and this epoch's view of their tokens.
@@ -37,11 +38,13 @@ from shards.features import (
     check_recorded,
     manifest_cut,
     open_file_budget,
-    pread,
     read_record,
     row_ok,
 )
+from shards.reader import read_at
+from shards.remote import RemoteError
 from shards.source import ShardError, is_seekable, iter_samples
+from shards.urlpath import as_path
 
 
 # ---------------------------------------------------------------- the sample index
@@ -52,7 +55,7 @@ class CacheIndex:
     ImageNet's 1,282 maps, one descriptor each, would pass a process's open-file limit)."""
 
     def __init__(self, cache: Path, manifest: dict, urls: dict[str, str | None], open_shards: int | None = None):
-        self.cache, self.manifest, self.urls = Path(cache), manifest, urls
+        self.cache, self.manifest, self.urls = as_path(cache), manifest, urls
         self.names = [s["name"] for s in manifest["shards"]]
         records = {name: read_record(cache, name) for name in self.names}  # each read once
         missing = [name for name, record in records.items() if record is None]
@@ -90,7 +93,7 @@ class CacheIndex:
                 **({"workers": max(workers, 1), "shuffle_buffer": buffer} if mode == "stream" else {})}
 
     def seekable(self) -> bool:
-        """Random access needs every source to be a local uncompressed tar."""
+        """Random access needs every source to be an uncompressed tar, local or at a URL read by ranges."""
         return all(u is not None and is_seekable(u) for u in self.urls.values())
 
 
@@ -177,11 +180,24 @@ def read_batch(index: CacheIndex, ids: np.ndarray, epoch: int, seed: int, with_t
     """Random access: each sample's image bytes read at their recorded place, and its view's tokens."""
     shards, rows = index.locate(np.asarray(ids))
     images = [b""] * len(rows)  # a row that fails its own crc32 is not used to read anything
+    at, requests = [], []
     for j in np.lexsort((rows, shards)):  # in file order
         meta = index.shard(int(shards[j])).index[int(rows[j])]
         if row_ok(meta):
-            images[j] = pread(index.urls[index.names[int(shards[j])]], int(meta["src_size"]), int(meta["src_offset"]))
+            at.append(j)
+            requests.append((index.urls[index.names[int(shards[j])]], int(meta["src_offset"]), int(meta["src_size"])))
+    for j, data in zip(at, read_sources(requests)):
+        images[j] = data
     return _samples(index, shards, rows, images, epoch, seed, with_tokens)
+
+
+def read_sources(requests: list[tuple[str, int, int]]) -> list[bytes]:
+    """[(source, offset, size)] -> their bytes (shards.reader.read_at: pread, or a batch's ranged reads at URLs,
+    concurrent and retried); a source URL that keeps failing is a ShardError naming it."""
+    try:
+        return read_at(requests)
+    except RemoteError as e:
+        raise ShardError(e.url, e.reason) from None
 
 
 def stream_batches(index: CacheIndex, batches: np.ndarray, epoch: int, seed: int,
@@ -299,9 +315,10 @@ def make_loader(dataset: EpochData, workers: int) -> DataLoader:
 
 
 def reader_mode(index: CacheIndex, wanted: str) -> str:
-    """"auto": random access when every source is a local uncompressed tar, else streaming."""
+    """"auto": random access when every source is an uncompressed tar read by ranges, else streaming."""
     seekable = wanted != "stream" and index.seekable()
     if wanted == "random" and not seekable:
-        raise CacheError("train.reader = 'random' needs every source shard to be a local uncompressed tar; "
-                         "use 'stream' (or 'auto') for pipe: URLs and compressed tars")
+        raise CacheError("train.reader = 'random' needs every source shard to be an uncompressed tar, local or at a "
+                         "URL whose server reads byte ranges; use 'stream' (or 'auto') for pipe: URLs, compressed "
+                         "tars and servers without ranged reads")
     return ("random" if seekable else "stream") if wanted == "auto" else wanted

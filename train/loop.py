@@ -24,6 +24,7 @@ from common.signals import PREEMPTED, StopSignals
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from shards.features import CacheError, check_replay, read_manifest, source_urls
 from shards.source import ShardError
+from shards.urlpath import as_path
 from train import data
 from train.losses import normalize_targets
 from train.checkpoints import Checkpoints, DiskFull, NonFinite
@@ -60,7 +61,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     end it after the current step with a checkpoint (summary["preempted"])."""
     resolve_student(cfg.student)  # 0 = the arch's value: checked as the values that will be built
     validate(cfg, "train")
-    cache = Path(cfg.cache.path)
+    cache = as_path(cfg.cache.path)  # a local path, or a URL (read only: shards/urlpath.py)
     manifest = read_manifest(cache)
     check_replay(manifest)  # this machine cuts the pixels the teacher saw, or a clear error before any work
     check_mask_ratio(cfg.student.mask_ratio, manifest["token_shape"][0])
