@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.augment import decode_image, replay, view_order
 from common.runtime import seed_from, worker_slice
@@ -287,8 +287,13 @@ class EpochData(IterableDataset):
             raw = (read_batch(self.index, ids, self.epoch, self.seed, self.with_tokens) for ids in mine)
         else:
             raw = stream_batches(self.index, mine, self.epoch, self.seed, self.with_tokens)
-        for samples in raw:
-            yield collate(self._decode_all(samples))
+        try:
+            for samples in raw:
+                yield collate(self._decode_all(samples))
+        except (CacheError, ShardError) as e:
+            if get_worker_info() is None:
+                raise
+            yield WorkerError(e)  # raised as itself in the main process by Loader
 
     def _decode_all(self, samples: list[dict]) -> list[tuple]:
         """Decode a batch; with on_corrupt = "skip", a corrupt sample is named and its place taken by another
@@ -307,11 +312,40 @@ class EpochData(IterableDataset):
         return out + [out[i % len(out)] for i in range(len(bad))]
 
 
-def make_loader(dataset: EpochData, workers: int) -> DataLoader:
+class WorkerError:
+    """A CacheError or ShardError of a DataLoader worker, sent to the main process as an item: raised, it would
+    reach the main process rebuilt from its traceback's text, not with its own message."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class Loader(DataLoader):
+    """A DataLoader whose workers' CacheError and ShardError are raised in the main process as they were raised."""
+
+    def __iter__(self):
+        return _RaisingWorkerErrors(super().__iter__())
+
+
+class _RaisingWorkerErrors:
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.it)
+        if isinstance(batch, WorkerError):
+            raise batch.error
+        return batch
+
+
+def make_loader(dataset: EpochData, workers: int) -> Loader:
     # its own generator: making an iterator must not draw from the global RNG
-    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                      prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(seed_from(dataset.seed, dataset.epoch) % 2**63))
+    return Loader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                  prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
+                  generator=torch.Generator().manual_seed(seed_from(dataset.seed, dataset.epoch) % 2**63))
 
 
 def reader_mode(index: CacheIndex, wanted: str) -> str:
