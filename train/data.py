@@ -30,18 +30,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.augment import decode_image, replay, view_order
 from common.runtime import seed_from, worker_slice
-from common.codecs import get_codec
-from shards.features import (
-    CacheError,
-    CorruptSample,
-    FeatureShard,
-    check_recorded,
-    manifest_cut,
-    open_file_budget,
-    read_record,
-    row_ok,
-)
-from shards.reader import read_at
+from shards.errors import CacheError, CorruptSample
+from shards.index import check_recorded, read_record, row_ok
+from shards.manifest import Manifest
+from shards.reader import FeatureShard, open_file_budget, read_at
 from shards.remote import RemoteError
 from shards.source import ShardError, is_seekable, iter_samples
 from shards.urlpath import as_path
@@ -54,9 +46,9 @@ class CacheIndex:
     at most `open_shards` at a time (an index is memory-mapped: the node's processes share its pages, and
     ImageNet's 1,282 maps, one descriptor each, would pass a process's open-file limit)."""
 
-    def __init__(self, cache: Path, manifest: dict, urls: dict[str, str | None], open_shards: int | None = None):
+    def __init__(self, cache: Path, manifest: Manifest, urls: dict[str, str | None], open_shards: int | None = None):
         self.cache, self.manifest, self.urls = as_path(cache), manifest, urls
-        self.names = [s["name"] for s in manifest["shards"]]
+        self.names = manifest.shard_names
         records = {name: read_record(cache, name) for name in self.names}  # each read once
         missing = [name for name, record in records.items() if record is None]
         if missing:
@@ -65,7 +57,7 @@ class CacheIndex:
                              "finish it with extract-features (same config) before training")
         self.counts = np.array([check_recorded(cache, n, records[n])["samples"] for n in self.names], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
-        self.views = manifest["augment"]["views"]
+        self.views = manifest.views
         self.open_shards = open_shards or open_file_budget() // 4
         self._shards: OrderedDict[int, FeatureShard] = OrderedDict()
 
@@ -278,8 +270,8 @@ class EpochData(IterableDataset):
                  mode: str = "random", with_tokens: bool = True, on_corrupt: str = "error"):
         self.index, self.plan, self.epoch, self.seed, self.start = index, plan, epoch, seed, start
         self.mode, self.with_tokens, self.on_corrupt = mode, with_tokens, on_corrupt
-        self.codec = get_codec(index.manifest["codec"]["name"])
-        self.size, self.cut = index.manifest["augment"]["size"], manifest_cut(index.manifest)
+        self.codec = index.manifest.token_codec
+        self.size, self.cut = index.manifest.augment.size, index.manifest.cut
 
     def __iter__(self):
         mine = worker_slice(self.plan[self.start:])
