@@ -84,9 +84,11 @@ def make_uneven_source(dirpath: Path, sizes: list[int]) -> Path:
 # ---------------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """In-process runs on one intra-op thread: on a shared, busy CPU two threads run several times slower."""
+    """Every test runs torch on one intra-op thread: the tensors here are tiny, and on a shared, busy CPU two
+    spinning threads ran the fast tier ~2.5x slower (61 s against 24 s, the same tests). Still a named fixture, so a
+    module may ask for it explicitly."""
     import torch
 
     n = torch.get_num_threads()

@@ -16,22 +16,17 @@ import pytest
 
 from common.config import ConfigError, load_config
 from extract.pipeline import run_extraction
-from shards.features import Lease, read_index, read_manifest
+from shards.index import read_index
+from shards.leases import Lease
+from shards.manifest import read_manifest
 from shards.source import ShardError, iter_samples, shard_name, shard_names
 from img2vec.verify import verify_cache
-from tests.conftest import REPO, BIN, make_source, write_config
-
-
-def cache_files(cache: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+from tests.conftest import BIN, REPO, cache_files, make_source, run_in_process, write_config
 
 
 def config_for(tmp: Path, shards: list[str], name: str = "cache") -> Path:
-    """The test config with data.shards set to an explicit list."""
-    path = write_config(tmp, tmp, 1, cache=name, run=f"run-{name}")
-    text = path.read_text()
-    path.write_text(text.replace(text.split("\n")[2], f"shards = {json.dumps(shards)}"))
-    return path
+    """The test config with data.shards set to an explicit list (its cache and run dir named after `name`)."""
+    return write_config(tmp, cache=name, run=f"run-{name}", sets={"data.shards": shards})
 
 
 def test_shard_names_are_unique():
@@ -46,6 +41,7 @@ def test_shard_names_are_unique():
         shard_names(["/x/a/train-0.tar", "/x/b/train-1.tar", "/x/a/train-0.tar"])
 
 
+@pytest.mark.slow
 def test_pipe_urls_ending_in_dash_extract_and_stream(tmp_path, source):
     """`pipe:cat .../shard-00000k.tar | cat -`: every URL ends in `-` (as `aws s3 cp ... -` does). Each source
     gets its own feature shard, and training streams them (no seeking in a pipe): one epoch covers all but
@@ -57,8 +53,8 @@ def test_pipe_urls_ending_in_dash_extract_and_stream(tmp_path, source):
     summary = run_extraction(load_config(path), progress=False)
     assert summary["shards_done"] == 3 and summary["images"] == 18
     manifest = read_manifest(tmp_path / "cache")
-    assert [s["name"] for s in manifest["shards"]] == ["shard-000000", "shard-000001", "shard-000002"]
-    assert manifest["samples"] == 18
+    assert manifest.shard_names == ["shard-000000", "shard-000001", "shard-000002"]
+    assert manifest.samples == 18
     assert not json.loads((tmp_path / "cache" / "shard-000000.done.json").read_text())["seekable"]
     assert verify_cache(tmp_path / "cache", progress=False).ok
 
@@ -70,13 +66,14 @@ def test_pipe_urls_ending_in_dash_extract_and_stream(tmp_path, source):
     assert len(keys) == len(set(keys)) == 16  # 18 samples, batch 4: 4 steps, 2 left out
 
 
+@pytest.mark.slow
 def test_same_file_name_in_two_folders_and_a_shard_listed_twice(tmp_path):
     a = make_source(tmp_path / "a", n=6, per_shard=6, seed=0)
     b = make_source(tmp_path / "b", n=6, per_shard=6, seed=1)
     path = config_for(tmp_path, [str(a / "shard-000000.tar"), str(b / "shard-000000.tar")])
     run_extraction(load_config(path), progress=False)
     manifest = read_manifest(tmp_path / "cache")
-    assert len({s["name"] for s in manifest["shards"]}) == 2 and manifest["samples"] == 12
+    assert len(set(manifest.shard_names)) == 2 and manifest.samples == 12
 
     twice = config_for(tmp_path, [str(a / "shard-000000.tar")] * 2, name="twice")
     r = subprocess.run([str(BIN / "extract-features"), "--config", str(twice), "--no-progress"], cwd=REPO,
@@ -85,6 +82,7 @@ def test_same_file_name_in_two_folders_and_a_shard_listed_twice(tmp_path):
     assert not (tmp_path / "twice").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_two_jobs_on_one_cache(tmp_path, source, extracted):
     """A job launched twice: both run at once on one cache. Each shard is written by one of them (leases), both
     exit 0, and the cache is byte-identical to a single job's."""
@@ -167,32 +165,22 @@ def test_lease_is_exclusive(tmp_path):
     assert b.acquire()
 
 
-def test_open_files_stay_bounded(monkeypatch, uneven_cache):
+def test_open_files_stay_bounded(monkeypatch, uneven):
     """ImageNet has 1,282 shards of V view files each: a loader process must not hold one descriptor per
     file. With the limits set low, an epoch over 5 shards x 3 views + 5 sources keeps within them."""
-    import shards.features as features
-    from shards.features import source_urls
+    import shards.reader as reader
+    from shards.manifest import source_urls
     from train.data import CacheIndex, EpochData, epoch_plan
 
-    monkeypatch.setattr(features, "MAX_OPEN_FILES", 3)
-    cache = Path(uneven_cache)
+    monkeypatch.setattr(reader, "MAX_OPEN_FILES", 3)
+    cache = Path(uneven[1].cache.path)
     manifest = read_manifest(cache)
     index = CacheIndex(cache, manifest, source_urls(manifest), open_shards=2)
     before = len(os.listdir("/proc/self/fd"))
-    plan = epoch_plan(index.counts, 0, 0, 1, 0, 2)
-    batches = list(EpochData(index, plan, 0, 0))
+    plan = epoch_plan(index.counts, epoch=0, seed=0, world=1, rank=0, batch_size=2)
+    batches = list(EpochData(index, plan, epoch=0, seed=0))
     assert len(batches) == len(plan) == 14
     assert len(os.listdir("/proc/self/fd")) - before <= 3 + 2
-
-
-@pytest.fixture(scope="module")
-def uneven_cache(tmp_path_factory):
-    from tests.test_train import UNEVEN, make_uneven_source
-
-    tmp = tmp_path_factory.mktemp("uneven-cluster")
-    cfg = load_config(write_config(tmp, make_uneven_source(tmp / "src", UNEVEN), len(UNEVEN)))
-    run_extraction(cfg, progress=False)
-    return cfg.cache.path
 
 
 def test_teacher_precision_is_part_of_the_cache_identity(tmp_path, source, extracted, capsys):
@@ -201,7 +189,7 @@ def test_teacher_precision_is_part_of_the_cache_identity(tmp_path, source, extra
     with another is refused, naming it."""
     from extract.cli import main as extract_main
 
-    assert read_manifest(Path(extracted[1].cache.path))["teacher"]["precision"] == "float32"
+    assert read_manifest(Path(extracted[1].cache.path)).teacher.precision == "float32"
     path = write_config(tmp_path, source, 3)
     cache = tmp_path / "cache"
     shutil.copytree(extracted[1].cache.path, cache)
@@ -216,7 +204,7 @@ def test_teacher_precision_is_part_of_the_cache_identity(tmp_path, source, extra
 def test_stale_leases(tmp_path):
     """Stale: a dead pid on this host, a previous life of our own pid (a restarted container), another host's
     lease without a heartbeat for LEASE_TTL. Live: another host's fresh lease, and ours."""
-    import shards.features as features
+    import shards.leases as leases
 
     lock = tmp_path / "x.lock"
     dead = subprocess.Popen(["true"])
@@ -225,7 +213,7 @@ def test_stale_leases(tmp_path):
     for holder, age, stale in [({"host": here, "pid": dead.pid}, 0, True),
                                ({"host": here, "pid": os.getpid(), "nonce": "an-old-life"}, 0, True),
                                ({"host": "other-node", "pid": 1}, 0, False),
-                               ({"host": "other-node", "pid": 1}, features.LEASE_TTL + 60, True)]:
+                               ({"host": "other-node", "pid": 1}, leases.LEASE_TTL + 60, True)]:
         lock.write_text(json.dumps(holder))
         os.utime(lock, (time.time() - age, time.time() - age))
         lease = Lease(tmp_path, "x")
@@ -272,7 +260,7 @@ def test_a_key_that_is_not_utf8_is_skipped(tmp_path, source):
 def test_stream_reader_names_a_missing_sample_at_once(tmp_path, extracted):
     """A streamed source that lost a sample: a ShardError naming the shard when its stream ends, not after the
     rest of the worker's run was buffered."""
-    from shards.features import source_urls
+    from shards.manifest import source_urls
     from train.data import CacheIndex, EpochData, epoch_plan
 
     _, cfg = extracted
@@ -288,13 +276,14 @@ def test_stream_reader_names_a_missing_sample_at_once(tmp_path, extracted):
                 tout.addfile(m, tin.extractfile(m))
     manifest = read_manifest(cache)
     index = CacheIndex(cache, manifest, source_urls(manifest, f"{src}/shard-{{000000..000002}}.tar"))
-    plan = epoch_plan(index.counts, 0, 0, 1, 0, 1, "stream", 0, 4)
+    plan = epoch_plan(index.counts, epoch=0, seed=0, world=1, rank=0, batch_size=1, mode="stream", workers=0, buffer=4)
     with pytest.raises(ShardError, match="shard-000001.*not in the shard any more"):
-        list(EpochData(index, plan, 0, 0, mode="stream"))
+        list(EpochData(index, plan, epoch=0, seed=0, mode="stream"))
 
 
 def test_a_file_that_vanishes_while_training_is_named(tmp_path, extracted):
-    from shards.features import CacheError, source_urls
+    from shards.errors import CacheError
+    from shards.manifest import source_urls
     from train.data import CacheIndex, EpochData, epoch_plan
 
     cache = tmp_path / "cache"
@@ -304,13 +293,14 @@ def test_a_file_that_vanishes_while_training_is_named(tmp_path, extracted):
     for v in range(3):
         (cache / "shard-000000" / f"v{v:02d}.tar").unlink()  # after the start-up checks
     with pytest.raises(CacheError, match="v0[0-2].tar: No such file"):
-        list(EpochData(index, epoch_plan(index.counts, 0, 0, 1, 0, 2), 0, 0))
+        list(EpochData(index, epoch_plan(index.counts, epoch=0, seed=0, world=1, rank=0, batch_size=2), epoch=0, seed=0))
 
 
 def test_a_damaged_index_row_pairs_nothing(tmp_path, extracted):
     """A crop box changed in index.npy (the views' crc32 intact): training would replay other pixels for the same
     tokens. The row's own crc32 catches it: a CorruptSample naming shard and key, and `verify` names it too."""
-    from shards.features import CorruptSample, source_urls
+    from shards.errors import CorruptSample
+    from shards.manifest import source_urls
     from train.data import CacheIndex, EpochData, epoch_plan
 
     cache = tmp_path / "cache"
@@ -322,11 +312,12 @@ def test_a_damaged_index_row_pairs_nothing(tmp_path, extracted):
     manifest = read_manifest(cache)
     data = CacheIndex(cache, manifest, source_urls(manifest))
     with pytest.raises(CorruptSample, match="shard-000001.*index row"):
-        list(EpochData(data, epoch_plan(data.counts, 0, 0, 1, 0, 2), 0, 0))
+        list(EpochData(data, epoch_plan(data.counts, epoch=0, seed=0, world=1, rank=0, batch_size=2), epoch=0, seed=0))
     report = verify_cache(cache, progress=False)
     assert not report.ok and any("index row" in p.line() and "shard-000001" in p.line() for p in report.problems)
 
 
+@pytest.mark.slow
 def test_the_torch_cut_is_the_same_on_every_x86_cpu_kind():
     """A cluster mixes CPU generations: extraction may cut on AVX-512 nodes, training replay on AVX2 or older. torch's
     uint8 antialiased resize is integer arithmetic, so every kernel torch dispatches to gives the same bytes (its
@@ -353,8 +344,7 @@ def test_a_machine_that_cuts_other_pixels_is_refused(tmp_path, source, extracted
     that would add shards to the cache all refuse, naming both machines' versions."""
     from common.augment import replay_probe
     from extract.cli import main as extract_main
-    from shards.features import CacheError
-    from tests.test_train import run_in_process
+    from shards.errors import CacheError
 
     path = write_config(tmp_path, source, 3)
     cache = tmp_path / "cache"
@@ -378,7 +368,7 @@ def test_a_machine_that_cuts_other_pixels_is_refused(tmp_path, source, extracted
 
 def test_caches_from_before_the_cut_setting_are_replayed_with_pillow():
     """A manifest without augment.cut was cut by Pillow: it is replayed so, and extending it needs augment.cut=pil."""
-    from shards.features import manifest_cut, manifest_differences
+    from shards.manifest import manifest_cut, manifest_differences
 
     old = {"augment": {"size": 224, "interpolation": "bicubic"}}
     assert manifest_cut(old) == "pil"

@@ -14,29 +14,17 @@ from common.codecs import get_codec
 from common.config import load_config
 from common.teacher import build_teacher
 from extract.pipeline import run_extraction
-from shards.features import iter_feature_shard, read_manifest
+from shards.manifest import read_manifest
+from shards.reader import iter_feature_shard
 from shards.source import iter_samples
-from tests.conftest import run_cli, write_config
-
-
-def cache_files(cache: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+from tests.conftest import cache_files, epoch_batches, run_cli, write_config
 
 
 def stored_tokens(cache: Path) -> dict[str, np.ndarray]:
     manifest = read_manifest(cache)
-    codec = get_codec(manifest["codec"]["name"])
-    return {s["key"]: codec.decode(s["packed"]) for sh in manifest["shards"]
-            for s in iter_feature_shard(cache, sh["name"], manifest)}
-
-
-def test_views_are_deterministic_and_inside_the_image():
-    a = sample_views(0, "k1", 120, 300, 8)
-    assert (a == sample_views(0, "k1", 120, 300, 8)).all()
-    assert not (a == sample_views(1, "k1", 120, 300, 8)).all()
-    top, left, h, w, flip = a.T
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 120).all() and (left + w <= 300).all()
-    assert set(flip) <= {0, 1}
+    codec = manifest.token_codec
+    return {s["key"]: codec.decode(s["packed"]) for name in manifest.shard_names
+            for s in iter_feature_shard(cache, name, manifest)}
 
 
 def test_same_config_twice_gives_same_bytes(tmp_path, source, extracted):
@@ -49,16 +37,16 @@ def test_manifest_and_records(extracted):
     cfg = extracted[1]
     cache = Path(cfg.cache.path)
     m = read_manifest(cache)
-    assert m["token_shape"] == [4, 512] and m["samples"] == 18 and m["skipped"] == 0
-    assert m["teacher"]["arch"] == "resnet18" and len(m["teacher"]["sha256"]) == 64
+    assert m.token_shape == [4, 512] and m.samples == 18 and m.skipped == 0
+    assert m.teacher.arch == "resnet18" and len(m.teacher.sha256) == 64
     tokens = np.stack(list(stored_tokens(cache).values()))  # [N, V, T, C]
     flat = tokens.reshape(-1, tokens.shape[-1]).astype(np.float64)
-    np.testing.assert_allclose(m["stats"]["mean"], flat.mean(0), rtol=1e-2, atol=1e-3)
-    np.testing.assert_allclose(m["stats"]["var"], flat.var(0), rtol=2e-2, atol=1e-3)
+    np.testing.assert_allclose(m.stats.mean, flat.mean(0), rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(m.stats.var, flat.var(0), rtol=2e-2, atol=1e-3)
     u = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
     u = u.reshape(-1, 4, u.shape[-1])
     td = np.mean([1 - (np.sum(v @ v.T) - np.trace(v @ v.T)) / 12 for v in u])
-    assert m["stats"]["token_diversity"] == pytest.approx(td, abs=1e-3)
+    assert m.stats.token_diversity == pytest.approx(td, abs=1e-3)
 
 
 @pytest.mark.parametrize("codec,cut", [("bf16-zstd", "torch"), ("u8-zstd", "torch"), ("bf16-zstd", "pil"),
@@ -71,10 +59,8 @@ def test_replay_is_exact(tmp_path, source, codec, cut):
     teacher = build_teacher(cfg.teacher)
     stored = stored_tokens(Path(cfg.cache.path))
     manifest = read_manifest(Path(cfg.cache.path))
-    assert manifest["augment"]["cut"] == cut and manifest["replay"]["probe"] == replay_probe(cut)
+    assert manifest.augment.cut == cut and manifest.replay.probe == replay_probe(cut)
     records = {s["key"]: s["views"] for s in iter_feature_shard(Path(cfg.cache.path), "shard-000000", manifest)}
-    from tests.test_train import epoch_batches
-
     loaded = {}  # stage two's pixels and tokens of each (key, view), over V epochs
     for epoch in range(3):
         for batch in epoch_batches(Path(cfg.cache.path), epoch, 1)[0]:
@@ -109,6 +95,7 @@ def test_wds_and_zarr_decode_to_same_tokens(tmp_path, source, extracted):
 
 
 @pytest.mark.parametrize("point", ["decode", "write", "commit"])
+@pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, source, extracted, point):
     """SIGKILL while decoding, while writing a shard, and between shard and record."""
     path = write_config(tmp_path, source, 3)
@@ -126,6 +113,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, source, extracted, po
     assert cache_files(cache) == cache_files(Path(extracted[1].cache.path))
 
 
+@pytest.mark.slow
 def test_two_ranks_write_disjoint_shards_covering_all(tmp_path, source, extracted):
     path = write_config(tmp_path, source, 3)
     procs = [run_cli(["extract-features", "--config", str(path), "--no-progress"],
@@ -149,6 +137,7 @@ def test_slurm_env_and_flags_pick_the_rank(monkeypatch):
     assert rank_shards(list("abcdefg"), 2, 3) == ["c", "f"]
 
 
+@pytest.mark.slow
 def test_cache_of_another_recipe_is_refused(tmp_path, source):
     path = write_config(tmp_path, source, 1)
     run_extraction(load_config(path), progress=False)
@@ -158,6 +147,7 @@ def test_cache_of_another_recipe_is_refused(tmp_path, source):
         assert r.returncode == 2 and word in r.stderr, r.stderr[-1500:]
 
 
+@pytest.mark.slow
 def test_truncated_source_shard_fails_alone_and_rerun_finishes(tmp_path, source):
     import shutil
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from common.signals import PREEMPTED
 from extract.cli import main as extract_main
-from tests.conftest import BIN, REPO, write_config
+from tests.conftest import BIN, REPO, free_port, read_metrics, write_config
 from train.loop import main as train_main
 
 
@@ -24,13 +24,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows(run: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    return {r["step"]: r for r in read_metrics(run)}
 
 
 def checkpoints(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_sigusr1_in_training_checkpoints_the_step_and_the_rerun_redoes_none(tmp_path, extracted, monkeypatch, capsys):
     """SIGUSR1 (SLURM's early warning) arrives during step 3: the step finishes, step_00000003 is written
     (checkpoint_every is 100), the exit status is 75; the same command resumes at 3 and steps 4..6 equal
@@ -60,12 +61,11 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no rank {rank} under the launcher")
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_when_one_rank_gets_sigterm(tmp_path, extracted, capsys):
     """`accelerate launch` with 2 real processes; SIGTERM reaches rank 1 only. Both ranks stop after the
     same step with one checkpoint (both RNG states), the run dir is refused to a second training while it
     runs and to a resume with another world size; the same command then resumes there and finishes."""
-    from tests.test_train import free_port
-
     path, _ = extracted
     run = tmp_path / "run"
     sets = ["--set", f"train.run_dir={json.dumps(str(run))}", "--set", "train.max_steps=12",
@@ -141,6 +141,7 @@ def test_teacher_with_a_nan_weight_is_refused_naming_shard_and_key(tmp_path, ext
 
 
 @pytest.mark.parametrize("mode", ["error", "skip"])
+@pytest.mark.slow
 def test_nonfinite_loss_stops_or_skips_and_no_nonfinite_checkpoint_is_written(tmp_path, extracted, capsys, mode):
     """lr 1e30 without clipping: step 1 sends the weights to ~1e28, so from step 2 on the loss is NaN.
     "error": exit 1 naming the step, the last checkpoint (step 1, finite) kept although keep_checkpoints is 1;

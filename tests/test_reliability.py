@@ -19,7 +19,7 @@ from common.config import ConfigError, load_config
 from common.teacher import build_teacher
 from extract.pipeline import run_extraction
 from shards.synthetic import synthetic_image
-from tests.conftest import run_cli, write_config
+from tests.conftest import needs_mount, run_cli, write_config
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -75,7 +75,7 @@ def test_odd_and_corrupt_images_are_converted_or_skipped_and_recorded(tmp_path):
     record = json.loads((tmp_path / "cache" / "shard-000000.done.json").read_text())
     assert {s["key"] for s in record["skipped"]} == bad
     assert all(s["reason"] for s in record["skipped"])
-    from shards.features import read_index
+    from shards.index import read_index
     keys = [k.decode() for k in read_index(tmp_path / "cache", "shard-000000")["key"]]
     assert keys == [s["key"] for s in samples if s["key"] not in bad]  # same order
     assert all(s["reason"] and "0x" not in s["reason"] for s in record["skipped"])  # no reprs, no addresses
@@ -96,16 +96,8 @@ def test_odd_images_become_rgb_with_the_right_values():
     assert (rgba == 255).all()  # transparent composites on white
 
 
-def _can_mount() -> bool:
-    probe = Path("/tmp/img2vec-mount-probe")
-    probe.mkdir(exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True).returncode == 0
-    if ok:
-        subprocess.run(["umount", str(probe)], capture_output=True)
-    return ok
-
-
-@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a small tmpfs (CI runs as root)")
+@needs_mount
+@pytest.mark.slow
 def test_no_space_left_is_a_clear_error_and_rerun_finishes(tmp_path, source):
     """A real full disk: a 120 KB tmpfs holds about one shard of the three."""
     disk = tmp_path / "disk"
@@ -118,7 +110,7 @@ def test_no_space_left_is_a_clear_error_and_rerun_finishes(tmp_path, source):
         records = list((disk / "cache").glob("*.done.json"))
         assert len(records) < 3
         for rec in records:  # what is recorded is complete and intact
-            from shards.features import shard_dir, tree_files
+            from shards.index import shard_dir, tree_files
             rec_d = json.loads(rec.read_text())
             assert tree_files(shard_dir(disk / "cache", rec_d["shard"])) == rec_d["files"]
         subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
@@ -139,6 +131,7 @@ def test_no_space_left_is_a_clear_error_and_rerun_finishes(tmp_path, source):
     ("cache.codec=gzip9", ["cache.codec", "bf16-zstd"]),
     ("teacher.weights=/nonexistent/dino.pth", ["teacher.weights", "/nonexistent/dino.pth"]),
 ])
+@pytest.mark.slow
 def test_bad_configuration_is_named_before_any_work(tmp_path, source, override, words):
     path = write_config(tmp_path, source, 3)
     r = run_cli(["extract-features", "--config", str(path), "--set", override, "--no-progress"])
@@ -216,6 +209,7 @@ def _flip_payload_bytes(shard: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("on_corrupt", ["error", "skip"])
+@pytest.mark.slow
 def test_training_refuses_or_skips_a_corrupt_sample(tmp_path, extracted, on_corrupt):
     from train.loop import main as train_main
 
@@ -234,6 +228,7 @@ def test_training_refuses_or_skips_a_corrupt_sample(tmp_path, extracted, on_corr
         assert r.returncode == 2 and "shard-000001" in r.stderr and any(k in r.stderr for k in keys), r.stderr[-1500:]
 
 
+@pytest.mark.slow
 def test_incomplete_cache_names_the_shard(tmp_path, extracted):
     from train.loop import main as train_main
 
@@ -251,6 +246,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}  # a resumed run's rows for a step replace the killed run's
 
 
+@pytest.mark.slow
 def test_training_killed_mid_run_resumes_on_the_same_trajectory(tmp_path, extracted):
     """SIGKILL at step 5 (checkpoint at 3); the rerun resumes at 3 and steps 4..8 match an uninterrupted run."""
     src = Path(extracted[1].data.shards).parent

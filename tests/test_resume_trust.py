@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_reliability import _can_mount
+from tests.conftest import needs_mount
+from tests.conftest import read_metrics as metrics
 from train.loop import main as train_main
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every test resumes or starts a real training run
 
 
 def args(config: Path, run: Path, *sets: str) -> list[str]:
@@ -26,10 +27,6 @@ def args(config: Path, run: Path, *sets: str) -> list[str]:
     for s in sets:
         out += ["--set", s]
     return out
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +123,7 @@ def test_lock_of_a_live_training_elsewhere_refuses_a_stale_one_is_taken_over(tmp
     assert "taking over the stale lock" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not _can_mount(), reason="needs root to mount a small tmpfs (CI runs as root)")
+@needs_mount
 def test_no_space_left_while_writing_a_checkpoint_or_metrics_says_so(tmp_path, extracted, capsys):
     """A real 1 MB tmpfs as the run dir: the first checkpoint does not fit (exit 3, the message names the
     checkpoint and train.run_dir, no partial directory left). Then a tmpfs with 4 free pages: metrics.jsonl

@@ -48,6 +48,7 @@ def copy_cache(extracted, tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------- verify
 
+@pytest.mark.slow
 def test_verify_fresh_cache_with_recompute_console_script(tmp_path, extracted):
     cache = copy_cache(extracted, tmp_path)
     r = run_cli(["img2vec", "verify", str(cache), "--recompute", "4", "--json", str(tmp_path / "v.json")],

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -16,20 +15,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.codecs import get_codec
 from common.config import load_config
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD
-from extract.pipeline import run_extraction
-from shards.features import CorruptSample, iter_feature_shard, read_index, read_manifest, source_urls
-from tests.conftest import BIN, REPO, make_source, run_cli, write_config
+from shards.errors import CorruptSample
+from shards.index import read_index
+from shards.manifest import cache_teacher, read_manifest
+from shards.reader import iter_feature_shard
+from tests.conftest import (BIN, REPO, UNEVEN, epoch_batches, free_port, read_metrics, run_cli, run_in_process,
+                            write_config)
 from train.checkpoints import Checkpoints
-from train.data import CacheIndex, EpochData, epoch_plan, make_loader, steps_per_epoch
-from train.loop import main, online_teacher, train
+from train.data import epoch_plan, steps_per_epoch
+from train.loop import main
 from train.losses import normalize_targets
 from train.model import build_student
-
-UNEVEN = [9, 2, 6, 4, 7]  # samples per source shard of the uneven source (2 is below the batch size)
-
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
@@ -37,29 +35,9 @@ UNEVEN = [9, 2, 6, 4, 7]  # samples per source shard of the uneven source (2 is 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_uneven_source(dirpath: Path, sizes: list[int]) -> Path:
-    """Shards shard-000000.tar ... with the given numbers of samples (keys unique across shards)."""
-    for i, n in enumerate(sizes):
-        part = make_source(dirpath / f"part{i}", n=n, per_shard=n, seed=i)
-        (part / "shard-000000.tar").rename(dirpath / f"shard-{i:06d}.tar")
-        part.rmdir()
-    return dirpath
-
-
-@pytest.fixture(scope="module")
-def uneven(tmp_path_factory):
-    """An extracted cache over 5 source shards of uneven sizes: (config path, Config)."""
-    tmp = tmp_path_factory.mktemp("uneven")
-    path = write_config(tmp, make_uneven_source(tmp / "src", UNEVEN), len(UNEVEN))
-    cfg = load_config(path)
-    run_extraction(cfg, progress=False)
-    return path, cfg
-
-
 def shard_of_key(cache: Path) -> dict[str, str]:
     manifest = read_manifest(cache)
-    return {s["key"]: sh["name"] for sh in manifest["shards"]
-            for s in iter_feature_shard(cache, sh["name"], manifest)}
+    return {s["key"]: name for name in manifest.shard_names for s in iter_feature_shard(cache, name, manifest)}
 
 
 def read_trace(path: Path, resumed: bool = False) -> dict[int, list[str]]:
@@ -70,16 +48,6 @@ def read_trace(path: Path, resumed: bool = False) -> dict[int, list[str]]:
         assert resumed or int(step) not in out, f"{path}: step {step} traced twice"
         out[int(step)] = keys
     return out
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(config: Path, *overrides: str, processes: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -93,21 +61,6 @@ def launch(config: Path, *overrides: str, processes: int = 2, timeout: int = 240
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def epoch_batches(cache: Path, epoch: int, bs: int, seed: int = 0, world: int = 1, rank: int = 0, workers: int = 0,
-                  start: int = 0, **kw) -> tuple[list[dict], np.ndarray]:
-    """The batches one rank's loader yields in one epoch (random reader), and the plan they follow."""
-    manifest = read_manifest(cache)
-    index = CacheIndex(cache, manifest, source_urls(manifest))
-    plan = epoch_plan(index.counts, epoch, seed, world, rank, bs, "random", workers)
-    return list(make_loader(EpochData(index, plan, epoch, seed, start, "random", **kw), workers)), plan
-
-
-def run_in_process(config: Path, run: Path, *overrides: str) -> dict:
-    cfg = load_config(config, list(overrides))
-    cfg.train.run_dir = str(run)
-    return train(cfg, progress=False)
-
-
 # ---------------------------------------------------------------------------------------------------- targets
 
 
@@ -115,23 +68,23 @@ def test_cached_targets_equal_online_teacher(extracted):
     """Each epoch's batch pairs the images with the tokens of exactly that view: the online teacher on the
     replayed pixels gives the cached tokens up to bf16 rounding, and the same loss for the same mask."""
     path, _ = extracted
-    cfg = load_config(path)  # own copy: online_teacher writes the manifest's teacher into cfg.teacher
+    cfg = load_config(path)
     cache = Path(cfg.cache.path)
     manifest = read_manifest(cache)
-    teacher = online_teacher(cfg, manifest, torch.device("cpu"))
+    teacher = cache_teacher(manifest, device=torch.device("cpu"))
     torch.manual_seed(0)
-    model = build_student(cfg, manifest).eval()
-    mean, var = manifest["stats"]["mean"], manifest["stats"]["var"]
+    model = build_student(cfg, manifest.token_grid, manifest.augment.size).eval()
+    mean, var = manifest.stats.mean, manifest.stats.var
     pix_mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     pix_std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
     bs = cfg.train.batch_size
-    for epoch in range(manifest["augment"]["views"]):  # every recorded view is used once
+    for epoch in range(manifest.views):  # every recorded view is used once
         batches, _ = epoch_batches(cache, epoch, bs, cfg.train.seed)
-        assert len(batches) == manifest["samples"] // bs
+        assert len(batches) == manifest.samples // bs
         for i, batch in enumerate(batches):
-            images, cached = batch["images"], get_codec(manifest["codec"]["name"]).decode_tensor(batch["tokens"])
+            images, cached = batch["images"], manifest.token_codec.decode_tensor(batch["tokens"])
             assert images.dtype == torch.uint8 and images.shape == (bs, 3, 64, 64)
-            assert cached.shape == (bs, *manifest["token_shape"])
+            assert cached.shape == (bs, *manifest.token_grid)
             with torch.no_grad():
                 online = teacher(images)
                 mirrored = teacher(images.flip(-1))
@@ -158,6 +111,7 @@ def keys_per_step(run: Path, rank: int) -> dict[int, list[str]]:
 
 
 @pytest.mark.parametrize("which,workers,steps", [("even", 10, 3), ("uneven", 2, 5)])
+@pytest.mark.slow
 def test_two_processes(tmp_path, extracted, uneven, which, workers, steps):
     """2 ranks x 10 workers on 3 shards (20 loader slots, 18 samples), and 2 x 2 on 5 uneven shards: both ranks
     take the same steps, an epoch's batches over the ranks are disjoint and cover all but < one global batch of
@@ -170,7 +124,7 @@ def test_two_processes(tmp_path, extracted, uneven, which, workers, steps):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == steps
 
-    n, bs = read_manifest(cache)["samples"], cfg.train.batch_size
+    n, bs = read_manifest(cache).samples, cfg.train.batch_size
     per_epoch = steps_per_epoch(n, 2, bs)
     traces = [keys_per_step(run, r) for r in (0, 1)]
     assert sorted(traces[0]) == sorted(traces[1]) == list(range(steps))
@@ -192,6 +146,7 @@ def test_two_processes(tmp_path, extracted, uneven, which, workers, steps):
     assert all(math.isfinite(row["loss"]) and row["samples_per_s"] > 0 and 0 <= row["data_wait"] <= 1 for row in rows)
 
 
+@pytest.mark.slow
 def test_two_processes_resume_after_sigkill(tmp_path, uneven):
     """Two ranks x 2 loader workers, SIGKILLed at step 5 (checkpoint at 3): the rerun resumes at 3, and every
     rank's batches and masks, and the losses, match an uninterrupted 2-process run."""
@@ -236,6 +191,7 @@ def assert_same_state(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
 
 
 @pytest.mark.parametrize("how,workers", [("max_steps", 0), ("crash", 2)])
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, extracted, capsys, monkeypatch, how, workers):
     """B stops at step c (a shorter max_steps, or a crash right after the step-c checkpoint), then reruns in
     the same run dir to 2c; it ends with A's weights, optimizer state, losses, batches and masks, A never
@@ -286,6 +242,7 @@ def test_resume_is_exact(tmp_path, extracted, capsys, monkeypatch, how, workers)
 # ---------------------------------------------------------------------------------------------------- refused caches
 
 
+@pytest.mark.slow
 def test_missing_or_incomplete_cache_fails_with_code_2(tmp_path, extracted, capsys):
     path, cfg = extracted
     run = tmp_path / "run"
@@ -317,6 +274,7 @@ def test_missing_or_incomplete_cache_fails_with_code_2(tmp_path, extracted, caps
 # ---------------------------------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 def test_loss_falls(tmp_path, extracted):
     path, _ = extracted
     steps = 30
@@ -328,6 +286,7 @@ def test_loss_falls(tmp_path, extracted):
     assert last < 0.5 * first, losses
 
 
+@pytest.mark.slow
 def test_cached_and_online_runs_take_the_same_samples_masks_and_losses(tmp_path, source):
     """With an fp32 cache, a cached run and an online-teacher run with one seed see the same batches and
     masks, and their losses agree to 1e-3 relative."""
@@ -378,12 +337,14 @@ def test_epoch_plan(counts, world, workers, mode):
         steps = n // (world * bs)
         orders = set()
         for epoch in range(3):
-            plans = [epoch_plan(counts, epoch, 7, world, r, bs, mode, workers, 5) for r in range(world)]
+            plans = [epoch_plan(counts, epoch=epoch, seed=7, world=world, rank=r, batch_size=bs, mode=mode,
+                                workers=workers, buffer=5) for r in range(world)]
             assert all(p.shape == (steps, bs) for p in plans)
             ids = np.concatenate([p.ravel() for p in plans])
             assert len(np.unique(ids)) == len(ids) == steps * world * bs and n - len(ids) < world * bs
             assert ((ids >= 0) & (ids < n)).all()
-            assert (epoch_plan(counts, epoch, 7, world, 0, bs, mode, workers, 5) == plans[0]).all()
+            assert (epoch_plan(counts, epoch=epoch, seed=7, world=world, rank=0, batch_size=bs, mode=mode,
+                               workers=workers, buffer=5) == plans[0]).all()
             orders.add(tuple(plans[0].ravel()))
         assert len(orders) > 1 or steps * bs <= 1 or (mode == "stream" and len(counts) == 1)
 
@@ -401,12 +362,14 @@ def test_random_plan_batches_are_iid_on_class_sorted_shards():
     label = np.repeat(np.arange(shards), per)
     want = expected_distinct(shards * per, shards, bs)
     for mode, ok in (("random", True), ("stream", False)):
-        plan = epoch_plan([per] * shards, 0, 0, 4, 1, bs, mode, workers=10, buffer=1000)
+        plan = epoch_plan([per] * shards, epoch=0, seed=0, world=4, rank=1, batch_size=bs, mode=mode, workers=10,
+                          buffer=1000)
         got = np.mean([len(np.unique(label[b])) for b in plan])
         assert (got >= 0.85 * want) == ok, (mode, got, want)
 
 
 @pytest.mark.parametrize("workers,world", [(2, 1), (3, 2)])
+@pytest.mark.slow
 def test_resumed_loader_continues_the_epoch(extracted, uneven, workers, world):
     """Started at batch k of an epoch, the real multi-worker loader yields exactly the rest of the full pass."""
     for _, cfg in (extracted, uneven):
@@ -422,7 +385,7 @@ def test_resumed_loader_continues_the_epoch(extracted, uneven, workers, world):
 
 def keys_of_ids(cache: Path, plan: np.ndarray) -> np.ndarray:
     manifest = read_manifest(cache)
-    keys = np.concatenate([read_index(cache, s["name"])["key"] for s in manifest["shards"]])
+    keys = np.concatenate([read_index(cache, name)["key"] for name in manifest.shard_names])
     return keys[plan]
 
 
@@ -529,6 +492,7 @@ def evict(paths: list[Path]) -> None:
 
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="fincore (util-linux) not installed")
 @pytest.mark.parametrize("fmt", ["wds", "zarr"])
+@pytest.mark.slow
 def test_an_epoch_reads_one_view(tmp_path, source, fmt):
     """Evict the cache from the page cache, train on one epoch's batches, count what the kernel read: the token
     bytes of one view per sample (plus the pages they straddle and, in Zarr, each read's shard index), ~1/V of
