@@ -112,9 +112,9 @@ def test_only_departure_from_torchvision_is_a_crop_never_empty(monkeypatch):
 
 
 def test_views_are_deterministic_and_inside_the_image():
-    a = sample_views(0, "k1", 120, 300, 8)
-    assert (a == sample_views(0, "k1", 120, 300, 8)).all()
-    assert not (a == sample_views(1, "k1", 120, 300, 8)).all()
+    a = sample_views(seed=0, key="k1", height=120, width=300, views=8)
+    assert (a == sample_views(seed=0, key="k1", height=120, width=300, views=8)).all()
+    assert not (a == sample_views(seed=1, key="k1", height=120, width=300, views=8)).all()
     top, left, h, w, flip = a.T
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 120).all() and (left + w <= 300).all()
     assert set(flip) <= {0, 1}
@@ -122,9 +122,9 @@ def test_views_are_deterministic_and_inside_the_image():
 
 def test_a_view_depends_on_seed_key_and_its_index_only():
     """View v of an image is the same whether 3 or 8 views are drawn, and another key draws other views."""
-    eight = sample_views(3, "n01/img.jpg", 375, 500, 8)
-    assert (sample_views(3, "n01/img.jpg", 375, 500, 3) == eight[:3]).all()
-    assert not (sample_views(3, "n01/img.jpeg", 375, 500, 8) == eight).all()
+    eight = sample_views(seed=3, key="n01/img.jpg", height=375, width=500, views=8)
+    assert (sample_views(seed=3, key="n01/img.jpg", height=375, width=500, views=3) == eight[:3]).all()
+    assert not (sample_views(seed=3, key="n01/img.jpeg", height=375, width=500, views=8) == eight).all()
 
 
 @pytest.mark.parametrize("scale,ratio", [(0.25, 1.0), (0.5, 2.0), (0.3, 0.75)])
@@ -133,7 +133,7 @@ def test_a_fixed_scale_and_ratio_give_the_formulas_box(scale, ratio):
     and the box lies inside the image."""
     height, width = 400, 600
     w, h = round(math.sqrt(height * width * scale * ratio)), round(math.sqrt(height * width * scale / ratio))
-    views = sample_views(0, "k", height, width, 50, scale=(scale, scale), ratio=(ratio, ratio))
+    views = sample_views(seed=0, key="k", height=height, width=width, views=50, scale=(scale, scale), ratio=(ratio, ratio))
     assert (views[:, 2] == h).all() and (views[:, 3] == w).all()
     assert (views[:, 0] <= height - h).all() and (views[:, 1] <= width - w).all()
     assert len(set(map(tuple, views[:, :2].tolist()))) > 40  # the corner is drawn: (almost) never twice the same
@@ -141,9 +141,9 @@ def test_a_fixed_scale_and_ratio_give_the_formulas_box(scale, ratio):
 
 def test_flip_follows_its_probability():
     views = 2000
-    assert not sample_views(0, "k", 64, 64, 20, flip=0.0)[:, 4].any()
-    assert sample_views(0, "k", 64, 64, 20, flip=1.0)[:, 4].all()
-    rate = sample_views(0, "k", 64, 64, views, flip=0.5)[:, 4].mean()
+    assert not sample_views(seed=0, key="k", height=64, width=64, views=20, flip=0.0)[:, 4].any()
+    assert sample_views(seed=0, key="k", height=64, width=64, views=20, flip=1.0)[:, 4].all()
+    rate = sample_views(seed=0, key="k", height=64, width=64, views=views, flip=0.5)[:, 4].mean()
     assert abs(rate - 0.5) < 4 * math.sqrt(0.25 / views)  # within 4 sigma of a fair coin
 
 

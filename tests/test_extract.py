@@ -70,7 +70,7 @@ def test_replay_is_exact(tmp_path, source, codec, cut):
             np.testing.assert_array_equal(tokens, stored[key][view])
     for s in iter_samples(str(source / "shard-000000.tar")):
         img = decode_image(s["image"])
-        assert (records[s["key"]] == sample_views(0, s["key"], img.height, img.width, 3)).all()
+        assert (records[s["key"]] == sample_views(seed=0, key=s["key"], height=img.height, width=img.width, views=3)).all()
         pixels = replay_views(img, records[s["key"]], 64, cut)
         for v in range(3):
             assert torch.equal(loaded[s["key"], v], pixels[v])
