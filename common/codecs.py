@@ -6,10 +6,11 @@ of the same input decode to the same tokens. docs/BENCHMARKS.md measures them al
 
 - `fp32`       raw float32, uncompressed (the baseline of the codec study)
 - `bf16`       the teacher's 16-bit output, uncompressed
-- `bf16-zstd`  lossless for the 16-bit output: bf16 bits, byte shuffle, zstd
-- `bf16z-zstd` (the default) the same bits, lossless, exact zeros as a bitmap and the nonzero values' bytes as two planes
-               (`pack_zero_bitmap`), zstd: ~19 % smaller and ~2x faster to compress than `bf16-zstd` on
-               post-ReLU tokens (about half zeros); the training step unpacks it on its device
+- `bf16-zstd`  lossless for the 16-bit output: bf16 bits, byte shuffle, zstd ("auto" for ViT teachers)
+- `bf16z-zstd` the same bits, lossless, exact zeros as a bitmap and the nonzero values' bytes as two planes
+               (`pack_zero_bitmap`), zstd ("auto" for convnet teachers): ~19 % smaller and ~2x faster to
+               compress than `bf16-zstd` on post-ReLU tokens (about half zeros); the training step unpacks it on
+               its device
 - `bf16-lz4`   the same bits with lz4: larger, faster to encode and decode
 - `u8-zstd`    lossy, sized by the paper's metric: per-token uint8 with the coarsest step that keeps the
                token's cosine >= 0.9995 (at least 16 levels, at most 255; a token 255 linear levels cannot
@@ -275,12 +276,31 @@ CODECS = {c.name: c for c in (
 )}
 
 
+# `cache.codec = "auto"` (the default): the lossless codec that suits the teacher's kind (docs/BENCHMARKS.md,
+# section 1). A convnet's last stage ends in a ReLU (about half its values, 90 % of EfficientNet-Lite0's, are exact
+# zeros): the zero bitmap makes its views 19-47 % smaller. A ViT's tokens come out of a LayerNorm or a residual sum
+# and have no zeros: the bitmap saves 2-5 % there and costs 3-10x the CPU time to pack and unpack.
+AUTO = "auto"
+CODEC_FOR_KIND = {"convnet": "bf16z-zstd", "vit": "bf16-zstd"}
+
+
 def get_codec(name: str) -> TokenCodec:
     from common.config import ConfigError
 
     if name not in CODECS:
-        raise ConfigError(f"cache.codec: unknown codec {name!r} (choose from {', '.join(CODECS)})")
+        raise ConfigError(f"cache.codec: unknown codec {name!r} (choose from {AUTO}, {', '.join(CODECS)})")
     return CODECS[name]
+
+
+def check_codec_name(name: str) -> None:
+    """A ConfigError before any work if `name` is neither "auto" nor a codec."""
+    if name != AUTO:
+        get_codec(name)
+
+
+def codec_for(name: str, kind: str) -> TokenCodec:
+    """`cache.codec` for a teacher of `kind` ("convnet" or "vit"): "auto" -> CODEC_FOR_KIND[kind], else the named one."""
+    return get_codec(CODEC_FOR_KIND[kind] if name == AUTO else name)
 
 
 def view_crc32(packed: np.ndarray) -> int:

@@ -50,7 +50,7 @@ class Teacher:
 class Cache:
     path: str = "cache"
     format: str = "wds"                    # "wds" (tar) or "zarr" (Zarr v3 group)
-    codec: str = "bf16z-zstd"              # see common/codecs.py: CODECS
+    codec: str = "auto"                    # common/codecs.py CODECS; "auto": bf16z-zstd for convnets, bf16-zstd for ViTs
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from common.augment import decode_image, decode_samples, replay_views, sample_views
-from common.codecs import get_codec
+from common.codecs import check_codec_name, codec_for, get_codec
 from common.config import Config, check_crop_size, validate
 from common import faults
 from common.faults import fault_point
@@ -189,7 +189,7 @@ def prepare_cache(cfg: Config, teacher, token_shape, urls: list[str]) -> Path:
 
 
 def run_extraction(cfg: Config, progress: bool = True) -> dict:
-    get_codec(cfg.cache.codec)  # config errors before any work
+    check_codec_name(cfg.cache.codec)  # config errors before any work
     validate(cfg, "extract")
     urls = expand_shards(cfg.data.shards)
     names = dict(zip(urls, shard_names(urls)))  # unique, or a ConfigError naming the URLs, before any work
@@ -199,6 +199,7 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
         torch.cuda.set_device(device)  # this rank's GPU is the current one: streams, events, pinned memory
     teacher = build_teacher(cfg.teacher, device)
     check_crop_size(cfg.augment.size, teacher.stride, cfg.teacher.layer)
+    cfg.cache.codec = codec_for(cfg.cache.codec, teacher.kind).name  # "auto" -> the teacher kind's codec
     with torch.no_grad():
         token_shape = tuple(teacher(torch.zeros(1, 3, cfg.augment.size, cfg.augment.size, dtype=torch.uint8,
                                                 device=device)).shape[1:])

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from common.augment import CUTS, replay_probe
-from common.codecs import FORMAT_VERSION, TokenCodec, get_codec
+from common.codecs import FORMAT_VERSION, TokenCodec, codec_for, get_codec
 from common.files import write_json_atomic
 from common.stats import TokenStats
 from shards.errors import CacheError
@@ -230,7 +230,7 @@ class Manifest(_Part):
 def make_manifest(cfg, fingerprint: dict, token_shape: tuple[int, int], shard_urls: list[str]) -> Manifest:
     from shards.source import absolute_url, shard_names
 
-    codec = get_codec(cfg.cache.codec)
+    codec = codec_for(cfg.cache.codec, fingerprint.get("kind", "convnet"))
     a = cfg.augment
     return Manifest(
         format_version=FORMAT_VERSION, cache_format=cfg.cache.format,
