@@ -22,7 +22,7 @@ import torch
 from _common import header, make_source, median, random_teacher, table
 
 from common.augment import CUTS, decode_image, replay_views, sample_views
-from common.codecs import get_codec
+from common.codecs import codec_for, get_codec
 from common.config import Config
 from common.stats import TokenStats
 from extract.pipeline import ViewBatches, run_extraction
@@ -241,7 +241,7 @@ def headline(args, tmp: Path, teacher) -> None:
     print(f"extract-features (run_extraction: {args.workers} data worker(s), extract.batch_size {args.batch}, "
           f"device {args.device}) against its two stages alone:\n")
     print(table(["what", "views/s", "ratio to the teacher alone", "cores busy (CPU-s / wall-s)"], rows))
-    total, default = IMAGENET_IMAGES * v, Config().cache.codec
+    total, default = IMAGENET_IMAGES * v, codec_for(Config().cache.codec, "convnet").name  # the ResNet-50's
     per_view = totals[default]["after_cpu_teacher" if args.device == "cpu" else "after"]
     rate = min(alone, cores * 1000 / per_view)
     measured = results[default][0]
