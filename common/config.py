@@ -294,6 +294,17 @@ def check_crop_size(size: int, stride: int, layer: int) -> None:
                           f"{layer} (e.g. {lower} or {upper}), got {size}")
 
 
+def check_student_patch(arch: str, stride: int) -> None:
+    """The student's patch (`vit_<size>_patch<p>`) must divide the teacher tokens' stride: one token is then
+    (stride / p)^2 patches, the mask unit (32 -> 2 x 2 patches of 16, 16 -> 1, 14 -> 1 patch of 14)."""
+    patch = int(arch.rsplit("_patch", 1)[-1]) if arch.rsplit("_patch", 1)[-1].isdigit() else 0
+    if patch and stride % patch:
+        fits = [p for p in (16, 14) if stride % p == 0]  # the students' patches
+        hint = f"a /{fits[0]} student (e.g. {arch.rsplit('_patch', 1)[0]}_patch{fits[0]})" if fits else "another teacher"
+        raise ConfigError(f"'student.arch' {arch} has {patch}-pixel patches, which do not tile the teacher's "
+                          f"{stride}-pixel tokens (the cache's stride: crop size / token grid side); use {hint}")
+
+
 def check_mask_ratio(ratio: float, units: int) -> None:
     """The mask must hide at least one of the `units` teacher tokens and leave at least one visible
     (the masking draws round(ratio x units) of them)."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import math
 import os
 import urllib.request
 from pathlib import Path
@@ -256,6 +257,12 @@ def layer_stride(model: nn.Module, arch: str, layer: int) -> int:
         raise ConfigError(f"'teacher.layer' must be -1 (the last {unit}) or a {unit} index in [{-len(stages)}, "
                           f"{len(stages) - 1}] for {arch} (strides {stages}), got {layer}")
     return stages[layer]
+
+
+def grid_stride(size: int, tokens: int) -> int:
+    """Input pixels per token side of a square `size` crop cut into `tokens` teacher tokens (7 x 7 at 224: 32): the
+    mask unit, and the student's patches per unit (stride / patch) per side."""
+    return size // math.isqrt(tokens)
 
 
 def layer_channels(model: nn.Module, kind: str, layer: int) -> int:

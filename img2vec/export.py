@@ -25,7 +25,8 @@ WEIGHTS_FILE = "model.safetensors"      # accelerate's SAFE_WEIGHTS_NAME for the
 PICKLE_WEIGHTS_FILE = "pytorch_model.bin"  # what save_state(safe_serialization=False) writes instead
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP (save_state keeps the wrapper), torch.compile
 GLOBAL_POOLS = ("avg", "token")
-TIMM_MODELS = {"vit_huge_patch16": ("vit_huge_patch14_224", {"patch_size": 16})}  # else <arch>_224
+TIMM_MODELS = {"vit_huge_patch16": ("vit_huge_patch14_224", {"patch_size": 16}),  # else <arch>_224
+               **{f"vit_{s}_patch14": (f"vit_{s}_patch16_224", {"patch_size": 14}) for s in ("tiny", "small", "base")}}
 
 # MAE's end-to-end fine-tuning recipe (FINETUNE.md), per size: base lr (per 256 images), layer decay, drop
 # path, epochs; batch 1024, AdamW (0.9, 0.999), weight decay 0.05, 5 warmup epochs, RandAug, mixup 0.8,
@@ -74,7 +75,7 @@ def timm_snippet(path: str | Path, model_name: str, kwargs: dict) -> str:
 
 def finetune_command(path: str | Path, arch: str, model_name: str, kwargs: dict) -> str:
     """timm's train.py command line for MAE's fine-tuning recipe (8 GPUs x 128 = batch 1024)."""
-    blr, layer_decay, drop_path, epochs = FINETUNE.get(arch, FINETUNE["vit_base_patch16"])
+    blr, layer_decay, drop_path, epochs = FINETUNE.get(arch.replace("_patch14", "_patch16"), FINETUNE["vit_base_patch16"])
     model_kwargs = {k: v for k, v in kwargs.items() if k not in ("global_pool", "img_size")}
     extra = f" --model-kwargs {' '.join(f'{k}={v}' for k, v in model_kwargs.items())}" if model_kwargs else ""
     size = f" --img-size {kwargs['img_size']}" if "img_size" in kwargs else ""

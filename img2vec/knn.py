@@ -211,10 +211,12 @@ def random_student(arch: str, img_size: int, seed: int = 0):
     arch = _student_arch(arch)
     if arch not in STUDENTS:
         raise ConfigError(f"--arch: unknown {arch!r} (choose from {', '.join(STUDENTS)})")
-    if img_size % 16:
-        raise ConfigError(f"--img-size {img_size}: must be a multiple of the patch size 16")
+    patch = int(arch.rsplit("_patch", 1)[1])
+    if img_size % patch:
+        raise ConfigError(f"--img-size {img_size}: must be a multiple of the patch size {patch}")
     torch.manual_seed(seed)
-    return STUDENTS[arch](img_size=img_size, teacher_stride=32 if img_size % 32 == 0 else 16).eval(), img_size
+    unit = 2 * patch if img_size % (2 * patch) == 0 else patch  # the decoder's unit; the encoder is the same
+    return STUDENTS[arch](img_size=img_size, teacher_stride=unit).eval(), img_size
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from common.augment import normalize_pixels, pixel_scale
-from common.config import Config, ConfigError, add_config_args, check_mask_ratio, load_config, validate
+from common.config import (Config, ConfigError, add_config_args, check_mask_ratio, check_student_patch, load_config,
+                           validate)
 from common.config import Train as TrainConfig
 from common.faults import fault_point
 from common.signals import PREEMPTED, StopSignals
@@ -130,6 +131,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     manifest = read_manifest(cache)
     check_replay(manifest)  # this machine cuts the pixels the teacher saw, or a clear error before any work
     check_mask_ratio(cfg.student.mask_ratio, manifest.tokens)
+    check_student_patch(cfg.student.arch, manifest.stride)  # the student's patch tiles the teacher's tokens
     index = data.CacheIndex(cache, manifest, source_urls(manifest, cfg.data.shards))
     check_sources(index.urls)
     mode = data.reader_mode(index, cfg.train.reader)

@@ -4,7 +4,6 @@ Encoder keys follow timm's VisionTransformer, so `encoder_state_dict()` loads wi
 `timm.create_model("vit_*_patch16_224", num_classes=0)`.
 """
 
-import math
 from functools import partial
 
 import torch
@@ -13,6 +12,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from common.config import ConfigError
+
+from common.teacher import grid_stride
 
 from .losses import global_loss, patch_loss
 from .masking import unit_mask, units_to_patches
@@ -70,9 +71,12 @@ def shuffle_ids(patch_mask):
 
 class Img2VecStudent(nn.Module):
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                 decoder_dim=512, decoder_depth=2, decoder_heads=16, teacher_dim=2048, teacher_stride=32,
+                 decoder_dim=512, decoder_depth=2, decoder_heads=16, teacher_dim=2048, teacher_stride=None,
                  head_hidden=2048, multi_block="mean", mask_ratio=0.6, masks_per_view=1):
+        """teacher_stride: input pixels per teacher token side (build_student: the cache's); None = 2 patches, as a
+        ResNet's last stage (32) over 16-pixel patches."""
         super().__init__()
+        teacher_stride = teacher_stride or 2 * patch_size
         if img_size % teacher_stride or teacher_stride % patch_size:
             raise ValueError(f"img_size {img_size} must be a multiple of teacher_stride {teacher_stride}, "
                              f"and teacher_stride a multiple of patch_size {patch_size}")
@@ -247,19 +251,19 @@ def param_groups(model, weight_decay):
 # ViT-L; ViT-H keeps 4 (its encoder is 1.3x deeper than ViT-L's, not 2x as ViT-L's is than ViT-B's).
 
 SIZES = {
-    "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3, decoder_depth=2, decoder_dim=512, decoder_heads=16),
-    "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6, decoder_depth=2, decoder_dim=512, decoder_heads=16),
-    "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12, decoder_depth=2, decoder_dim=512, decoder_heads=16),
-    "vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, decoder_depth=4, decoder_dim=512,
-                              decoder_heads=16),
-    "vit_huge_patch16": dict(embed_dim=1280, depth=32, num_heads=16, decoder_depth=4, decoder_dim=512,
-                             decoder_heads=16),
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder_depth=2, decoder_dim=512, decoder_heads=16),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, decoder_depth=2, decoder_dim=512, decoder_heads=16),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, decoder_depth=2, decoder_dim=512, decoder_heads=16),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_depth=4, decoder_dim=512, decoder_heads=16),
+    "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16, decoder_depth=4, decoder_dim=512, decoder_heads=16),
 }
 FROM_ARCH = ("decoder_depth", "decoder_dim", "decoder_heads")  # student.* keys where 0 = the arch's value
 
 
 def _student(arch, kw):
-    return Img2VecStudent(**{"patch_size": 16, **SIZES[arch], **kw})
+    """`vit_<size>_patch<p>`: the size's encoder and decoder, p-pixel patches (16; 14 for a /14 ViT teacher)."""
+    size, patch = arch.rsplit("_patch", 1)
+    return Img2VecStudent(**{"patch_size": int(patch), **SIZES[size], **kw})
 
 
 def vit_tiny_patch16(**kw):
@@ -282,12 +286,21 @@ def vit_huge_patch16(**kw):
     return _student("vit_huge_patch16", kw)
 
 
+def _patch14(size):
+    """The /14 student of a size, for /14 ViT teachers (DINOv2, CLIP ViT-L/14): one teacher token per patch."""
+    def build(**kw):
+        return _student(f"vit_{size}_patch14", kw)
+    build.__name__ = build.__qualname__ = f"vit_{size}_patch14"
+    return build
+
+
 STUDENTS = {
     "vit_tiny_patch16": vit_tiny_patch16,
     "vit_small_patch16": vit_small_patch16,
     "vit_base_patch16": vit_base_patch16,
     "vit_large_patch16": vit_large_patch16,
     "vit_huge_patch16": vit_huge_patch16,
+    **{f"vit_{size}_patch14": _patch14(size) for size in ("tiny", "small", "base", "large", "huge")},
 }
 
 
@@ -298,7 +311,7 @@ def resolve_student(student):
         raise ConfigError(f"student.arch: unknown {student.arch!r} (choose from {', '.join(STUDENTS)})")
     for key in FROM_ARCH:
         if getattr(student, key) == 0:
-            setattr(student, key, SIZES[student.arch][key])
+            setattr(student, key, SIZES[student.arch.rsplit("_patch", 1)[0]][key])
     return student
 
 
@@ -313,7 +326,7 @@ def build_student(cfg, token_grid: tuple[int, int], size: int) -> nn.Module:
     channels), as the manifest records them (Manifest.token_grid, .augment.size)."""
     s = resolve_student(cfg.student)  # 0 = the arch's value, written into cfg (and so into config.json)
     tokens, channels = token_grid
-    return STUDENTS[s.arch](img_size=size, teacher_dim=channels, teacher_stride=size // math.isqrt(tokens),
+    return STUDENTS[s.arch](img_size=size, teacher_dim=channels, teacher_stride=grid_stride(size, tokens),
                             decoder_depth=s.decoder_depth, decoder_dim=s.decoder_dim, decoder_heads=s.decoder_heads,
                             head_hidden=s.head_hidden, multi_block=s.multi_block, mask_ratio=s.mask_ratio,
                             masks_per_view=s.masks_per_view)
