@@ -1,20 +1,33 @@
-"""Preemption: SIGTERM (schedulers, `kill`, torchrun's agent) and SIGUSR1 (SLURM's `--signal`, sent early)
-ask a stage to stop at its next safe point instead of dying where it stands.
+"""Preemption: SIGTERM (schedulers, `kill`, `timeout`, torchrun's agent), SIGUSR1 (SLURM's `--signal`, sent early)
+and SIGINT (a terminal's Ctrl-C) ask a stage to stop at its next safe point instead of dying where it stands.
 
-Both stages then exit with PREEMPTED (75, EX_TEMPFAIL: "try again"), so a job script can tell a clean,
-resumable stop from a crash (1), a config error (2), a full disk (3) or a process killed by a signal (128+n).
+SLURM signals every process of a job step, and a terminal, `kill -- -PGID` and `timeout` the whole process group,
+so the DataLoader workers get the signal too: they ignore all three (`ignore_stop_signals`, their worker_init_fn;
+`reap_at_exit` then ends any left running) and leave the stop to the main process. Exit statuses:
+
+- PREEMPTED (75, EX_TEMPFAIL: "try again") after SIGTERM / SIGUSR1: training checkpointed the step it stopped
+  at, extraction kept the shards it finished. A job script requeues on it.
+- INTERRUPTED (130, the shell's status for Ctrl-C) after SIGINT: the same clean stop, but a person asked for it,
+  so a script that requeues on 75 does not restart it. The first signal decides; a repeated one (a launcher
+  forwards the one its workers already got) changes nothing. To abort at once, SIGKILL.
+
+A job script also tells a clean stop from a crash (1), a refused setting (2) and a full disk (3).
 """
 from __future__ import annotations
 
+import atexit
+import os
 import signal
 import threading
+import weakref
 
 PREEMPTED = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+INTERRUPTED = 130
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopSignals:
-    """`with StopSignals() as stop:` ... `if stop.requested:` finish the unit of work and leave.
+    """`with StopSignals() as stop:` ... `if stop.requested:` finish the unit of work and leave with `stop.status`.
     A repeated signal changes nothing (a launcher may forward the one the process already got)."""
 
     def __init__(self, signals=STOP_SIGNALS):
@@ -23,6 +36,11 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+    @property
+    def status(self) -> int:
+        """The exit status of a stop on the first signal received."""
+        return status_of(self.received)
 
     def _handle(self, signum, frame) -> None:
         self.received = self.received or signal.Signals(signum).name
@@ -36,3 +54,37 @@ class StopSignals:
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old = {}
+
+
+def status_of(signal_name: str | None) -> int:
+    """The exit status of a stop on `signal_name` (as StopSignals.received names it; None: another rank's)."""
+    return INTERRUPTED if signal_name == "SIGINT" else PREEMPTED
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A DataLoader worker's `worker_init_fn`: SIGTERM, SIGUSR1 and SIGINT sent to the whole group are the main
+    process's to act on. (torch's workers die of another process's SIGTERM, and SIGINT ends their loop.) A command a
+    worker starts (a `pipe:` source) inherits the ignored signals and keeps running too."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def reap_at_exit(iterator):
+    """Register a DataLoader iterator whose workers ignore SIGTERM: at interpreter exit its workers still running are
+    SIGKILLed. multiprocessing's own exit handler terminates daemonic children with SIGTERM, then joins them: a
+    loader not shut down by then (an uncaught exception keeps its frames, and the iterator, alive) would hang the
+    process. Registered on first use, so it runs before multiprocessing's handler. Returns the iterator."""
+    if not _LOADERS:
+        atexit.register(_reap)
+    _LOADERS.add(iterator)
+    return iterator
+
+
+def _reap() -> None:
+    for it in list(_LOADERS):
+        for w in getattr(it, "_workers", ()):
+            if w.is_alive():
+                os.kill(w.pid, signal.SIGKILL)

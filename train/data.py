@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.augment import decode_image, replay, view_order
 from common.runtime import seed_from, worker_slice
+from common.signals import ignore_stop_signals, reap_at_exit
 from shards.errors import CacheError, CorruptSample
 from shards.index import check_recorded, read_record, row_ok
 from shards.manifest import Manifest
@@ -55,7 +56,12 @@ class CacheIndex:
             raise CacheError(f"cache {cache} is incomplete: {len(missing)} of {len(self.names)} shards have no "
                              f"completion record ({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); "
                              "finish it with extract-features (same config) before training")
-        self.counts = np.array([check_recorded(cache, n, records[n])["samples"] for n in self.names], np.int64)
+        recorded = [check_recorded(cache, n, records[n]) for n in self.names]
+        # what opening a shard checks its index against: samples and the top-level files' sizes (kept small: the
+        # index travels to every DataLoader worker)
+        self.records = [{"samples": r["samples"], "files": {f: m for f, m in r["files"].items() if "/" not in f}}
+                        for r in recorded]
+        self.counts = np.array([r["samples"] for r in recorded], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.views = manifest.views
         self.open_shards = open_shards or open_file_budget() // 4
@@ -72,7 +78,7 @@ class CacheIndex:
     def shard(self, s: int) -> FeatureShard:
         shard = self._shards.pop(s, None)
         if shard is None:
-            shard = FeatureShard(self.cache, self.names[s], self.manifest, samples=int(self.counts[s]))
+            shard = FeatureShard(self.cache, self.names[s], self.manifest, record=self.records[s])
             while len(self._shards) >= self.open_shards:
                 self._shards.popitem(last=False)[1].close()
         self._shards[s] = shard
@@ -96,13 +102,18 @@ def steps_per_epoch(samples: int, world: int, batch_size: int) -> int:
 
 
 def epoch_plan(counts: np.ndarray, epoch: int, seed: int, world: int, rank: int, batch_size: int,
-               mode: str = "random", workers: int = 0, buffer: int = 1000) -> np.ndarray:
-    """This rank's batches of one epoch: [steps, batch_size] global sample ids, in loader order."""
+               mode: str = "random", workers: int = 0, buffer: int = 1000, consumed: int = 0) -> np.ndarray:
+    """This rank's batches of one epoch: [steps, batch_size] global sample ids, in loader order. Random mode: after k
+    steps the epoch has used exactly perm[:k * world * batch_size], so a resume `consumed` samples into the epoch,
+    with any world size and batch size, deals perm[consumed:] (the same batches when neither changed)."""
     counts = np.asarray(counts, np.int64)
-    steps = steps_per_epoch(int(counts.sum()), world, batch_size)
     if mode == "random":
-        perm = np.random.default_rng(seed_from(seed, epoch, "samples")).permutation(int(counts.sum()))
+        perm = np.random.default_rng(seed_from(seed, epoch, "samples")).permutation(int(counts.sum()))[consumed:]
+        steps = steps_per_epoch(len(perm), world, batch_size)
         return perm[:steps * world * batch_size].reshape(steps, world, batch_size)[:, rank].copy()
+    if consumed:
+        raise ValueError("a streamed epoch is resumed by its batch (EpochData's start), with the same deal")
+    steps = steps_per_epoch(int(counts.sum()), world, batch_size)
     # stream: shards in a seeded order; the rank's run of steps x B samples is cut into one contiguous
     # run per worker (whole batches; the loader takes batch j from worker j % W), each shuffled by a buffer
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -316,7 +327,7 @@ class Loader(DataLoader):
     """A DataLoader whose workers' CacheError and ShardError are raised in the main process as they were raised."""
 
     def __iter__(self):
-        return _RaisingWorkerErrors(super().__iter__())
+        return _RaisingWorkerErrors(reap_at_exit(super().__iter__()))
 
 
 class _RaisingWorkerErrors:
@@ -335,8 +346,10 @@ class _RaisingWorkerErrors:
 
 def make_loader(dataset: EpochData, workers: int) -> Loader:
     # its own generator: making an iterator must not draw from the global RNG
+    # workers leave SIGTERM / SIGUSR1 / SIGINT to the main process, which stops at a step (common/signals.py)
     return Loader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                   prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
+                  worker_init_fn=ignore_stop_signals,
                   generator=torch.Generator().manual_seed(seed_from(dataset.seed, dataset.epoch) % 2**63))
 
 
