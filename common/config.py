@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -105,7 +106,11 @@ class Train:
     targets: str = "cache"                 # "cache" or "online" (teacher in the step: baseline)
     on_corrupt: str = "error"              # "error" or "skip" a sample whose checksum fails
     on_nonfinite: str = "error"            # a non-finite loss: "error" (stop, keep the last checkpoint) or "skip" the step
-    tensorboard: bool = False
+    log_with: list[str] = field(default_factory=list)  # trackers by accelerate's names: "tensorboard", "wandb", ...
+    eval_every: int = 0                    # steps between k-NN probes of the encoder (and at the last); 0 = off
+    eval_shards: list[str] | str = ""      # labelled held-out source shards: the k-NN queries
+    eval_bank_shards: list[str] | str = ""  # labelled shards of the k-NN memory bank; "": 4/5 of eval_shards by key
+    eval_crop_pct: float = 0.875           # the probe's center crop: side / short side
     trace_keys: bool = False               # write <run_dir>/keys-rank<r>.txt: which samples each step saw
     device: str = "auto"
 
@@ -159,7 +164,22 @@ def _type_ok(value, typ) -> bool:
     return isinstance(value, typ)
 
 
+def _tensorboard(cfg: Config, value, origin: str) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{origin}: 'train.tensorboard' must be bool, got {value!r}")
+    if value:  # the old switch: still honoured, named as what replaces it
+        print(f"warning: {origin}: 'train.tensorboard' is deprecated: use train.log_with = [\"tensorboard\"]",
+              file=sys.stderr)
+        if "tensorboard" not in cfg.train.log_with:
+            cfg.train.log_with.append("tensorboard")
+
+
+DEPRECATED = {"train.tensorboard": _tensorboard}  # keys that older configs and run dirs' config.json still hold
+
+
 def _set(cfg: Config, dotted: str, value, origin: str) -> None:
+    if dotted in DEPRECATED:
+        return DEPRECATED[dotted](cfg, value, origin)
     section, _, key = dotted.partition(".")
     sections = {f.name: f for f in dataclasses.fields(cfg)}
     if section not in sections:
@@ -265,6 +285,12 @@ def _ranges(cfg: Config, stage: str) -> list[tuple[bool, str, str, object]]:
         (finite(t.warmup_epochs) and t.warmup_epochs >= 0, "train.warmup_epochs", "a number >= 0", t.warmup_epochs),
         (finite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay),
         (finite(t.clip_grad) and t.clip_grad >= 0, "train.clip_grad", "a number >= 0 (0 = off)", t.clip_grad),
+        (t.eval_every >= 0, "train.eval_every", "an integer >= 0 (steps; 0 = off)", t.eval_every),
+        (bool(t.eval_shards) or not t.eval_every, "train.eval_shards", "labelled shards for the k-NN probe that "
+         "train.eval_every asks for", t.eval_shards),
+        (t.eval_every > 0 or not (t.eval_shards or t.eval_bank_shards), "train.eval_every",
+         "an integer >= 1 (steps) when train.eval_shards is set", t.eval_every),
+        (0 < t.eval_crop_pct <= 1, "train.eval_crop_pct", "a fraction in (0, 1]", t.eval_crop_pct),
         (0 < s.mask_ratio < 1, "student.mask_ratio", "a fraction in (0, 1)", s.mask_ratio),
         (s.decoder_depth >= 1, "student.decoder_depth", "an integer >= 1", s.decoder_depth),
         (s.decoder_dim >= 1, "student.decoder_dim", "an integer >= 1", s.decoder_dim),
