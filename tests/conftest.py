@@ -4,6 +4,7 @@ batches, run training in this process, and run console scripts as a user would."
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ import pytest
 
 from common.config import load_config
 from shards.source import write_shards
-from shards.synthetic import synthetic_samples
+from shards.synthetic import synthetic_image, synthetic_samples
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -128,6 +129,53 @@ def uneven(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
+
+def encode_image(img, fmt: str, **kw) -> bytes:
+    """A PIL image as the bytes of a file of format `fmt` (JPEG, PNG, WEBP...)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def odd_samples() -> tuple[list[dict], set[str]]:
+    """Odd and corrupt images; returns the samples and the keys that must be skipped."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = synthetic_image(2, rng, 90, 120)
+    jpeg = encode_image(base, "JPEG")
+    g16 = Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16))
+    s = [
+        ("ok", jpeg, "jpg"),
+        ("truncated_jpeg", jpeg[: len(jpeg) // 2], "jpg"),
+        ("zero_bytes", b"", "jpg"),
+        ("cmyk_jpeg", encode_image(base.convert("CMYK"), "JPEG"), "jpg"),
+        ("png16", encode_image(g16, "PNG"), "png"),
+        ("palette_png", encode_image(base.convert("P"), "PNG", transparency=0), "png"),
+        ("rgba_png", encode_image(base.convert("RGBA"), "PNG"), "png"),
+        ("png_named_jpg", encode_image(base, "PNG"), "jpg"),
+        ("gray_jpeg", encode_image(base.convert("L"), "JPEG"), "jpeg"),
+        ("one_pixel", encode_image(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), "png"),
+        ("very_wide", encode_image(Image.new("RGB", (10000, 10), (0, 90, 0)), "PNG"), "png"),
+        ("webp", encode_image(base, "WEBP"), "webp"),
+        ("not_an_image", b"hello, I am text", "jpg"),
+    ]
+    samples = [{"key": k, "image": data, "ext": ext, "cls": i % 3} for i, (k, data, ext) in enumerate(s)]
+    samples.insert(5, {"key": "label_only", "image": None, "ext": None, "cls": 1})
+    return samples, {"truncated_jpeg", "zero_bytes", "label_only", "not_an_image"}
+
+
+def write_odd_shard(path: Path, samples: list[dict]) -> None:
+    """A WebDataset tar of these samples as they are (no re-encoding; a sample without image has its label only)."""
+    import webdataset as wds
+
+    with open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as tar:
+        for s in samples:
+            entry = {"__key__": s["key"], "cls": str(s["cls"]).encode()}
+            if s["image"] is not None:
+                entry[s["ext"]] = s["image"]
+            tar.write(entry)
 
 
 def cache_files(cache: Path) -> dict[str, bytes]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 import subprocess
@@ -18,51 +17,9 @@ from common.augment import decode_image
 from common.config import ConfigError, load_config
 from common.teacher import build_teacher
 from extract.pipeline import run_extraction
-from shards.synthetic import synthetic_image
-from tests.conftest import needs_mount, run_cli, write_config
-
-
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def odd_samples() -> tuple[list[dict], set[str]]:
-    """Odd and corrupt images; returns the samples and the keys that must be skipped."""
-    rng = np.random.default_rng(0)
-    base = synthetic_image(2, rng, 90, 120)
-    jpeg = _encode(base, "JPEG")
-    g16 = Image.fromarray((np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16))
-    s = [
-        ("ok", jpeg, "jpg"),
-        ("truncated_jpeg", jpeg[: len(jpeg) // 2], "jpg"),
-        ("zero_bytes", b"", "jpg"),
-        ("cmyk_jpeg", _encode(base.convert("CMYK"), "JPEG"), "jpg"),
-        ("png16", _encode(g16, "PNG"), "png"),
-        ("palette_png", _encode(base.convert("P"), "PNG", transparency=0), "png"),
-        ("rgba_png", _encode(base.convert("RGBA"), "PNG"), "png"),
-        ("png_named_jpg", _encode(base, "PNG"), "jpg"),
-        ("gray_jpeg", _encode(base.convert("L"), "JPEG"), "jpeg"),
-        ("one_pixel", _encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), "png"),
-        ("very_wide", _encode(Image.new("RGB", (10000, 10), (0, 90, 0)), "PNG"), "png"),
-        ("webp", _encode(base, "WEBP"), "webp"),
-        ("not_an_image", b"hello, I am text", "jpg"),
-    ]
-    samples = [{"key": k, "image": data, "ext": ext, "cls": i % 3} for i, (k, data, ext) in enumerate(s)]
-    samples.insert(5, {"key": "label_only", "image": None, "ext": None, "cls": 1})
-    return samples, {"truncated_jpeg", "zero_bytes", "label_only", "not_an_image"}
-
-
-def _write_odd_shard(path: Path, samples: list[dict]) -> None:
-    import webdataset as wds
-
-    with open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as tar:
-        for s in samples:
-            entry = {"__key__": s["key"], "cls": str(s["cls"]).encode()}
-            if s["image"] is not None:
-                entry[s["ext"]] = s["image"]
-            tar.write(entry)
+from tests.conftest import encode_image as _encode
+from tests.conftest import needs_mount, odd_samples, run_cli, write_config
+from tests.conftest import write_odd_shard as _write_odd_shard
 
 
 def test_odd_and_corrupt_images_are_converted_or_skipped_and_recorded(tmp_path):
