@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from img2vec.export import (GLOBAL_POOLS, ExportError, check_timm_keys, export_encoder, load_student, resolve_checkpoint,
                           timm_keys, timm_model_args)
 from img2vec.export import main as export_main
-from img2vec.knn import Features, center_box, extract_features, in_val_split, knn_predict, knn_scores, random_student
+from img2vec.knn import random_student
 from img2vec.knn import main as knn_main
 from train.model import STUDENTS
+from train.probe import Features, center_box, extract_features, in_val_split, knn_predict, knn_scores
 
 
 @pytest.fixture(scope="module")

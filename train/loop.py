@@ -37,7 +37,9 @@ from train.losses import normalize_targets
 from train.masking import step_generator
 from train.model import build_student, describe_student, param_groups, resolve_student
 from train.preempt import StepGuard
+from train.probe import KnnProbe
 from train.rundir import MetricsLog, RunDirLock, StepTrace, check_sources, open_run
+from train.trackers import check_trackers, start_trackers
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Run:
     skipping: bool = False  # a micro-batch of this update had a non-finite loss: the update is skipped
     pace: Pace = field(default_factory=lambda: Pace(0))
     last: dict = field(default_factory=dict)  # the latest metrics row, in the summary
+    probe: KnnProbe = field(default_factory=KnnProbe)  # train.eval_every's k-NN probe, its row keys on the main process
 
 
 def train(cfg: Config, progress: bool = True) -> dict:
@@ -154,7 +157,7 @@ def make_accelerator(t: TrainConfig) -> Any:
     cpu = t.device == "cpu" or not torch.cuda.is_available()
     return Accelerator(cpu=cpu, gradient_accumulation_steps=t.grad_accum,
                        mixed_precision="no" if cpu or not torch.cuda.is_bf16_supported() else "bf16",
-                       log_with="tensorboard" if t.tensorboard else None, project_dir=str(Path(t.run_dir)))
+                       log_with=t.log_with or None, project_dir=str(Path(t.run_dir)))
 
 
 def setup(cfg: Config, manifest: Manifest, index: data.CacheIndex, mode: str, stop: StopSignals, progress: bool) -> Run:
@@ -164,6 +167,8 @@ def setup(cfg: Config, manifest: Manifest, index: data.CacheIndex, mode: str, st
     from tqdm import tqdm
 
     t = cfg.train
+    check_trackers(t.log_with)
+    probe = KnnProbe.of(t, manifest.augment.size)  # off unless train.eval_every; its shards checked
     accelerator = make_accelerator(t)
     set_seed(t.seed)  # before the student is built: its initial weights come from this seed
     device, is_main = accelerator.device, accelerator.is_main_process
@@ -187,8 +192,7 @@ def setup(cfg: Config, manifest: Manifest, index: data.CacheIndex, mode: str, st
     ckpts = Checkpoints(run_dir, t.keep_checkpoints)
     # the run's identity checked (the data plan's too), its newest usable checkpoint loaded
     step = open_run(accelerator, cfg, manifest, ckpts, index.plan_identity(mode, t.workers, t.shuffle_buffer))
-    if t.tensorboard:
-        accelerator.init_trackers("img2vec")
+    start_trackers(accelerator, cfg)
     # rows of steps a killed run took past its last checkpoint, and a torn last row, are dropped
     log = MetricsLog(run_dir / "metrics.jsonl", step) if is_main else None
     guard = StepGuard(accelerator, stop, t.on_nonfinite, ckpts.latest)
@@ -196,7 +200,7 @@ def setup(cfg: Config, manifest: Manifest, index: data.CacheIndex, mode: str, st
     bar = tqdm(total=sched.total, initial=step, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
     return Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, index=index, mode=mode, sched=sched,
                targets=targets, pixels=pixels, ckpts=ckpts, guard=guard, trace=trace, log=log, bar=bar, step=step,
-               pace=Pace(since=step))
+               pace=Pace(since=step), probe=probe)
 
 
 def fit(run: Run, stop: StopSignals) -> bool:
@@ -218,8 +222,9 @@ def fit(run: Run, stop: StopSignals) -> bool:
                 continue
             run.step += 1
             run.bar.update(1)
-            if run.step % t.log_every == 0 or run.step == sched.total:
-                log_metrics(run, out, epoch)
+            probing = run.probe.due(run.step, run.step == sched.total)
+            if run.step % t.log_every == 0 or run.step == sched.total or probing:
+                log_metrics(run, out, epoch, probing)
             if run.step % t.checkpoint_every == 0 or run.step == sched.total or stopping:
                 run.ckpts.save(accelerator, run.step, {"step": run.step, "epoch": epoch})
             fault_point("step", str(run.step))
@@ -276,9 +281,10 @@ def train_step(run: Run, batch: dict, batch_index: int) -> tuple[dict, bool]:
     return out, stopping
 
 
-def log_metrics(run: Run, out: dict, epoch: int) -> None:
+def log_metrics(run: Run, out: dict, epoch: int, probing: bool = False) -> None:
     """A metrics row: the losses averaged over ranks, the lr, samples/s and the share of the time spent waiting
-    for data since the last row, and the steps skipped as non-finite."""
+    for data since the last row, and the steps skipped as non-finite; when `probing`, the encoder's k-NN top-1
+    (train/probe.py, on the main process)."""
     t, accelerator, pace = run.cfg.train, run.accelerator, run.pace
     losses = accelerator.reduce(torch.stack([out["loss"], out["patch_loss"], out["global_loss"]]).detach(),
                                 "mean").tolist()
@@ -287,6 +293,8 @@ def log_metrics(run: Run, out: dict, epoch: int) -> None:
     run.last = {"step": run.step, "epoch": epoch, "loss": losses[0], "patch_loss": losses[1],
                 "global_loss": losses[2], "lr": run.optimizer.param_groups[0]["lr"],
                 "samples_per_s": samples / seconds, "data_wait": pace.wait / seconds, "skipped_steps": run.guard.skipped}
+    if probing and accelerator.is_main_process:
+        run.last.update(run.probe(accelerator.unwrap_model(run.model)))
     run.pace = Pace(since=run.step)
     if run.log:
         run.log.write(run.last)
