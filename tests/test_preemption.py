@@ -65,7 +65,8 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
 def test_two_processes_stop_together_when_one_rank_gets_sigterm(tmp_path, extracted, capsys):
     """`accelerate launch` with 2 real processes; SIGTERM reaches rank 1 only. Both ranks stop after the
     same step with one checkpoint (both RNG states), the run dir is refused to a second training while it
-    runs and to a resume with another world size; the same command then resumes there and finishes."""
+    runs; the same command then resumes there and finishes. (A resume with another world size is elastic:
+    tests/test_elastic.py.)"""
     path, _ = extracted
     run = tmp_path / "run"
     sets = ["--set", f"train.run_dir={json.dumps(str(run))}", "--set", "train.max_steps=12",
@@ -93,10 +94,6 @@ def test_two_processes_stop_together_when_one_rank_gets_sigterm(tmp_path, extrac
     assert checkpoints(run) == [ckpt.name] and max(rows(run)) == stopped["step"]
     assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert not (run / "lock").exists()
-
-    capsys.readouterr()
-    assert train_main(["--config", str(path), "--no-progress", *sets]) == 2  # one process: another world size
-    assert "world_size: run dir has 2, this run has 1" in capsys.readouterr().err
 
     cmd[cmd.index("--main_process_port") + 1] = str(free_port())
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)

@@ -86,12 +86,13 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, finished, 
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]  # nothing was touched
 
 
-def test_resume_with_another_batch_size_or_cache_is_refused(tmp_path, finished, capsys):
+def test_resume_with_another_seed_or_cache_is_refused(tmp_path, finished, capsys):
+    """(Another batch size or world size is an elastic resume: tests/test_elastic.py.)"""
     config, done = finished
     run = tmp_path / "run"
     shutil.copytree(done, run)
-    assert train_main(args(config, run, "train.batch_size=2", "train.max_steps=8")) == 2
-    assert "batch_size: run dir has 4, this run has 2" in capsys.readouterr().err
+    assert train_main(args(config, run, "train.seed=1", "train.max_steps=8")) == 2
+    assert "seed: run dir has 0, this run has 1" in capsys.readouterr().err
 
     cache = tmp_path / "other-cache"  # the same shards, made by another teacher
     shutil.copytree(json.loads((run / "config.json").read_text())["cache"]["path"], cache)

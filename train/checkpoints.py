@@ -40,8 +40,9 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def checkpoint_problem(path: Path, world_size: int) -> str | None:
-    """What is wrong with a checkpoint directory, or None if it is complete and loadable."""
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint directory, or None if it is complete and loadable (with one RNG state per
+    rank of the run that wrote it: a resume may have another world size)."""
     from accelerate.utils import load
     from safetensors.torch import load_file
 
@@ -54,7 +55,7 @@ def checkpoint_problem(path: Path, world_size: int) -> str | None:
         return f"position.json is garbled ({type(e).__name__}: {e})"
     if path.name != f"step_{step:08d}":
         return f"position.json says step {step}"
-    for rank in range(world_size):
+    for rank in range(int(position.get("world_size", 1))):
         name = f"random_states_{rank}.pkl"
         try:
             rng = load(path / name)
@@ -93,12 +94,12 @@ class Checkpoints:
         done = [p for p in self.complete() if (p / "position.json").exists()]
         return done[-1] if done else None
 
-    def latest_valid(self, world_size: int) -> Path | None:
+    def latest_valid(self) -> Path | None:
         """The newest checkpoint that passes checkpoint_problem; passed-over ones are named on stderr.
         Checkpoints exist but none is usable: a ConfigError (starting over must be a decision)."""
         problems = []
         for path in reversed(self.complete()):
-            problem = checkpoint_problem(path, world_size)
+            problem = checkpoint_problem(path)
             if problem is None:
                 for p in problems:
                     print(f"warning: not resuming from {p}; using {path.name}", file=sys.stderr)

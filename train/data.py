@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.augment import decode_image, replay, view_order
 from common.runtime import seed_from, worker_slice
-from common.signals import ignore_stop_signals, reap_at_exit
+from common.signals import dead_workers, ignore_stop_signals, watch_workers
 from shards.errors import CacheError, CorruptSample
 from shards.index import check_recorded, read_record, row_ok
 from shards.manifest import Manifest
@@ -323,11 +323,29 @@ class WorkerError:
         self.error = error
 
 
+class WorkerDied(RuntimeError):
+    """A DataLoader worker killed by a signal (SIGKILL: most often the kernel's out-of-memory killer)."""
+
+
+def raise_if_a_worker_died(error: RuntimeError, workers: int, batch_size: int, checkpoint) -> None:
+    """torch's "DataLoader worker (pid N) is killed by signal" as a WorkerDied saying what to do, if a worker of this
+    process's loaders did die of a signal (common.signals.dead_workers); else nothing."""
+    dead = dead_workers()
+    if not dead:
+        return
+    pid, name = dead[0]
+    why = ("SIGKILL is what the kernel's out-of-memory killer sends (see `dmesg` or the job's memory limit): each "
+           f"worker holds its prefetched batches; lower train.workers (now {workers}) or train.batch_size (now "
+           f"{batch_size})") if name == "SIGKILL" else "a decoder or reader crashed in it"
+    raise WorkerDied(f"DataLoader worker (pid {pid}) was killed by {name}: {why}. Then rerun the same command: it "
+                     f"resumes from the last checkpoint ({checkpoint or 'none yet: from the start'})") from error
+
+
 class Loader(DataLoader):
     """A DataLoader whose workers' CacheError and ShardError are raised in the main process as they were raised."""
 
     def __iter__(self):
-        return _RaisingWorkerErrors(reap_at_exit(super().__iter__()))
+        return _RaisingWorkerErrors(watch_workers(super().__iter__()))
 
 
 class _RaisingWorkerErrors:

@@ -4,14 +4,14 @@
 `train_step` takes one micro-batch through targets, masks, forward/backward, clipping, the update and the
 non-finite guard; `fit` keeps the cadence (log, checkpoint, stop). Data lives in train/data.py, the student in
 train/model.py, checkpoints in train/checkpoints.py, the run dir (lock, identity, metrics) in train/rundir.py,
-the per-step stop / non-finite decision in train/preempt.py. Checkpoints resume at the exact batch: the step,
-optimizer, RNG states and data position (epoch + batches into it) are restored.
+the per-step stop / non-finite decision in train/preempt.py, the position and learning rate in train/schedule.py.
+Checkpoints resume at the exact batch: the step, optimizer, RNG states and data position (epoch + samples into it)
+are restored; in random mode also with another world size, batch size or grad_accum (the epoch's rest re-dealt).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -26,7 +26,7 @@ from common.config import (Config, ConfigError, add_config_args, check_mask_rati
                            validate)
 from common.config import Train as TrainConfig
 from common.faults import fault_point
-from common.signals import PREEMPTED, StopSignals
+from common.signals import StopSignals, status_of
 from shards.errors import CacheError
 from shards.manifest import Manifest, cache_teacher, check_replay, read_manifest, source_urls
 from shards.source import ShardError
@@ -38,37 +38,9 @@ from train.masking import step_generator
 from train.model import build_student, describe_student, param_groups, resolve_student
 from train.preempt import StepGuard
 from train.probe import KnnProbe
-from train.rundir import MetricsLog, RunDirLock, StepTrace, check_sources, open_run
+from train.rundir import MetricsLog, RunDirLock, StepTrace, check_sources, open_run, write_exit_status
+from train.schedule import Position, Schedule
 from train.trackers import check_trackers, start_trackers
-
-
-@dataclass
-class Schedule:
-    """How long the run is and its learning rate; a step is one update of `train.grad_accum` micro-batches."""
-
-    batches_per_epoch: int  # micro-batches of one rank
-    total: int  # steps
-    warmup: int  # steps
-    peak: float  # train.lr scaled by the global batch / 256
-    floor: float
-
-    @classmethod
-    def of(cls, t: TrainConfig, samples: int, world: int) -> Schedule:
-        batches_per_epoch = data.steps_per_epoch(samples, world, t.batch_size)
-        if batches_per_epoch == 0:
-            raise ConfigError(f"the cache holds {samples} samples: too few for {world} processes x "
-                              f"train.batch_size {t.batch_size}")
-        steps_per_epoch = max(batches_per_epoch // t.grad_accum, 1)
-        total = t.max_steps or t.epochs * steps_per_epoch
-        return cls(batches_per_epoch, total, warmup=min(int(t.warmup_epochs * steps_per_epoch), total // 2),
-                   peak=t.lr * t.batch_size * world * t.grad_accum / 256, floor=t.min_lr)
-
-    def lr(self, step: int) -> float:
-        """Linear warmup, then half-cosine from `peak` to `floor` (as MAE's adjust_learning_rate, per step)."""
-        if step < self.warmup:
-            return self.peak * (step + 1) / self.warmup
-        x = (step - self.warmup) / max(self.total - self.warmup, 1)
-        return self.floor + (self.peak - self.floor) * 0.5 * (1 + math.cos(math.pi * min(x, 1.0)))
 
 
 @dataclass
@@ -102,7 +74,7 @@ class Pace:
 
 @dataclass
 class Run:
-    """One training run as `setup` builds it; `step` and `skipping` move as it trains."""
+    """One training run as `setup` builds it; `pos` and `skipping` move as it trains."""
 
     cfg: Config
     accelerator: Any
@@ -118,7 +90,7 @@ class Run:
     trace: StepTrace
     log: MetricsLog | None  # the main process's metrics.jsonl
     bar: Any
-    step: int  # updates taken, restored from the checkpoint a resume starts at
+    pos: Position  # updates taken and the data position, restored from the checkpoint a resume starts at
     skipping: bool = False  # a micro-batch of this update had a non-finite loss: the update is skipped
     pace: Pace = field(default_factory=lambda: Pace(0))
     last: dict = field(default_factory=dict)  # the latest metrics row, in the summary
@@ -126,8 +98,9 @@ class Run:
 
 
 def train(cfg: Config, progress: bool = True) -> dict:
-    """Checks everything it can before any work, then trains holding the run dir's lock; SIGTERM / SIGUSR1
-    end it after the current step with a checkpoint (summary["preempted"])."""
+    """Checks everything it can before any work, then trains holding the run dir's lock; SIGTERM / SIGUSR1 / SIGINT
+    end it after the current step with a checkpoint (summary["preempted"], ["signal"]). The main process records
+    the run's exit status in <run_dir>/exit_status (train/rundir.py: what a job script reads behind a launcher)."""
     resolve_student(cfg.student)  # 0 = the arch's value: checked as the values that will be built
     validate(cfg, "train")
     cache = as_path(cfg.cache.path)  # a local path, or a URL (read only: shards/urlpath.py)
@@ -136,19 +109,40 @@ def train(cfg: Config, progress: bool = True) -> dict:
     check_mask_ratio(cfg.student.mask_ratio, manifest.tokens)
     check_student_patch(cfg.student.arch, manifest.stride)  # the student's patch tiles the teacher's tokens
     index = data.CacheIndex(cache, manifest, source_urls(manifest, cfg.data.shards))
+    check_target_stats(cfg, manifest)
     check_sources(index.urls)
     mode = data.reader_mode(index, cfg.train.reader)
-    lock = RunDirLock(Path(cfg.train.run_dir))
-    if int(os.environ.get("RANK", 0)) == 0:  # the main process (accelerate / torchrun set RANK)
-        lock.path.parent.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(cfg.train.run_dir)
+    lock, main = RunDirLock(run_dir), int(os.environ.get("RANK", 0)) == 0  # accelerate / torchrun set RANK
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
+    status = 1
     try:
+        if main:
+            write_exit_status(run_dir, "running")
         with StopSignals() as stop:
             run = setup(cfg, manifest, index, mode, stop, progress)
-            preempted = fit(run, stop)
-            return close(run, preempted)
+            summary = close(run, fit(run, stop), stop)
+        status = exit_status(summary)
+        return summary
+    except BaseException as e:
+        status = error_status(e)
+        raise
     finally:
+        if main:
+            write_exit_status(run_dir, status)
         lock.release()
+
+
+def check_target_stats(cfg: Config, manifest: Manifest) -> None:
+    """loss.target_norm = "channel" needs the channel statistics extraction merges into the manifest once every shard
+    is recorded: a cache whose extraction stopped between its last shard and that is refused before any step."""
+    if cfg.loss.target_norm == "channel" and manifest.stats is None:
+        raise ConfigError(f"cache {cfg.cache.path}: every shard is recorded but manifest.json has no channel statistics "
+                          "yet (extraction stopped before finalising it), and loss.target_norm = 'channel' needs them. "
+                          "Rerun extract-features with the same config: it skips the finished shards and finalises "
+                          "the manifest. Or set loss.target_norm to 'layernorm' or 'none'")
 
 
 def make_accelerator(t: TrainConfig) -> Any:
@@ -174,7 +168,7 @@ def setup(cfg: Config, manifest: Manifest, index: data.CacheIndex, mode: str, st
     device, is_main = accelerator.device, accelerator.is_main_process
     sched = Schedule.of(t, len(index), accelerator.num_processes)
     if is_main:
-        print(f"data: {len(index)} samples in {len(index.names)} shards, {mode} reader, {sched.batches_per_epoch} "
+        print(f"data: {len(index)} samples in {len(index.names)} shards, {mode} reader, {sched.micro_per_epoch} "
               f"steps of {accelerator.num_processes} x {t.batch_size} per epoch", file=sys.stderr)
     model = build_student(cfg, manifest.token_grid, manifest.augment.size)
     if is_main:
@@ -191,62 +185,87 @@ def setup(cfg: Config, manifest: Manifest, index: data.CacheIndex, mode: str, st
     run_dir = Path(t.run_dir)
     ckpts = Checkpoints(run_dir, t.keep_checkpoints)
     # the run's identity checked (the data plan's too), its newest usable checkpoint loaded
-    step = open_run(accelerator, cfg, manifest, ckpts, index.plan_identity(mode, t.workers, t.shuffle_buffer))
+    pos = open_run(accelerator, cfg, manifest, ckpts, index.plan_identity(mode, t.workers, t.shuffle_buffer), sched)
     start_trackers(accelerator, cfg)
     # rows of steps a killed run took past its last checkpoint, and a torn last row, are dropped
-    log = MetricsLog(run_dir / "metrics.jsonl", step) if is_main else None
+    log = MetricsLog(run_dir / "metrics.jsonl", pos.step) if is_main else None
     guard = StepGuard(accelerator, stop, t.on_nonfinite, ckpts.latest)
     trace = StepTrace(run_dir, accelerator.process_index, t.trace_keys)
-    bar = tqdm(total=sched.total, initial=step, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
+    bar = tqdm(total=sched.total_steps(pos), initial=pos.step, disable=not (progress and is_main), unit="step",
+               dynamic_ncols=True)
     return Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, index=index, mode=mode, sched=sched,
-               targets=targets, pixels=pixels, ckpts=ckpts, guard=guard, trace=trace, log=log, bar=bar, step=step,
-               pace=Pace(since=step), probe=probe)
+               targets=targets, pixels=pixels, ckpts=ckpts, guard=guard, trace=trace, log=log, bar=bar, pos=pos,
+               pace=Pace(since=pos.step), probe=probe)
 
 
 def fit(run: Run, stop: StopSignals) -> bool:
-    """The cadence: micro-batches in order from the run's position, an update every train.grad_accum of them, a
-    metrics row every train.log_every updates, a checkpoint every train.checkpoint_every (and at the end and on a
-    stop). True if it stopped on a signal."""
-    t, accelerator, sched = run.cfg.train, run.accelerator, run.sched
+    """The cadence: micro-batches in order from the run's position, an update every train.grad_accum of them (an
+    update may span two epochs), a metrics row every train.log_every updates, a checkpoint every
+    train.checkpoint_every (and at the end and on a stop). True if it stopped on a signal."""
+    t, accelerator, sched, pos = run.cfg.train, run.accelerator, run.sched, run.pos
     run.model.train()
-    while run.step < sched.total:
-        epoch, skip = divmod(run.step * t.grad_accum, sched.batches_per_epoch)  # the position follows the step
-        it = iter(epoch_loader(run, epoch, skip))
-        for batch_index in range(epoch * sched.batches_per_epoch + skip, (epoch + 1) * sched.batches_per_epoch):
+    batches = micro_batches(run)
+    starts = True  # the next micro-batch starts an update
+    try:
+        while not sched.done(pos):
+            if starts:  # the update's learning rate and epoch are those of the position it starts at
+                epoch, lr = pos.epoch, sched.lr(pos)
+                for g in run.optimizer.param_groups:
+                    g["lr"] = lr
             t0 = time.perf_counter()
-            batch = next(it)
+            batch = next(batches)
             t1 = time.perf_counter()
-            out, stopping = train_step(run, batch, batch_index)
+            out, stopping = train_step(run, batch, pos.micro - 1)
             run.pace.wait, run.pace.busy = run.pace.wait + t1 - t0, run.pace.busy + time.perf_counter() - t1
-            if not accelerator.sync_gradients:  # a micro-batch within the update
+            starts = accelerator.sync_gradients
+            if not starts:  # a micro-batch within the update
                 continue
-            run.step += 1
+            pos.step += 1
             run.bar.update(1)
-            probing = run.probe.due(run.step, run.step == sched.total)
-            if run.step % t.log_every == 0 or run.step == sched.total or probing:
+            probing = run.probe.due(pos.step, sched.done(pos))
+            if pos.step % t.log_every == 0 or sched.done(pos) or probing:
                 log_metrics(run, out, epoch, probing)
-            if run.step % t.checkpoint_every == 0 or run.step == sched.total or stopping:
-                run.ckpts.save(accelerator, run.step, {"step": run.step, "epoch": epoch})
-            fault_point("step", str(run.step))
-            if stopping:  # SIGTERM / SIGUSR1 on some rank: every rank stops here, checkpointed
+            if pos.step % t.checkpoint_every == 0 or sched.done(pos) or stopping:
+                run.ckpts.save(accelerator, pos.step, pos.to_dict())
+            fault_point("step", str(pos.step))
+            if stopping:  # SIGTERM / SIGUSR1 / SIGINT on some rank: every rank stops here, checkpointed
                 if accelerator.is_main_process:
-                    print(f"stopping at step {run.step} on {stop.received or 'a signal to another rank'}: checkpoint "
+                    print(f"stopping at step {pos.step} on {stop.received or 'a signal to another rank'}: checkpoint "
                           f"{run.ckpts.latest()}; rerun the same command to resume", file=sys.stderr)
                 return True
-            if run.step == sched.total:
-                break
-        del it
+    except RuntimeError as e:  # torch's "DataLoader worker ... killed by signal" comes as a RuntimeError
+        data.raise_if_a_worker_died(e, t.workers, t.batch_size, run.ckpts.latest())
+        raise
+    finally:
+        batches.close()  # the loader's workers shut down
     return False
 
 
-def epoch_loader(run: Run, epoch: int, skip: int):
-    """This rank's micro-batches of `epoch`, from its `skip`-th on."""
+def micro_batches(run: Run):
+    """This rank's micro-batches from the run's position on, epoch after epoch. The position moves past each one as
+    it is handed out, so a checkpoint after an update records where the next one starts; when what is left of an
+    epoch is less than one global batch (dropped), the position moves to the next epoch's start."""
+    t, accelerator, pos = run.cfg.train, run.accelerator, run.pos
+    per_batch = accelerator.num_processes * t.batch_size
+    while True:
+        for batch in epoch_loader(run, pos.epoch, pos.consumed):
+            pos.micro, pos.consumed = pos.micro + 1, pos.consumed + per_batch
+            if len(run.index) - pos.consumed < per_batch:
+                pos.epoch, pos.consumed = pos.epoch + 1, 0
+            yield batch
+
+
+def epoch_loader(run: Run, epoch: int, consumed: int):
+    """This rank's micro-batches of `epoch`, after the `consumed` samples all ranks have trained on. Random mode
+    re-deals the rest of the epoch's permutation over this world and batch size; stream mode starts at that batch
+    of the same plan (it resumes with the deal it started with: train/rundir.py)."""
     t, accelerator = run.cfg.train, run.accelerator
-    plan = data.epoch_plan(run.index.counts, epoch, t.seed, world=accelerator.num_processes,
-                           rank=accelerator.process_index, batch_size=t.batch_size, mode=run.mode, workers=t.workers,
-                           buffer=t.shuffle_buffer)
-    dataset = data.EpochData(run.index, plan, epoch, t.seed, start=skip, mode=run.mode,
-                             with_tokens=run.targets.teacher is None, on_corrupt=t.on_corrupt)
+    world, random = accelerator.num_processes, run.mode == "random"
+    plan = data.epoch_plan(run.index.counts, epoch, t.seed, world=world, rank=accelerator.process_index,
+                           batch_size=t.batch_size, mode=run.mode, workers=t.workers, buffer=t.shuffle_buffer,
+                           consumed=consumed if random else 0)
+    dataset = data.EpochData(run.index, plan, epoch, t.seed, start=0 if random else consumed // (world * t.batch_size),
+                             mode=run.mode, with_tokens=run.targets.teacher is None, on_corrupt=t.on_corrupt)
     return data.make_loader(dataset, t.workers)
 
 
@@ -259,16 +278,14 @@ def train_step(run: Run, batch: dict, batch_index: int) -> tuple[dict, bool]:
     n_masks = len(batch["keys"]) * cfg.student.masks_per_view
     generator = step_generator(t.seed, accelerator.process_index, batch_index)
     unit_mask = accelerator.unwrap_model(run.model).draw_mask(n_masks, "cpu", generator)
-    run.trace.write(run.step, batch["keys"], unit_mask)
+    run.trace.write(run.pos.step, batch["keys"], unit_mask)
     images = batch["images"].to(device, non_blocking=True)
     targets = run.targets(batch, images)
-    for g in run.optimizer.param_groups:
-        g["lr"] = run.sched.lr(run.step)
     pix_mean, pix_std = run.pixels
     with accelerator.accumulate(run.model):
         out = run.model(normalize_pixels(images, pix_mean, pix_std), targets, unit_mask=unit_mask.to(device),
                         beta=cfg.loss.beta, global_weight=cfg.loss.global_weight)
-        nonfinite, stopping = run.guard.check(out["loss"], run.step)  # every rank gets the same answer
+        nonfinite, stopping = run.guard.check(out["loss"], run.pos.step)  # every rank gets the same answer
         run.skipping = run.skipping or nonfinite  # one non-finite micro-batch skips the whole update
         accelerator.backward(out["loss"])  # also when skipping: ranks stay in lockstep
         if accelerator.sync_gradients and t.clip_grad > 0 and not run.skipping:
@@ -288,28 +305,46 @@ def log_metrics(run: Run, out: dict, epoch: int, probing: bool = False) -> None:
     t, accelerator, pace = run.cfg.train, run.accelerator, run.pace
     losses = accelerator.reduce(torch.stack([out["loss"], out["patch_loss"], out["global_loss"]]).detach(),
                                 "mean").tolist()
-    samples = (run.step - pace.since) * t.grad_accum * t.batch_size * accelerator.num_processes
+    step = run.pos.step
+    samples = (step - pace.since) * t.grad_accum * t.batch_size * accelerator.num_processes
     seconds = max(pace.wait + pace.busy, 1e-9)
-    run.last = {"step": run.step, "epoch": epoch, "loss": losses[0], "patch_loss": losses[1],
+    run.last = {"step": step, "epoch": epoch, "loss": losses[0], "patch_loss": losses[1],
                 "global_loss": losses[2], "lr": run.optimizer.param_groups[0]["lr"],
                 "samples_per_s": samples / seconds, "data_wait": pace.wait / seconds, "skipped_steps": run.guard.skipped}
     if probing and accelerator.is_main_process:
         run.last.update(run.probe(accelerator.unwrap_model(run.model)))
-    run.pace = Pace(since=run.step)
+    run.pace = Pace(since=step)
     if run.log:
         run.log.write(run.last)
         run.bar.set_postfix(loss=f"{losses[0]:.4f}", wait=f"{run.last['data_wait']:.0%}")
-    accelerator.log(run.last, step=run.step)
+    accelerator.log(run.last, step=step)
 
 
-def close(run: Run, preempted: bool) -> dict:
+def close(run: Run, preempted: bool, stop: StopSignals) -> dict:
+    """The summary: the latest metrics row, then where the run ended (a stop may come after that row)."""
     run.bar.close()
     run.accelerator.end_training()
     run.trace.close()
     if run.log:
         run.log.close()
-    return {"step": run.step, "run_dir": str(Path(run.cfg.train.run_dir)), "rank": run.accelerator.process_index,
-            **run.last, "preempted": preempted}
+    return {**run.last, "step": run.pos.step, "epoch": run.pos.epoch, "run_dir": str(Path(run.cfg.train.run_dir)),
+            "rank": run.accelerator.process_index, "preempted": preempted, "signal": stop.received}
+
+
+# the exit status of a run that ended in one of these (a crash otherwise: 1); main prints their message alone
+ERROR_STATUS = (((ConfigError, CacheError, ShardError), 2), ((DiskFull,), 3), ((NonFinite, data.WorkerDied), 1))
+REPORTED = tuple(kind for kinds, _ in ERROR_STATUS for kind in kinds)
+
+
+def error_status(e: BaseException) -> int:
+    if isinstance(e, KeyboardInterrupt):  # a Ctrl-C before the handlers were set
+        return status_of("SIGINT")
+    return next((code for kinds, code in ERROR_STATUS if isinstance(e, kinds)), 1)
+
+
+def exit_status(summary: dict) -> int:
+    """0 done; after a stop, 75 (SIGTERM / SIGUSR1, or a signal to another rank) or 130 (SIGINT): common/signals.py."""
+    return status_of(summary["signal"]) if summary["preempted"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,15 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg, progress=not args.no_progress)
-    except (ConfigError, CacheError, ShardError) as e:  # a DataLoader worker's too (data.Loader raises it as is)
-        print(f"train: error: {str(e).strip()}", file=sys.stderr)
-        return 2
-    except DiskFull as e:
-        print(f"train: error: {e.strerror}", file=sys.stderr)
-        return 3
-    except NonFinite as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 1
+    except REPORTED as e:  # a DataLoader worker's CacheError / ShardError too (data.Loader raises it as is)
+        print(f"train: error: {e.strerror if isinstance(e, DiskFull) else str(e).strip()}", file=sys.stderr)
+        return error_status(e)
     if summary["rank"] == 0:
         print(json.dumps(summary))
-    return PREEMPTED if summary["preempted"] else 0
+    return exit_status(summary)

@@ -1,5 +1,6 @@
 """The run dir around the loop: one training at a time (a lock), the run's identity (what a resume must
-match), the resolved config, and `metrics.jsonl` (rows past the resumed step dropped, a torn row too).
+match) and its deal (what an elastic resume may change), the resolved config, `metrics.jsonl` (rows past the
+resumed step dropped, a torn row too) and `exit_status` (the run's outcome, for job scripts behind a launcher).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from common.config import Config, ConfigError
 from common.files import LockFile, write_atomic
 from shards.manifest import Manifest
 from train.checkpoints import Checkpoints, DiskFull, is_disk_full
+from train.schedule import Position
 
 
 class RunDirLock(LockFile):
@@ -51,26 +53,46 @@ def cache_identity(manifest: Manifest) -> dict:
             "shards_sha256": hashlib.sha256(shards).hexdigest(), "shards": len(manifest.shards)}
 
 
-def run_identity(cfg: Config, world_size: int, manifest: Manifest, data_plan: dict) -> dict:
-    """What a resume must share with the run it resumes: the data order and batches depend on these
-    (`data_plan`: the reader mode, the per-shard sample counts, and for streaming its workers and buffer)."""
-    return {"world_size": world_size, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-            "seed": cfg.train.seed, "cache": cache_identity(manifest), "data": data_plan}
+def run_identity(cfg: Config, manifest: Manifest, data_plan: dict) -> dict:
+    """What a resume must share with the run it resumes: the seed, the cache, and the data plan (the reader mode,
+    the per-shard sample counts, and for streaming its workers and buffer)."""
+    return {"seed": cfg.train.seed, "cache": cache_identity(manifest), "data": data_plan}
 
 
-def check_identity(run_dir: Path, identity: dict, resuming: bool) -> None:
-    """A resume must match the run dir's recorded identity (ConfigError naming each difference);
-    a fresh run records it."""
+def run_deal(cfg: Config, world_size: int) -> dict:
+    """How the samples are dealt: a resume in random mode may change all three (the rest of the epoch is dealt
+    again, train/data.py: epoch_plan); a streamed run keeps its world size and batch size."""
+    return {"world_size": world_size, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum}
+
+
+STREAM_DEAL = ("world_size", "batch_size")
+STREAM_KEYS = ("deal.", "data.workers", "data.shuffle_buffer")  # what a streamed epoch's order depends on
+WHY_STREAM = ("A streamed run (train.reader 'stream': pipe: or compressed sources, servers without ranged reads) "
+              "resumes only with the world size, batch size, train.workers and train.shuffle_buffer it started with: "
+              "each rank's workers read their own runs of shards through a shuffle buffer, so what a stopped epoch "
+              "used is not a prefix of one sequence that could be dealt again.")
+
+
+def check_identity(run_dir: Path, identity: dict, deal: dict, resuming: bool, elastic: bool) -> None:
+    """A resume must match the run dir's recorded identity, and unless `elastic` its deal's world and batch size
+    (a ConfigError naming each difference); an elastic change is printed. run.json records both."""
     path = run_dir / "run.json"
     if resuming and path.exists():
-        a, b = _flat(json.loads(path.read_text())), _flat(identity)
-        diffs = [f"{k}: run dir has {a.get(k)!r}, this run has {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                 if a.get(k) != b.get(k)]
+        old = json.loads(path.read_text())
+        if "deal" not in old:  # a run.json from before the deal was recorded apart
+            old["deal"] = {k: old.pop(k) for k in ("world_size", "batch_size", "grad_accum") if k in old}
+        a, b = _flat(old), _flat(dict(identity, deal=deal))
+        fixed = [k for k in sorted(set(a) | set(b)) if not k.startswith("deal.") or (not elastic and k[5:] in STREAM_DEAL)]
+        diffs = [f"{k}: run dir has {a.get(k)!r}, this run has {b.get(k)!r}" for k in fixed if a.get(k) != b.get(k)]
         if diffs:
-            raise ConfigError(f"{run_dir} holds a run that cannot be resumed with these settings:\n  "
-                              + "\n  ".join(diffs) + "\nResume with the same ones, or use another train.run_dir.")
-        return
-    write_text(path, json.dumps(identity, indent=1), "run identity")
+            raise ConfigError(f"{run_dir} holds a run that cannot be resumed with these settings:\n  " + "\n  ".join(diffs)
+                              + ("\n" + WHY_STREAM if any(d.startswith(STREAM_KEYS) for d in diffs) else "")
+                              + "\nResume with the same ones, or use another train.run_dir.")
+        changed = [f"{k} {old['deal'].get(k)} -> {v}" for k, v in deal.items() if old["deal"].get(k) != v]
+        if changed:
+            print(f"elastic resume: {', '.join(changed)}: the rest of the epoch is dealt again over this run's "
+                  "processes; the learning rate follows the epoch fraction, its peak the new global batch", file=sys.stderr)
+    write_text(path, json.dumps(dict(identity, deal=deal), indent=1), "run identity")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -89,28 +111,43 @@ def check_sources(urls: dict[str, str | None]) -> None:
                           "names), e.g. --set data.shards='/new/place/train-{0000..1023}.tar'")
 
 
-def open_run(accelerator, cfg: Config, manifest: Manifest, ckpts: Checkpoints, data_plan: dict) -> int:
-    """The main process checks the run dir's identity, writes the resolved config and picks the newest
-    usable checkpoint; every rank loads that one. Returns its step (0 for a fresh run)."""
+def open_run(accelerator, cfg: Config, manifest: Manifest, ckpts: Checkpoints, data_plan: dict, sched) -> Position:
+    """The main process checks the run dir's identity, writes the resolved config and picks the newest usable
+    checkpoint; every rank loads that one. Returns its position (the start for a fresh run)."""
     from accelerate.utils import broadcast_object_list
 
     run_dir, latest = Path(cfg.train.run_dir), [None]
+    deal = run_deal(cfg, accelerator.num_processes)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        identity = run_identity(cfg, accelerator.num_processes, manifest, data_plan)
-        check_identity(run_dir, identity, resuming=bool(ckpts.complete()))
-        latest = [ckpts.latest_valid(accelerator.num_processes)]
+        check_identity(run_dir, run_identity(cfg, manifest, data_plan), deal, resuming=bool(ckpts.complete()),
+                       elastic=data_plan["reader"] == "random")
+        latest = [ckpts.latest_valid()]
         recipe = manifest.to_dict()
         write_text(run_dir / "config.json", json.dumps(dict(cfg.to_dict(), cache_manifest={
             k: recipe[k] for k in ("teacher", "augment", "codec", "token_shape")}), indent=1), "config")
     broadcast_object_list(latest)
     if latest[0] is None:
-        return 0
-    accelerator.load_state(str(latest[0]))
-    step = json.loads((latest[0] / "position.json").read_text())["step"]
+        return Position()
+    accelerator.load_state(str(latest[0]))  # a rank the checkpoint has no RNG state for keeps its seeded one
+    accelerator.step = 0  # its micro-batch count: checkpoints are taken between updates, whatever grad_accum was
+    pos = Position.from_dict(json.loads((latest[0] / "position.json").read_text()), sched.micro_per_epoch, deal)
     if accelerator.is_main_process:
-        print(f"resuming from {latest[0]} at step {step}", file=sys.stderr)
-    return step
+        print(f"resuming from {latest[0]} at step {pos.step}", file=sys.stderr)
+    return pos
+
+
+EXIT_STATUS = "exit_status"
+
+
+def write_exit_status(run_dir: Path, status: int | str) -> None:
+    """`<run_dir>/exit_status`: "running", then the run's exit status (common/signals.py), written by the main process
+    while it holds the lock. torchelastic's launcher (torchrun, and `accelerate launch`, which runs it) exits 1 after
+    it forwarded a signal, whatever its workers returned: a job script reads the outcome here (README, SLURM)."""
+    try:
+        write_atomic(run_dir / EXIT_STATUS, f"{status}\n")
+    except OSError as e:  # a full disk is reported by what filled it; the status file is not worth a second error
+        print(f"warning: could not write {run_dir / EXIT_STATUS}: {e.strerror}", file=sys.stderr)
 
 
 def write_text(path: Path, text: str, what: str) -> None:
