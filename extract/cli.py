@@ -7,7 +7,7 @@ import json
 import sys
 
 from common.config import ConfigError, add_config_args, load_config
-from common.signals import PREEMPTED
+from common.signals import status_of
 from shards.errors import CacheError
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary["preempted"]:
         print(f"extract-features: stopped on {summary['preempted']}: {summary['shards_done']} shards finished and "
               "recorded, shards in flight dropped; rerun the same command to finish", file=sys.stderr)
-        return PREEMPTED
+        return status_of(summary["preempted"])  # 75, or 130 on SIGINT
     if summary["shards_failed"]:
         print("extract-features: error: these source shards could not be read and were not written:\n  "
               + "\n  ".join(summary["shards_failed"]) + "\nFix or replace them (a file not found: is data.shards "

@@ -24,7 +24,7 @@ from common.config import Config, check_crop_size, validate
 from common import faults
 from common.faults import fault_point
 from common.runtime import pick_device, worker_slice
-from common.signals import StopSignals
+from common.signals import StopSignals, ignore_stop_signals, watch_workers
 from common.stats import TokenStats
 from common.teacher import build_teacher
 from shards.errors import CacheError
@@ -338,7 +338,7 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
     """Each loader item is launched on the device, then handed to the shards in flight, which store the one
     before it meanwhile (see ShardsInFlight)."""
     loader = DataLoader(ViewBatches(pending, names, cfg), batch_size=None, num_workers=min(cfg.data.workers, len(pending)),
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     codec = get_codec(cfg.cache.codec)
     t0 = time.time()
     bar = tqdm(total=None, unit="img", disable=not progress, dynamic_ncols=True,
@@ -348,8 +348,8 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
             ThreadPoolExecutor(threads, thread_name_prefix="encode") as encoders:
         shards = ShardsInFlight(cache, cfg, token_shape, leases, pool=pool, encoders=encoders, stop=stop, bar=bar,
                                 shards=len(pending))
-        for item in loader:
-            if stop.requested:  # SIGTERM / SIGUSR1
+        for item in watch_workers(iter(loader)):
+            if stop.requested:  # SIGTERM / SIGUSR1 / SIGINT (to the main process: the workers ignore them)
                 break
             shards.push(item, ToHost(teacher_step(teacher, codec, item["views"], device)) if item["keys"] else None)
         shards.flush()
