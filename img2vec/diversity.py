@@ -247,7 +247,7 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
 def main(argv: list[str] | None = None, prog: str = "img2vec diversity") -> int:
     args = parse_args(argv, prog)
     device = pick_device(args.device)
-    from shards.errors import CacheError
+    from shards.errors import CacheError, RefusedFile
     from shards.source import ShardError
 
     try:
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None, prog: str = "img2vec diversity") -> int:
                                       args.views_per_image, args.seed, args.layer, args.teacher_seed,
                                       args.batch_size, device, args.map_images if args.maps else 0,
                                       progress=not args.no_progress)
-    except ConfigError as e:
+    except (ConfigError, RefusedFile) as e:  # RefusedFile: a torn or hostile cache file, named
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except (CacheError, ShardError) as e:

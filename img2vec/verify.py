@@ -35,7 +35,8 @@ class Report(Checks):
     def to_dict(self) -> dict:
         d = {"cache": self.cache, "ok": self.ok, "shards": self.shards, "recompute": self.recompute,
              "recompute_requested": self.recompute_requested,
-             "teacher": self.teacher, "problems": [asdict(p) for p in self.problems], "warnings": self.warnings}
+             "teacher": self.teacher, "problems": [asdict(p) for p in self.problems], "warnings": self.warnings,
+             "refused": [p.line() for p in self.refused]}
         if self.recompute:
             d["max_abs_error"] = max(r["max_abs_err"] for r in self.recompute)
             d["min_cosine"] = min(r["min_cos"] for r in self.recompute)
@@ -135,7 +136,7 @@ def replay_from_source(name: str, url: str, want: dict[str, list[int]], captured
 
 
 def recompute_views(manifest: Manifest, triples: list[tuple[str, str, int]], captured: dict, sources: dict,
-                    teacher, device, extra_rtol: float, report: Report) -> None:
+                    refused: dict[str, str], teacher, device, extra_rtol: float, report: Report) -> None:
     """Replay each triple's view from its source, run the teacher, compare with the stored tokens."""
     import torch
 
@@ -146,6 +147,8 @@ def recompute_views(manifest: Manifest, triples: list[tuple[str, str, int]], cap
             by_shard.setdefault(name, {}).setdefault(key, []).append(view)
     jobs = []  # (shard, key, view, pixels [3, S, S])
     for name, want in by_shard.items():
+        if name in refused:
+            continue  # reported when the sources were read
         if sources.get(name) is None:
             report.problems.append(Problem(name, None, "--source-shards has no shard of this name, cannot recompute",
                                            redo=False))
@@ -220,14 +223,21 @@ def recompute_triples(manifest: Manifest, triples: list, captured: dict, source_
     device = pick_device(device)
     if device.type == "cuda":  # TF32 convolutions would exceed the bf16 codec's bound
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    refused: dict[str, str] = {}
     try:
-        sources = source_urls(manifest, source_shards, missing_ok=True)
+        sources = source_urls(manifest, source_shards, missing_ok=True, refused=refused)
     except ValueError as e:  # ConfigError: an empty pattern
         report.problems.append(Problem(None, None, f"--source-shards: {e}", False))
         return
+    wanted = {name for name, _, _ in triples}
+    for name, why in refused.items():
+        if name in wanted:
+            report.problems.append(Problem(name, None, f"source {why}: not run (a cache is data; the commands it names "
+                                                       "never run): name the sources yourself with --source-shards",
+                                           redo=False, refused=True))
     teacher = rebuild_teacher(manifest, teacher_weights, teacher_seed, device, report)
     if teacher is not None:
-        recompute_views(manifest, triples, captured, sources, teacher, device, extra_rtol, report)
+        recompute_views(manifest, triples, captured, sources, refused, teacher, device, extra_rtol, report)
 
 
 def format_report(report: Report, seed: int = 0) -> str:
@@ -266,9 +276,14 @@ def format_report(report: Report, seed: int = 0) -> str:
                      f"{report.recompute_requested} picked views were not recomputed (see problems)")
     for w_ in report.warnings:
         lines.append(f"warning: {w_}")
+    if report.refused:
+        lines.append(f"\nrefused ({len(report.refused)}): not opened, not run (a cache is data; see docs/RELIABILITY.md, "
+                     "trust model):")
+        lines += [f"  {p.line()}" for p in report.refused]
+    if len(report.problems) > len(report.refused):
+        lines.append(f"\nproblems ({len(report.problems) - len(report.refused)}):")
+        lines += [f"  {p.line()}" for p in report.problems if not p.refused]
     if report.problems:
-        lines.append(f"\nproblems ({len(report.problems)}):")
-        lines += [f"  {p.line()}" for p in report.problems]
         redo = sorted({p.shard for p in report.problems if p.shard and p.redo})
         lines.append(f"FAILED: {len(report.problems)} problem(s)")
         if redo:
@@ -288,7 +303,9 @@ def format_report(report: Report, seed: int = 0) -> str:
 def main(argv: list[str] | None = None, prog: str = "img2vec verify") -> int:
     p = argparse.ArgumentParser(prog=prog, description="Check a feature cache: manifest, completion records, "
                                 "sha256 of every shard, crc32 of every sample, and (with --recompute) a random "
-                                "sample of views recomputed with the teacher. Exit status 0 only if all is well.",
+                                "sample of views recomputed with the teacher. Exit status 0 only if all is well, 1 "
+                                "if a problem was found, 2 if a file was refused (torn, or naming something outside "
+                                "the cache) or a source is a command the cache names.",
                                 epilog=REDO_HINT)
     p.add_argument("cache", metavar="CACHE", help="cache directory (the cache.path of extract-features)")
     p.add_argument("--recompute", type=int, default=0, metavar="N",
@@ -316,7 +333,7 @@ def main(argv: list[str] | None = None, prog: str = "img2vec verify") -> int:
     print(format_report(report, args.seed))
     if args.json:
         write_json_output(args.json, report.to_dict())
-    return 0 if report.ok else 1
+    return 2 if report.refused else 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from common.files import file_sha256
-from shards.errors import CacheError, CorruptSample
+from shards.errors import CacheError, CorruptSample, RefusedFile
 from shards.index import read_record, record_path, record_problems, row_ok, shard_dir
 from shards.manifest import Manifest, check_replay, read_manifest
 from shards.reader import FeatureShard
@@ -36,6 +36,7 @@ class Problem:
     key: str | None
     what: str
     redo: bool = True  # fixed by re-extracting the shard (False: the source or the teacher is at fault)
+    refused: bool = False  # a torn or hostile file, or a source that is a command: not opened, not run
 
     def line(self) -> str:
         where = self.shard or "cache"
@@ -57,6 +58,14 @@ class Checks:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def refused(self) -> list[Problem]:
+        return [p for p in self.problems if p.refused]
+
+    def add_error(self, shard: str | None, e: CacheError) -> None:
+        """A CacheError as a problem; a RefusedFile (torn or hostile) is marked refused."""
+        self.problems.append(Problem(shard, None, str(e), refused=isinstance(e, RefusedFile)))
+
 
 # ---------------------------------------------------------------- layer 1: manifest and records
 
@@ -66,7 +75,7 @@ def check_manifest(cache: Path, report: Checks, replays: bool = False) -> Manife
     try:
         manifest = read_manifest(cache)  # not JSON, a field missing or of another type: a CacheError naming it
     except CacheError as e:
-        report.problems.append(Problem(None, None, str(e)))
+        report.add_error(None, e)
         return None
     try:
         codec = manifest.token_codec
@@ -104,7 +113,7 @@ def check_record(cache: Path, name: str, manifest: Manifest, report: Checks) -> 
     try:
         record = read_record(cache, name)
     except CacheError as e:
-        report.problems.append(Problem(name, None, str(e)))
+        report.add_error(name, e)
         return None
     if record is None:
         report.problems.append(Problem(name, None, f"no completion record {record_path(cache, name).name} "
@@ -185,9 +194,18 @@ def check_strays(cache: Path, manifest: Manifest, report: Checks) -> None:
             report.warnings.append(f"{p.name}: leftover temporary of an interrupted writer (harmless; extract-features "
                                    "removes it when it redoes that shard)")
         elif p.name.endswith(".lock"):
-            report.warnings.append(f"{p.name}: an extraction job holds (or held) this shard: {p.read_text()[:200]}")
+            report.warnings.append(f"{p.name}: an extraction job holds (or held) this shard: {_head(p)}")
         elif p.name != "manifest.json" and p.name.removesuffix(".done.json") not in names:
             report.warnings.append(f"{p.name}: not a shard of this cache's manifest (ignored by training)")
+
+
+def _head(path: Path, n: int = 200) -> str:
+    """The first n bytes of a file, as text (a lock's holder); never the whole of a file someone made large."""
+    try:
+        with path.open("rb") as f:  # also a cache's RemotePath
+            return f.read(n).decode(errors="replace")
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
 
 
 # ---------------------------------------------------------------- layer 2: bytes
@@ -224,9 +242,9 @@ def check_shard(cache: Path, name: str, manifest: Manifest, record: dict, wanted
     row["sha256"] = "MISMATCH" if changed else "ok"
     before = len(report.problems)
     try:
-        shard = FeatureShard(cache, name, manifest)
+        shard = FeatureShard(cache, name, manifest, record)
     except CacheError as e:
-        report.problems.append(Problem(name, None, str(e)))
+        report.add_error(name, e)
         return row
     try:
         keys = check_index(shard, report)

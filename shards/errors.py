@@ -15,3 +15,8 @@ class CorruptSample(CacheError):
                else "the source changed after extraction: restore it, or re-extract that shard")
         super().__init__(f"{what} {shard}: sample {key!r} is corrupt ({reason}); {fix}")
         self.shard, self.key, self.reason = shard, key, reason  # verify reports the reason alone
+
+
+class RefusedFile(CacheError):
+    """A cache file that is torn, or names something outside the cache (a path, a size past a file's end, a
+    command): refused before it is used (shards/trust.py); the message names the file."""

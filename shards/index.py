@@ -10,7 +10,6 @@ Nothing without a record is read: the record is written last, after the shard di
 from __future__ import annotations
 
 import io
-import json
 import os
 import zlib
 from pathlib import Path
@@ -19,8 +18,9 @@ import numpy as np
 
 from common.codecs import FORMAT_VERSION
 from common.files import file_sha256
-from shards.errors import CacheError
+from shards.errors import CacheError, RefusedFile
 from shards.remote import RemoteError
+from shards.trust import check_record_fields, read_json
 from shards.urlpath import RemotePath, as_path
 
 
@@ -66,13 +66,16 @@ def read_index(cache: Path, name: str) -> np.ndarray:
 # ---------------------------------------------------------------- completion records
 
 def read_record(cache: Path, name: str) -> dict | None:
+    """The shard's completion record, None if it has none; a RefusedFile if it is torn or names anything outside
+    the shard (shards/trust.py)."""
     p = record_path(cache, name)
     if not p.exists():
         return None
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{p}: completion record is not valid JSON ({e}); delete it to redo shard {name}") from None
+        record = read_json(p, "completion record")
+    except RefusedFile as e:
+        raise RefusedFile(f"{e}; delete it to redo shard {name}") from None
+    return check_record_fields(record, name, p)
 
 
 def record_problems(cache: Path, name: str, record: dict) -> list[str]:
@@ -87,6 +90,8 @@ def record_problems(cache: Path, name: str, record: dict) -> list[str]:
             problems.append(f"{p} has {p.stat().st_size} bytes, the record says {meta['size']}")
     if not record.get("files"):
         problems.append(f"{record_path(cache, name)} lists no files (not a format-{FORMAT_VERSION} record)")
+    if "samples" not in record:
+        problems.append(f"{record_path(cache, name)} has no sample count")
     return problems
 
 

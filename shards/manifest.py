@@ -24,8 +24,10 @@ from common.codecs import FORMAT_VERSION, TokenCodec, codec_for, get_codec
 from common.files import write_json_atomic
 from common.teacher import grid_stride
 from common.stats import TokenStats
-from shards.errors import CacheError
+from shards.errors import CacheError, RefusedFile
 from shards.index import read_record
+from shards.provenance import source_urls  # noqa: F401 - its home is shards.provenance; imported from here too
+from shards.trust import MAX_VIEW_SIZE, MAX_VIEW_VALUES, MAX_VIEWS, name_problem, read_json
 from shards.urlpath import as_path
 
 IDENTITY_FIELDS = ("format_version", "cache_format", "codec", "teacher", "augment", "token_shape", "shards")
@@ -189,12 +191,13 @@ class Manifest(_Part):
             m = super().from_dict(d, where)
             if len(m.token_shape) != 2:
                 raise _FieldError("token_shape", f"is {m.token_shape}, expected [tokens, channels]")
+            _check_names_and_sizes(m)
             if m.teacher.stride not in (None, m.stride):
                 raise _FieldError("teacher.stride", f"is {m.teacher.stride}, but {m.token_shape[0]} tokens of a "
                                   f"{m.augment.size}-pixel crop have stride {m.stride}")
         except _FieldError as e:
-            raise CacheError(f"{path}: {e}: damaged, or not a manifest written by extract-features; re-extract "
-                             "into a new cache") from None
+            raise RefusedFile(f"{path}: {e}: damaged, or not a manifest written by extract-features; re-extract "
+                              "into a new cache") from None
         return m
 
     @property
@@ -235,6 +238,25 @@ class Manifest(_Part):
         return [s.name for s in self.shards]
 
 
+def _check_names_and_sizes(m: Manifest) -> None:
+    """Shard names are plain names inside the cache, each once; sizes are within bounds a real cache keeps
+    (shards/trust.py): a manifest is data, and nothing it says may lead outside the cache or exhaust memory."""
+    seen = set()
+    for i, s in enumerate(m.shards):
+        why = name_problem(s.name) or ("is listed twice" if s.name in seen else None)
+        if why:
+            raise _FieldError(f"shards[{i}].name", f"{s.name[:80]!r} {why}")
+        seen.add(s.name)
+    t, c = m.token_shape
+    for where, value, top in (("augment.views", m.augment.views, MAX_VIEWS), ("augment.size", m.augment.size,
+                              MAX_VIEW_SIZE), ("token_shape", t * c, MAX_VIEW_VALUES)):
+        if not 1 <= value <= top or t < 1:
+            raise _FieldError(where, f"is out of range ({m.token_shape if where == 'token_shape' else value}; "
+                                     f"at most {top})")
+    if m.stats is not None and not len(m.stats.mean) == len(m.stats.var) == c:
+        raise _FieldError("stats", f"has {len(m.stats.mean)} means and {len(m.stats.var)} variances for {c} channels")
+
+
 # ---------------------------------------------------------------- making, reading, finishing
 
 def make_manifest(cfg, fingerprint: dict, token_shape: tuple[int, int], shard_urls: list[str]) -> Manifest:
@@ -265,11 +287,12 @@ def read_manifest(cache: Path) -> Manifest:
     if not p.exists():
         raise CacheError(f"{p} not found: is cache.path right, and has extract-features run?")
     try:
-        d = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CacheError(f"{p} is not valid JSON ({e}); the cache's identity is lost: re-extract into a new "
-                         "cache") from None
-    version = d.get("format_version") if isinstance(d, dict) else None
+        d = read_json(p, "manifest")
+    except RefusedFile as e:
+        raise RefusedFile(f"{e}; the cache's identity is lost: re-extract into a new cache") from None
+    if not isinstance(d, dict):
+        raise RefusedFile(f"{p}: is {type(d).__name__}, not a manifest (a JSON object); re-extract into a new cache")
+    version = d.get("format_version")
     if version != FORMAT_VERSION:
         raise CacheError(f"cache {cache} is format {version}; this version reads format "
                          f"{FORMAT_VERSION} (view-major tokens and a per-sample index, so an epoch reads one view). "
@@ -283,6 +306,7 @@ def finalize_manifest(cache: Path) -> Manifest | None:
     records = [read_record(cache, name) for name in manifest.shard_names]
     if any(r is None for r in records):
         return None
+    before = manifest.to_dict()
     stats = TokenStats()
     for r in records:
         stats.merge(TokenStats.from_dict(r["stats"]))
@@ -290,7 +314,8 @@ def finalize_manifest(cache: Path) -> Manifest | None:
                                 var=stats.var.tolist(), token_diversity=stats.diversity)
     manifest.samples = sum(r["samples"] for r in records)
     manifest.skipped = sum(len(r["skipped"]) for r in records)
-    write_manifest(cache, manifest)
+    if manifest.to_dict() != before:  # a finished cache is not written again (it may be on a read-only mount)
+        write_manifest(cache, manifest)
     return manifest
 
 
@@ -304,21 +329,25 @@ def manifest_cut(manifest: Manifest | dict) -> str:
 
 
 def manifest_differences(old: Manifest | dict, new: Manifest | dict) -> list[str]:
-    """Each identity field (a dict's keys one by one) where the cache `old` and the config's `new` differ."""
+    """Each identity field (a dict's keys one by one) where the cache `old` and the config's `new` differ. Shards
+    are identified by their names: the same shards reached through another path are the same cache (whether a
+    recorded shard's source is still that shard is shards.provenance.source_differs' question)."""
     old, new = _as_json(old), _as_json(new)
     diffs = []
     old = {**old, "augment": {**old.get("augment", {}), "cut": manifest_cut(old)}} if "augment" in old else old
     for f in IDENTITY_FIELDS:
-        if old.get(f) != new.get(f):
-            if isinstance(new.get(f), dict) and isinstance(old.get(f), dict):
-                diffs += [f"{f}.{k}: cache has {old[f].get(k)!r}, config gives {new[f].get(k)!r}"
-                          for k in sorted(set(old[f]) | set(new[f])) if old[f].get(k) != new[f].get(k)]
+        a, b = old.get(f), new.get(f)
+        if f == "shards":
+            a, b = ([s.get("name") for s in x or []] for x in (a, b))
+        if a != b:
+            if isinstance(b, dict) and isinstance(a, dict):
+                diffs += [f"{f}.{k}: cache has {a.get(k)!r}, config gives {b.get(k)!r}"
+                          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             elif f == "shards":
-                diffs.append(f"shards: cache lists {len(old.get(f) or [])} shards "
-                             f"({(old.get(f) or [{}])[0].get('source')}...), config gives {len(new[f])} "
-                             f"({new[f][0]['source']}...)")
+                diffs.append(f"shards: cache lists {len(a)} shards ({', '.join(map(str, a[:3]))}...), config gives "
+                             f"{len(b)} ({', '.join(b[:3])}...)")
             else:
-                diffs.append(f"{f}: cache has {old.get(f)!r}, config gives {new.get(f)!r}")
+                diffs.append(f"{f}: cache has {a!r}, config gives {b!r}")
     return diffs
 
 
@@ -347,22 +376,6 @@ def check_replay(manifest: Manifest) -> None:
                          "the versions the cache was made with, or re-extract with these")
 
 
-def source_urls(manifest: Manifest, shards_override=None, missing_ok: bool = False) -> dict[str, str | None]:
-    """Feature shard name -> source URL: the manifest's, or the same names under `shards_override`
-    (a brace pattern or list, for a dataset that moved since extraction)."""
-    from shards.source import expand_shards, shard_names
-
-    urls = {s.name: s.source for s in manifest.shards}
-    if shards_override:
-        moved_urls = expand_shards(shards_override)
-        moved = dict(zip(shard_names(moved_urls), moved_urls))
-        lost = sorted(set(urls) - set(moved))
-        if lost and not missing_ok:
-            raise CacheError(f"data.shards does not contain source shards {lost[:5]} named in the cache manifest")
-        urls = {n: moved.get(n) for n in urls}
-    return urls
-
-
 class TeacherMismatch(CacheError):
     """The rebuilt teacher's weights do not hash as the manifest records."""
 
@@ -378,7 +391,13 @@ def cache_teacher(manifest: Manifest, weights: str | None = None, seed: int | No
     from common.config import Teacher as TeacherConfig
     from common.teacher import build_teacher
 
+    import timm
+
+    from common.config import ConfigError
+
     t = manifest.teacher
+    if not timm.is_model(t.arch):  # a hub name ("hf-hub:...") would fetch a model from where the cache says
+        raise ConfigError(f"manifest.json: teacher.arch {t.arch[:80]!r} is not an architecture of this timm")
     weights = weights or manifest.teacher_weights or "random"
     seed = (manifest.teacher_seed or 0) if seed is None else seed
     cfg = TeacherConfig(arch=t.arch, layer=t.layer, weights=weights, dtype=t.precision, seed=seed,

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from common.codecs import view_crc32
-from shards.errors import CacheError, CorruptSample
-from shards.index import check_recorded, read_index, row_ok, shard_dir
+from shards.errors import CacheError, CorruptSample, RefusedFile
+from shards.index import check_recorded, index_dtype, read_index, record_path, row_ok, shard_dir
 from shards.manifest import Manifest
 from shards.remote import RemoteError, is_url, read_ranges
+from shards.trust import check_index_values
 from shards.urlpath import as_path, zarr_store
 
 _open_files: OrderedDict[str, int] = OrderedDict()
@@ -55,6 +56,7 @@ def pread(path, size: int, offset: int) -> bytes:
             while len(_open_files) >= (MAX_OPEN_FILES or open_file_budget() // 2):
                 os.close(_open_files.popitem(last=False)[1])
         _open_files[path] = fd
+        size = max(0, min(size, os.fstat(fd).st_size - offset))  # never past the end: a short read, not a huge buffer
         return os.pread(fd, size, offset)
     except OSError as e:  # a vanished file, an I/O error: name it (a CacheError, not a traceback)
         raise CacheError(f"{path}: {e.strerror or e} while reading {size} bytes at {offset}; check the file "
@@ -77,18 +79,33 @@ class FeatureShard:
     """Random access to one recorded feature shard: its index (memory-mapped), and one view of any samples.
     Cheap to open (training opens and drops many); `samples` is the recorded count, checked against the index."""
 
-    def __init__(self, cache: Path, name: str, manifest: Manifest, samples: int | None = None):
+    def __init__(self, cache: Path, name: str, manifest: Manifest, record: dict | None = None):
         self.cache, self.name = as_path(cache), name
-        if samples is None:
-            samples = check_recorded(cache, name)["samples"]
-        self.fmt = manifest.cache_format
+        record = record or check_recorded(cache, name)
+        self.fmt, self.views = manifest.cache_format, manifest.views
         self.codec = manifest.token_codec
         self.tokens, self.channels = manifest.token_grid
         self.index = read_index(cache, name)
-        if len(self.index) != samples:
+        if len(self.index) != record["samples"]:
             raise CacheError(f"cache {cache}: shard {name}: index holds {len(self.index)} samples, its record "
-                             f"{samples}; run `img2vec verify`")
+                             f"{record['samples']}; run `img2vec verify`")
+        self._check_index(record)
         self._array = None
+
+    def _check_index(self, record: dict) -> None:
+        """Every usable row points inside this shard's files (shards/trust.py): the view files' sizes come from the
+        record, whose sizes were checked against the files (check_recorded)."""
+        path = shard_dir(self.cache, self.name) / "index.npy"
+        names = self.index.dtype.names or ()
+        key_bytes = self.index.dtype["key"].itemsize if "key" in names else 0
+        sizes = None
+        if self.fmt == "wds":
+            missing = [f"v{v:02d}.tar" for v in range(self.views) if f"v{v:02d}.tar" not in record["files"]]
+            if missing:
+                raise CacheError(f"{record_path(self.cache, self.name)} lists no {missing[0]}: the shard is not "
+                                 "whole; run `img2vec verify`")
+            sizes = [record["files"][f"v{v:02d}.tar"]["size"] for v in range(self.views)]
+        check_index_values(self.index, index_dtype(self.views, key_bytes), self.fmt, sizes, path)
 
     def key(self, i: int) -> str:
         return self.index["key"][i].decode()
@@ -135,7 +152,8 @@ class FeatureShard:
         if self._array is None:
             root = shard_dir(self.cache, self.name) / "tokens.zarr"
             store = zarr_store(str(root)) if is_url(str(root)) else _random_read_store(root)
-            self._array = zarr.open_array(store=store, path="tokens", mode="r")
+            self._array = _checked_array(zarr.open_array(store=store, path="tokens", mode="r"), root, self.views,
+                                         len(self.index), self.codec.packed_spec(self.tokens, self.channels))
         try:  # one call for the lot: zarr's per-call overhead is large; one shard index read per file
             return list(self._array.get_coordinate_selection((views, ids)))
         except Exception:  # noqa: BLE001 - find the damaged chunk(s) one by one
@@ -149,6 +167,17 @@ class FeatureShard:
 
     def close(self) -> None:
         self._array = None
+
+
+def _checked_array(array, root, views: int, samples: int, spec):
+    """The Zarr array as the manifest and index describe it ([V, N, T, C'], one (view, sample) per chunk, the
+    codec's dtype): its own metadata is the cache's, and a chunk shape believed unchecked sizes every read."""
+    (t, c), dtype = spec
+    want = ((views, samples, t, c), (1, 1, t, c), np.dtype(dtype))
+    if (tuple(array.shape), tuple(array.chunks), array.dtype) != want:
+        raise RefusedFile(f"{root}: array tokens is {tuple(array.shape)} {array.dtype} in chunks {tuple(array.chunks)}; "
+                          f"the manifest and index say {want[0]} {want[2]} in chunks {want[1]}: refused")
+    return array
 
 
 def _random_read_store(root: Path):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from webdataset.gopen import gopen
 
 from shards.remote import RemoteError, is_url, open_stream, probe_range
+from shards.trust import name_problem
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -64,7 +65,7 @@ def shard_name(url: str) -> str:
     words = url.removeprefix("pipe:").split()
     stems = [stem for w in words if (stem := _tar_stem(w))]
     name = stems[-1] if stems else words[0].rstrip("/").rsplit("/", 1)[-1] if len(words) == 1 and ":" not in url else ""
-    if name in ("", ".", "..") or name.startswith("."):  # a name that is no file name: never a path in the cache
+    if name_problem(name):  # a name that is no plain file name: never a path in the cache
         return "shard-" + hashlib.sha1(url.encode()).hexdigest()[:12]
     return name
 

@@ -1,0 +1,141 @@
+"""A cache is data, never code: hostile caches made by editing a real one (a `pipe:` source, a shard name that
+climbs out of the cache, sizes of 2^40 in an index, a torn manifest, a record listing ../../etc/passwd). Each is
+refused with exit 2 naming the file, by training, `img2vec verify` and `img2vec diversity`, and nothing it names
+runs or is read."""
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from img2vec.cli import main as img2vec
+from shards.manifest import read_manifest, source_urls
+from shards.trust import name_problem, relative_problem, source_problem
+from tests.conftest import write_config
+
+
+def copy_cache(extracted, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(extracted[1].cache.path, tmp_path / "cache"))
+
+
+def edit_json(path: Path, edit) -> None:
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+def edit_index(cache: Path, shard: str, edit) -> None:
+    """Change an index and give every row a valid crc32 again: a file made to pass the row checks."""
+    path = cache / shard / "index.npy"
+    index = np.load(path, allow_pickle=False)
+    edit(index)
+    for row in index:
+        row["row_crc"] = zlib.crc32(row.tobytes()[:-4])
+    np.save(path, index, allow_pickle=False)
+
+
+def tool(capsys, *args) -> tuple[int, str]:
+    rc = img2vec([*map(str, args), "--no-progress"])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def train_refuses(tmp_path: Path, capsys, shards="") -> str:
+    """Training on tmp_path/cache with data.shards as given ("" = the manifest's): exit 2, no traceback; the message."""
+    from train.loop import main as train_main
+
+    path = write_config(tmp_path, sets={"data.shards": shards, "train.max_steps": 1})
+    rc = train_main(["--config", str(path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    return err
+
+
+def test_what_a_cache_may_name():
+    for bad in ("", ".", "..", "../x", "a/b", "/etc", ".hidden", "a\\b", "a\0b"):
+        assert name_problem(bad), bad
+    assert name_problem("train-000123") is None
+    for bad in ("../../etc/passwd", "/etc/passwd", "a/../../b", "a//b", "./v00.tar", "a\0"):
+        assert relative_problem(bad), bad
+    assert relative_problem("tokens.zarr/tokens/c/0/0/0/0") is None
+    assert "pipe:" in source_problem("pipe:curl -s https://x/a.tar")
+    assert source_problem("sftp://host/a.tar") and source_problem("relative/a.tar") and source_problem("/dev/null")
+    assert source_problem("https://host/a.tar") is None and source_problem("/nonexistent/a.tar") is None
+
+
+@pytest.mark.slow
+def test_pipe_source_in_a_manifest_never_runs(tmp_path, extracted, capsys):
+    """A manifest whose sources are `pipe:` commands that would create a marker file: verify --recompute and
+    training (data.shards unset) refuse with exit 2 and the marker never appears; named again by the user
+    (--source-shards), the same cache verifies."""
+    cache = copy_cache(extracted, tmp_path)
+    marker = tmp_path / "ran"
+    src = Path(extracted[1].data.shards).parent
+    edit_json(cache / "manifest.json", lambda m: [s.update(source=f"pipe:touch {marker}; cat {src}/{s['name']}.tar")
+                                                  for s in m["shards"]])
+    rc, out = tool(capsys, "verify", cache, "--recompute", "3")
+    assert rc == 2 and "refused (" in out and "is a pipe: command: not run" in out and "--source-shards" in out, out
+    err = train_refuses(tmp_path, capsys)
+    assert "manifest.json names sources that are not data" in err and "data.shards" in err
+    assert not marker.exists()
+    rc, out = tool(capsys, "verify", cache, "--recompute", "3", "--source-shards",
+                   f"{src}/shard-{{000000..000002}}.tar")
+    assert rc == 0, out
+    refused: dict = {}  # the user's own sources are used as given (they may be commands: the user named them)
+    urls = source_urls(read_manifest(cache), f"pipe:cat {src}/shard-{{000000..000002}}.tar", refused=refused)
+    assert not refused and all(u.startswith("pipe:cat ") for u in urls.values())
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_shard_names_and_record_files_stay_inside_the_cache(tmp_path, extracted, capsys):
+    """A manifest naming shard `../outside` (a complete shard placed there, to be read if the name were followed),
+    and a record listing ../../etc/passwd: both refused with exit 2 naming the file, by verify and training."""
+    cache = copy_cache(extracted, tmp_path)
+    shutil.copytree(cache / "shard-000000", tmp_path / "outside")
+    shutil.copy(cache / "shard-000000.done.json", tmp_path / "outside.done.json")
+    edit_json(cache / "manifest.json", lambda m: m["shards"][0].update(name="../outside"))
+    rc, out = tool(capsys, "verify", cache)
+    assert rc == 2 and "shards[0].name '../outside'" in out and "refused" in out, out
+    assert "manifest.json" in train_refuses(tmp_path, capsys)
+
+    shutil.rmtree(cache)
+    cache = copy_cache(extracted, tmp_path)
+    edit_json(cache / "shard-000001.done.json",
+              lambda r: r["files"].update({"../../etc/passwd": {"size": 1, "sha256": "0" * 64}}))
+    rc, out = tool(capsys, "verify", cache)
+    assert rc == 2 and "shard-000001.done.json: files: '../../etc/passwd' leaves the shard's folder" in out, out
+    assert "shard-000001.done.json" in train_refuses(tmp_path, capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("field", ["nbytes", "offset", "src_size"])
+def test_sizes_of_2_to_the_40_in_an_index_are_refused(tmp_path, extracted, capsys, field):
+    """Offsets and sizes of 2^40 with valid row checksums (a file made to pass them): no MemoryError, exit 2 naming
+    the index, its row and key."""
+    cache = copy_cache(extracted, tmp_path)
+
+    def huge(index):
+        index[field][1] = 1 << 40
+
+    edit_index(cache, "shard-000002", huge)
+    rc, out = tool(capsys, "verify", cache)
+    assert rc == 2 and "shard-000002/index.npy: row 1" in out and "MemoryError" not in out, out
+    err = train_refuses(tmp_path, capsys, shards=f"{Path(extracted[1].data.shards).parent}/shard-{{000000..000002}}.tar")
+    assert "shard-000002/index.npy: row 1" in err and ("out of range" in err or "outside" in err), err
+
+
+@pytest.mark.slow
+def test_a_torn_manifest_is_exit_2_naming_it(tmp_path, extracted, capsys):
+    cache = copy_cache(extracted, tmp_path)
+    text = (cache / "manifest.json").read_text()
+    (cache / "manifest.json").write_text(text[: len(text) // 2])
+    rc, out = tool(capsys, "verify", cache)
+    assert rc == 2 and "manifest.json: manifest is not valid JSON" in out and "Traceback" not in out, out
+    rc, out = tool(capsys, "diversity", "--cache", cache)
+    assert rc == 2 and "manifest.json" in out, out
+    assert "manifest.json" in train_refuses(tmp_path, capsys)
