@@ -63,6 +63,11 @@ class Extract:
     limit: int = 0                         # stop after this many shards (0 = all); for smoke tests
     encode_threads: int = 0                # threads that encode, compress and checksum tokens; 0 = the cores
                                            # left after data.workers and the main process (at least 1)
+    lease_ttl: float = 60.0                # s: another host's shard lease silent this long is a dead node's (taken
+                                           # over); this job beats its own every lease_ttl / 12 s
+    wait_for_others: float = 300.0         # s: how long to wait for shards other live jobs hold before exiting 75
+    stall_timeout: float = 300.0           # s: a pipe: source that sends nothing this long fails (its command is
+                                           # stopped), naming it; the other shards go on
 
 
 @dataclass
@@ -268,6 +273,9 @@ def _ranges(cfg: Config, stage: str) -> list[tuple[bool, str, str, object]]:
             (e.limit >= 0, "extract.limit", "an integer >= 0 (0 = all shards)", e.limit),
             (e.encode_threads >= 0, "extract.encode_threads", "an integer >= 0 (0 = from the cores)", e.encode_threads),
             (cfg.data.workers >= 0, "data.workers", "an integer >= 0 (0 = decode in the main process)", cfg.data.workers),
+            (math.isfinite(e.lease_ttl) and e.lease_ttl > 0, "extract.lease_ttl", "a number of seconds > 0", e.lease_ttl),
+            (e.wait_for_others >= 0, "extract.wait_for_others", "a number of seconds >= 0", e.wait_for_others),
+            (e.stall_timeout > 0, "extract.stall_timeout", "a number of seconds > 0 (inf = never)", e.stall_timeout),
         ]
     finite = math.isfinite
     return [

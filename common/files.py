@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -85,20 +86,28 @@ def mtime(path: Path) -> float:
 TORN_AFTER = 60.0  # s: a lock file still empty or unparsable this long after its creation was left by a crash
 _HELD: set[str] = set()  # nonces of the locks this process holds (a lock naming our pid and another nonce is
                          # a previous life's: a restarted container often gets the same hostname and pid)
+_SEEN: dict[str, tuple[float, float]] = {}  # lock path -> (its mtime, our monotonic clock when we first saw it)
 
 
 class LockFile:
     """A file created with O_EXCL by the one process that holds it: {"host", "pid", "nonce", **info}. Its mtime
-    is the holder's heartbeat (`beat()`). The lock is stale when its process is dead on this host, when it names
-    our pid but no nonce this process holds (a previous life), when it is torn (empty or unparsable) for
-    TORN_AFTER seconds, or, given a `ttl`, when another host's has not beaten for `ttl` seconds (without one,
-    another host's lock never counts as dead: its processes cannot be seen from here). Taking over a stale lock
-    goes through a second O_EXCL file, `<name>.takeover`, so two processes that both judge it stale cannot both
-    take it."""
+    is the holder's heartbeat (`beat()`, or a `Heartbeat` thread). The lock is stale when its process is dead on
+    this host, when it names our pid but no nonce this process holds (a previous life), when it is torn (empty or
+    unparsable) for TORN_AFTER seconds, or, given a `ttl` (written into the lock, and the holder's own is the one
+    used), when another host's has not beaten for `ttl` seconds (without one, another host's lock never counts as
+    dead: its processes cannot be seen from here). Taking over a stale lock goes through a second O_EXCL file,
+    `<name>.takeover`, so two processes that both judge it stale cannot both take it.
+
+    Clocks: the holder's mtime is compared with this host's clock, so another host's lock is judged right while
+    the two clocks (on NFS: this host's and the file server's, which stamps mtime) differ by less than `ttl`
+    minus the holder's beat interval. A clock ahead of ours by more (an mtime in the future) only delays the
+    verdict: a lock whose mtime has not changed for `ttl` seconds of our own clock is stale too."""
 
     def __init__(self, path: Path, ttl: float | None = None, **info):
         self.path, self.ttl = Path(path), ttl
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "nonce": os.urandom(8).hex(), **info}
+        if ttl is not None:
+            self.me["ttl"] = ttl
         self.taken_over: dict | None = None  # the stale holder that acquire() replaced ({} if torn), if any
 
     def _create(self) -> bool:
@@ -154,7 +163,7 @@ class LockFile:
     def _stale(self, h: dict) -> bool:
         """Whether the holder `h` (parsed) is dead; subclasses add their own reasons."""
         if h.get("host") != self.me["host"]:
-            return self.ttl is not None and time.time() - mtime(self.path) > self.ttl
+            return self.ttl is not None and self._silent_for(h)
         try:
             pid = int(h["pid"])
             os.kill(pid, 0)
@@ -164,12 +173,32 @@ class LockFile:
             return False
         return pid == self.me["pid"] and h.get("nonce") not in _HELD  # our pid, a previous life
 
+    def _silent_for(self, h: dict) -> bool:
+        """Another host's holder has not beaten for its ttl: by the mtime's age on our clock, or by an mtime that
+        has not changed for ttl seconds of our own (monotonic) clock, whatever the clocks say."""
+        ttl = h.get("ttl")
+        ttl = float(ttl) if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl > 0 else self.ttl
+        m, now = mtime(self.path), time.monotonic()
+        if time.time() - m > ttl:
+            return True
+        seen = _SEEN.get(str(self.path))
+        if seen is None or seen[0] != m:
+            _SEEN[str(self.path)] = (m, now)
+            return False
+        return now - seen[1] > ttl
+
     def held(self) -> bool:
         return self.holder().get("nonce") == self.me["nonce"]
 
-    def beat(self) -> None:
-        if self.held():
+    def beat(self) -> bool:
+        """Touch the lock if this process still holds it; False if it does not (released, or taken over)."""
+        if not self.held():
+            return False
+        try:
             os.utime(self.path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def clear_stale(self) -> None:
         if self.path.exists() and self.stale():
@@ -179,3 +208,41 @@ class LockFile:
         if self.held():
             self.path.unlink(missing_ok=True)
         _HELD.discard(self.me["nonce"])
+
+
+class Heartbeat:
+    """A daemon thread that beats the locks it is given every `interval` seconds, while the main thread works or
+    waits (a long batch, a source that stalls, a wait for other jobs): a holder's heartbeat says its process is
+    alive, so another host may take over its locks only after it died. `with Heartbeat(5.0) as hb: hb.add(lock)`."""
+
+    def __init__(self, interval: float):
+        self.interval, self.locks = interval, set()
+        self._guard, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def add(self, lock: LockFile) -> None:
+        with self._guard:
+            self.locks.add(lock)
+
+    def discard(self, lock: LockFile) -> None:
+        with self._guard:
+            self.locks.discard(lock)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._guard:
+                locks = list(self.locks)
+            for lock in locks:
+                try:
+                    if not lock.beat():
+                        self.discard(lock)  # released, or taken over: nothing of ours to keep alive
+                except OSError:
+                    pass  # a file system hiccup: the next beat tries again
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

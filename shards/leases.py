@@ -1,5 +1,10 @@
 """Shard leases: `<name>.lock`, held by the one extraction process that works on a shard, and the clean-up of
-what an interrupted writer of that shard left behind."""
+what an interrupted writer of that shard left behind.
+
+A job holds the leases of the shards it will write from its start to each shard's commit, and a heartbeat thread
+(common.files.Heartbeat) touches every one of them each `ttl / BEATS_PER_TTL` seconds, so none goes quiet while
+the job lives; another host's lease silent for its `ttl` (written in the lease) is a dead node's and is taken
+over. On this host a lease is stale as soon as its process is gone."""
 from __future__ import annotations
 
 import glob
@@ -7,18 +12,30 @@ import shutil
 import time
 from pathlib import Path
 
-from common.files import LockFile
+from common.files import LockFile, mtime
 from shards.index import read_record, record_path, record_problems, shard_dir
 
-LEASE_TTL = 1800.0  # s without a heartbeat after which another host's lease counts as dead (a lost node)
+LEASE_TTL = 60.0   # s without a heartbeat after which another host's lease counts as dead (extract.lease_ttl)
+BEATS_PER_TTL = 12  # heartbeats in a ttl: a lease is taken over only after 12 missed beats (5 s apart by default)
+
+
+def beat_interval(ttl: float) -> float:
+    return ttl / BEATS_PER_TTL
 
 
 class Lease(LockFile):
-    """`<name>.lock` (common.files.LockFile): host, pid, nonce, start time; the holder beats (`beat()`) on every
-    batch written, so another host's lease is dead after LEASE_TTL without one (a lost node)."""
+    """`<name>.lock` (common.files.LockFile): host, pid, nonce, start time and ttl; kept alive by the holder's
+    heartbeat thread, so another host's lease silent for its ttl is a lost node's."""
 
-    def __init__(self, cache: Path, name: str):
-        super().__init__(Path(cache) / f"{name}.lock", ttl=LEASE_TTL, since=time.time())
+    def __init__(self, cache: Path, name: str, ttl: float = LEASE_TTL):
+        self.name = name
+        super().__init__(Path(cache) / f"{name}.lock", ttl=ttl, since=time.time())
+
+    def describe(self) -> str:
+        """Who holds it, and when it last beat: for the messages of a job that waits for it."""
+        h = self.holder()
+        age = time.time() - mtime(self.path)
+        return f"{self.name} (host {h.get('host')} pid {h.get('pid')}, last heartbeat {age:.0f} s ago)"
 
 
 def remove_partial(cache: Path, name: str) -> None:
