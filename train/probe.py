@@ -64,7 +64,8 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
 
 class EvalCrops(IterableDataset):
     """(uint8 [3, S, S], label, key) of every labelled sample in `urls`; shards dealt to DataLoader workers.
-    `split` keeps only one side of `in_val_split` ("train" or "val")."""
+    `split` keeps only one side of `in_val_split` ("train" or "val"). A subclass may change `samples` (which source
+    samples, in which order) and `view` (an image's pixels): img2vec/supervised.py does."""
 
     def __init__(self, urls: list[str], img_size: int, crop_pct: float, split: str | None = None,
                  val_fraction: float = 0.0, seed: int = 0):
@@ -72,12 +73,19 @@ class EvalCrops(IterableDataset):
         self.split, self.val_fraction, self.seed = split, val_fraction, seed
 
     def __iter__(self):
+        for s, img, _ in decode_samples(filter(self.in_split, self.samples()), reject=_unlabelled):
+            if img is None:  # no image, no label, or it does not decode: skipped and counted
+                yield None, -1, s["key"]
+                continue
+            yield self.view(img), s["cls"], s["key"]
+
+    def samples(self) -> Iterator[dict]:
+        """The source samples this DataLoader worker reads: its share of the shards, in order."""
         for url in worker_slice(self.urls):
-            for s, img, _ in decode_samples(filter(self.in_split, iter_samples(url)), reject=_unlabelled):
-                if img is None:  # no image, no label, or it does not decode: skipped and counted
-                    yield None, -1, s["key"]
-                    continue
-                yield replay(img, center_box(img.height, img.width, self.crop_pct), self.size, CUTS[0]), s["cls"], s["key"]
+            yield from iter_samples(url)
+
+    def view(self, img):
+        return replay(img, center_box(img.height, img.width, self.crop_pct), self.size, CUTS[0])
 
     def in_split(self, sample: dict) -> bool:
         return self.split is None or (self.split == "val") == in_val_split(sample["key"], self.val_fraction, self.seed)
@@ -87,7 +95,8 @@ def _unlabelled(sample: dict) -> str | None:
     return "no .cls label" if sample["cls"] is None else None
 
 
-def _collate(items):
+def collate_crops(items):
+    """EvalCrops items -> (images, labels, keys, how many were skipped)."""
     good = [it for it in items if it[0] is not None]
     images = torch.stack([it[0] for it in good]) if good else torch.zeros(0, dtype=torch.uint8)
     return images, torch.tensor([it[1] for it in good], dtype=torch.long), [it[2] for it in good], len(items) - len(good)
@@ -129,7 +138,7 @@ def extract_features(encoder, shards, img_size: int, crop_pct: float = 0.875, ba
 
     urls = labelled_shards(shards)
     data = EvalCrops(urls, img_size, crop_pct, split, val_fraction, seed)
-    loader = DataLoader(data, batch_size=batch_size, collate_fn=_collate, num_workers=min(workers, len(urls)))
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_crops, num_workers=min(workers, len(urls)))
     encoder.eval()
     feats, labels, keys, skipped = [], [], [], 0
     with tqdm(unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
