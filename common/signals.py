@@ -3,7 +3,7 @@ and SIGINT (a terminal's Ctrl-C) ask a stage to stop at its next safe point inst
 
 SLURM signals every process of a job step, and a terminal, `kill -- -PGID` and `timeout` the whole process group,
 so the DataLoader workers get the signal too: they ignore all three (`ignore_stop_signals`, their worker_init_fn;
-`reap_at_exit` then ends any left running) and leave the stop to the main process. Exit statuses:
+`watch_workers` ends any left running at exit) and leave the stop to the main process. Exit statuses:
 
 - PREEMPTED (75, EX_TEMPFAIL: "try again") after SIGTERM / SIGUSR1: training checkpointed the step it stopped
   at, extraction kept the shards it finished. A job script requeues on it.
@@ -19,7 +19,6 @@ import atexit
 import os
 import signal
 import threading
-import weakref
 
 PREEMPTED = 75
 INTERRUPTED = 130
@@ -69,22 +68,33 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-_LOADERS: weakref.WeakSet = weakref.WeakSet()
+_WORKERS: list = []  # the worker processes (multiprocessing.Process) of this process's current loaders
+_reaping = False
 
 
-def reap_at_exit(iterator):
-    """Register a DataLoader iterator whose workers ignore SIGTERM: at interpreter exit its workers still running are
-    SIGKILLed. multiprocessing's own exit handler terminates daemonic children with SIGTERM, then joins them: a
-    loader not shut down by then (an uncaught exception keeps its frames, and the iterator, alive) would hang the
-    process. Registered on first use, so it runs before multiprocessing's handler. Returns the iterator."""
-    if not _LOADERS:
+def watch_workers(iterator):
+    """Register the workers of a DataLoader iterator (they ignore SIGTERM) and return the iterator. At interpreter
+    exit the ones still running are SIGKILLed: multiprocessing's own exit handler sends them SIGTERM and joins them,
+    so a loader not shut down by then (an uncaught exception keeps its frames, and the iterator, alive) would hang
+    the process. Registered on first use, it runs before multiprocessing's. `dead_workers` names the ones a signal
+    killed; workers of earlier loaders that have exited are forgotten here."""
+    global _reaping
+    if not _reaping:
         atexit.register(_reap)
-    _LOADERS.add(iterator)
+        _reaping = True
+    _WORKERS[:] = [w for w in _WORKERS if w.exitcode is None]
+    _WORKERS.extend(getattr(iterator, "_workers", ()))
     return iterator
 
 
+def dead_workers() -> list[tuple[int, str]]:
+    """(pid, signal name) of each registered worker that a signal killed (the kernel's OOM killer sends SIGKILL)."""
+    return [(w.pid, signal.Signals(-w.exitcode).name) for w in _WORKERS if w.exitcode is not None and w.exitcode < 0]
+
+
 def _reap() -> None:
-    for it in list(_LOADERS):
-        for w in getattr(it, "_workers", ()):
-            if w.is_alive():
-                os.kill(w.pid, signal.SIGKILL)
+    live = [w for w in _WORKERS if w.is_alive()]
+    if live:  # torch's SIGCHLD handler would report these deaths as a failure of the exiting process
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for w in live:
+        os.kill(w.pid, signal.SIGKILL)
