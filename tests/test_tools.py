@@ -164,12 +164,12 @@ def test_diversity_two_teachers_over_shards_with_maps(source, tmp_path, capsys):
     pattern = f"{source}/shard-{{000000..000002}}.tar"
     rc, out = tool(capsys, "diversity", "--shards", pattern, "--teacher", "resnet18", "--teacher", "resnet10t",
                    "--size", "64", "--samples", "8", "--maps", tmp_path / "maps", "--map-images", "2",
-                   "--json", tmp_path / "d.json", "--device", "cpu")
+                   "--json", tmp_path / "d.json", "--device", "cpu", "--students", "none")
     assert rc == 0, out
     result = json.loads((tmp_path / "d.json").read_text())
     assert [r["teacher"] for r in result["rows"]] == ["resnet18", "resnet10t"]
-    table = [line.split()[0] for line in out.splitlines()]
-    assert table[:3] == ["teacher", "resnet18", "resnet10t"]
+    table = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("|")]
+    assert table == ["teacher", "---", "resnet18", "resnet10t"]  # a markdown table, a row per teacher
     assert all(r["images"] == 8 and r["views"] == 8 and 0 <= r["token_diversity"] <= 1 for r in result["rows"])
     pngs = sorted((tmp_path / "maps").glob("*.png"))
     assert len(pngs) == 2 and [str(p) for p in pngs] == result["map_files"]
