@@ -12,7 +12,8 @@ import json
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import braceexpand
@@ -93,28 +94,43 @@ def _split_member(path: str) -> tuple[str, str]:
     return (f"{directory}/{key}" if directory else key), ext.lower()
 
 
-def iter_members(url: str) -> Iterator[tuple[str, str, bytes, int]]:
-    """(key, ext, bytes, data offset) of each regular member, streamed. Raises ShardError on a broken tar,
-    including one cut at a member boundary (no end-of-archive marker). The offset is into the uncompressed
-    tar: with an uncompressed tar it is where a ranged read finds the bytes again (pread, or remote.read_range).
-    Local paths and `pipe:` go through webdataset's gopen; http(s)://, s3://, gs://, hf:// through shards.remote."""
+def local_tar(url: str) -> bool:
+    """A local, uncompressed tar: read by seeking from header to header, so a reader that wants only some samples
+    never reads the bytes of the others."""
+    if url.startswith("pipe:") or is_url(url) or ":" in url.split("/")[0] or not Path(url).is_file():
+        return False
+    return is_seekable(url)
+
+
+def iter_members(url: str) -> Iterator[tuple[str, str, Callable[[], bytes], int]]:
+    """(key, ext, read, data offset) of each regular member, in order; `read()` gives its bytes (call it before
+    the next member, or not at all). Raises ShardError on a broken tar, including one cut at a member boundary (no
+    end-of-archive marker) or inside a member, whether or not its bytes were read. The offset is into the
+    uncompressed tar: with an uncompressed tar it is where a ranged read finds the bytes again (pread, or
+    remote.read_range). A local uncompressed tar is read by seeking (only the headers and the members read);
+    `pipe:` and compressed tars through webdataset's gopen, http(s)://, s3://, gs://, hf:// through shards.remote,
+    as streams that read every byte."""
     if not url.startswith("pipe:") and not is_url(url) and not Path(url).exists():
         raise ShardError(url, "file not found (check data.shards)")
     try:
-        stream = open_stream(url) if is_url(url) else gopen(url, "rb")
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
+        seek = local_tar(url)
+        stream = open(url, "rb") if seek else open_stream(url) if is_url(url) else gopen(url, "rb")
+        with tarfile.open(fileobj=stream, mode="r:" if seek else "r|*") as tar:
+            for info in tar:  # "r:" checks that the previous member's bytes are all there before each header
                 if not info.isreg():
                     continue
                 key, ext = _split_member(info.name)
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise ShardError(url, f"truncated at member {info.name}")
-                yield key, ext, data, info.offset_data
+                data = None if seek else _member_bytes(url, tar, info)  # a stream reads past them anyway
+                read = partial(_member_bytes, url, tar, info) if seek else (lambda d=data: d)
+                yield key, ext, read, info.offset_data
             end = tar.offset
-            while tar.fileobj.read(1 << 16):
-                pass
-            if tar.fileobj.pos < end + 2 * tarfile.BLOCKSIZE:
+            if seek:
+                size = os.fstat(stream.fileno()).st_size
+            else:
+                while tar.fileobj.read(1 << 16):
+                    pass
+                size = tar.fileobj.pos
+            if size < end + 2 * tarfile.BLOCKSIZE:
                 raise ShardError(url, f"truncated: no end-of-archive marker after {end} bytes (the tar was cut "
                                       "at a member boundary); re-copy the shard")
         stream.close()
@@ -122,6 +138,16 @@ def iter_members(url: str) -> Iterator[tuple[str, str, bytes, int]]:
         raise ShardError(url, e.reason) from None
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(url, f"{type(e).__name__}: {e} (truncated or not a tar?)") from None
+
+
+def _member_bytes(url: str, tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    try:
+        data = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(url, f"{type(e).__name__}: {e} (truncated or not a tar?)") from None
+    if len(data) != info.size:
+        raise ShardError(url, f"truncated at member {info.name}")
+    return data
 
 
 def is_seekable(url: str) -> bool:
@@ -140,27 +166,35 @@ def is_seekable(url: str) -> bool:
     return len(head) == 512 and head[257:262] == b"ustar"
 
 
-def iter_groups(url: str) -> Iterator[tuple[str, dict[str, tuple[bytes, int]]]]:
+def iter_groups(url: str, wanted: Callable[[int], bool] | None = None
+                ) -> Iterator[tuple[str, dict[str, tuple[bytes, int]] | None]]:
     """(key, {ext: (bytes, offset)}) per sample, in order; members of one key are adjacent, as in
-    WebDataset. A key met again later, or one ext twice, yields the key again with "__duplicate__"."""
-    key, members, seen = None, {}, set()
-    for k, ext, data, offset in iter_members(url):
-        if members and (k != key or ext in members):  # a new key, or this key's ext again: a new group
-            yield key, members
+    WebDataset. A key met again later, or one ext twice, yields the key again with "__duplicate__".
+    With `wanted`, sample i's members are read only if wanted(i); the others yield (key, None)."""
+    key, members, seen, i = None, {}, set(), -1
+    for k, ext, read, offset in iter_members(url):
+        new = not members or k != key or ext in members  # a new key, or this key's ext again: a new group
+        if new and members:
+            yield key, members if wanted is None or wanted(i) else None
             members = {}
+        i += new
         if k in seen and not members:
             members["__duplicate__"] = (ext.encode(), offset)
         key = k
         seen.add(k)
-        members.setdefault(ext, (data, offset))
+        members.setdefault(ext, (read() if wanted is None or wanted(i) else b"", offset))
     if members:
-        yield key, members
+        yield key, members if wanted is None or wanted(i) else None
 
 
-def iter_samples(url: str) -> Iterator[dict]:
+def iter_samples(url: str, wanted: Callable[[int], bool] | None = None) -> Iterator[dict | None]:
     """Samples of one source shard: the first image entry (bytes, data offset in the tar) and the `.cls`
-    label of each key; `duplicate` is True for a key already seen in this shard."""
-    for key, members in iter_groups(url):
+    label of each key; `duplicate` is True for a key already seen in this shard. With `wanted`, sample i is
+    read only if wanted(i); the others yield None (counted, their bytes not read from a local tar)."""
+    for key, members in iter_groups(url, wanted):
+        if members is None:
+            yield None
+            continue
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         try:
             cls = int(members["cls"][0].decode().strip()) if "cls" in members else None
