@@ -233,9 +233,12 @@ class TokenCodec:
         array for u8 codecs (2x / 4x fewer bytes than fp32 through the DataLoader's queue); the step decodes
         the batch on its device with `decode_tensor`."""
         packed = np.array(packed, copy=True)
-        if self.kind == "bf16" and not self.zero_bitmap:
-            return torch.from_numpy(packed.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(packed)
+        return self.as_loaded(torch.from_numpy(packed.view(np.int16) if packed.dtype == np.uint16 else packed))
+
+    def as_loaded(self, bits: torch.Tensor) -> torch.Tensor:
+        """Packed views as a tensor of their bits (uint8, int16 for uint16 patterns, float32) -> what the loader
+        hands the step: bf16 bit patterns as bfloat16, the rest as stored."""
+        return bits.view(torch.bfloat16) if self.kind == "bf16" and not self.zero_bitmap else bits
 
     def decode_tensor(self, packed: torch.Tensor) -> torch.Tensor:
         """`to_tensor`'s output (batched, on any device) -> tokens [..., T, C] fp32, as `decode` computes them."""
@@ -258,13 +261,15 @@ class TokenCodec:
         comp = self.blosc()
         return bytes(comp.encode(np.ascontiguousarray(packed))) if comp else np.ascontiguousarray(packed).tobytes()
 
-    def decompress(self, data: bytes, tokens: int, channels: int) -> np.ndarray:
+    def decompress(self, data: bytes, tokens: int, channels: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored bytes -> the packed view [T, C'], written into `out` when given (the loader's batch buffer)."""
         shape, dtype = self.packed_spec(tokens, channels)
         comp = self.blosc()
         if comp is None:
-            return np.frombuffer(data, dtype=dtype).reshape(shape)
+            view = np.frombuffer(data, dtype=dtype).reshape(shape)
+            return view if out is None else np.copyto(out, view) or out
         # into a buffer of the view's size: a frame whose header claims more is an error, never that allocation
-        return comp.decode(data, out=np.empty(shape, dtype))
+        return comp.decode(data, out=np.empty(shape, dtype) if out is None else out)
 
 
 CODECS = {c.name: c for c in (

@@ -1,8 +1,12 @@
 """Reading feature shards: one view of any samples, each checked against its crc32 in the index.
 
-Reading one view of a sample reads that view's bytes only (plus 16 bytes of Zarr's shard index per sample in
-zarr), so an epoch reads ~1/V of the cache. Files are read with pread through a small per-process LRU of open
-descriptors, readahead off: the kernel reads what is asked, not the neighbouring samples or views.
+Reading one view of a sample reads that view's bytes only (plus Zarr's 4 KiB shard index once per shard file and
+call in zarr), so an epoch reads ~1/V of the cache. Files are read with pread through a per-process LRU of open
+descriptors, readahead off: the kernel reads what is asked, not the neighbouring samples or views. A training
+process opens every file its loader workers will read once, before they fork (`hold_open`): they inherit the
+descriptors, so a worker opens nothing, in any epoch. Local Zarr shards are read by our own reader of the sharding
+codec (docs/FORMAT.md section 9: the shard index, then the chunk, each checked by its crc32c): zarr-python's
+asynchronous machinery cost ~1 ms per (shard, call) there.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 
 from common.codecs import view_crc32
@@ -21,9 +26,12 @@ from shards.manifest import Manifest
 from shards.remote import RemoteError, is_url, read_ranges
 from shards.trust import check_index_values
 from shards.urlpath import as_path, zarr_store
+from shards.writer import SHARD_SAMPLES
 
 _open_files: OrderedDict[str, int] = OrderedDict()
-MAX_OPEN_FILES = 0  # per process, 0 = half of open_file_budget(): ImageNet's 1,282 x (V view files + a source)
+MAX_OPEN_FILES = 0  # per process, 0 = 3/4 of open_file_budget(): ImageNet's 1,282 x (V view files + a source)
+_CRC32C = numcodecs.CRC32C()  # Zarr's crc32c codec: decode checks and strips the 4 checksum bytes
+NO_CHUNK = 2**64 - 1  # a Zarr shard index entry of a chunk never stored (all fill value, zeros)
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,19 +51,55 @@ def open_file_budget() -> int:
     return max(soft, 256)
 
 
+def _fd(path: str) -> int:
+    """The open descriptor of a file, through the per-process LRU (readahead off); OSError if it cannot be opened."""
+    fd = _open_files.pop(path, None)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        while len(_open_files) >= open_files_held():
+            os.close(_open_files.popitem(last=False)[1])
+    _open_files[path] = fd
+    return fd
+
+
+def open_files_held() -> int:
+    """How many descriptors the LRU keeps (MAX_OPEN_FILES, or 3/4 of the budget: the rest is for index maps,
+    1/8, and everything else)."""
+    return MAX_OPEN_FILES or open_file_budget() * 3 // 4
+
+
+def hold_open(paths) -> int:
+    """Open local files into the LRU, as many as it keeps: a process that forks its loader workers afterwards
+    hands them the descriptors (shared, position-free with pread). A file that is missing is skipped (a Zarr
+    shard file never written); a process out of descriptors stops there. Returns the files held."""
+    held = 0
+    for path in paths:
+        if held >= open_files_held():
+            break
+        if is_url(str(path)):
+            continue
+        try:
+            _fd(str(path))
+            held += 1
+        except FileNotFoundError:
+            continue
+        except OSError:  # EMFILE and the like: the rest is opened lazily by whoever reads it
+            break
+    return held
+
+
+def file_size(path) -> int:
+    return os.fstat(_fd(str(path))).st_size
+
+
 def pread(path, size: int, offset: int) -> bytes:
-    """`size` bytes at `offset`, through a small per-process LRU of open files read without readahead (the
-    kernel reads what is asked, not the neighbouring samples or views). A forked worker starts with the
-    parent's descriptors, which pread shares safely (no file position)."""
+    """`size` bytes at `offset`, through the per-process LRU of open files read without readahead (the kernel
+    reads what is asked, not the neighbouring samples or views). A forked worker starts with the parent's
+    descriptors, which pread shares safely (no file position)."""
     path = str(path)
     try:
-        fd = _open_files.pop(path, None)
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            while len(_open_files) >= (MAX_OPEN_FILES or open_file_budget() // 2):
-                os.close(_open_files.popitem(last=False)[1])
-        _open_files[path] = fd
+        fd = _fd(path)
         size = max(0, min(size, os.fstat(fd).st_size - offset))  # never past the end: a short read, not a huge buffer
         return os.pread(fd, size, offset)
     except OSError as e:  # a vanished file, an I/O error: name it (a CacheError, not a traceback)
@@ -110,21 +154,37 @@ class FeatureShard:
     def key(self, i: int) -> str:
         return self.index["key"][i].decode()
 
-    def read_views(self, ids, views) -> list[np.ndarray | CorruptSample]:
-        """Packed arrays [T, C'] of view views[j] of sample ids[j], each checked against its crc32; a sample
-        whose bytes are damaged comes back as a CorruptSample (the caller raises or skips it)."""
+    def token_files(self) -> list[Path]:
+        """The files read_views reads (wds: the view tars; zarr: the shard files, some of which may not exist; the
+        array's metadata is opened and checked first, as reading needs it)."""
+        root = shard_dir(self.cache, self.name)
+        if self.fmt == "wds":
+            return [root / f"v{v:02d}.tar" for v in range(self.views)]
+        self._zarr_array()
+        files = -(-len(self.index) // SHARD_SAMPLES)
+        return [root / "tokens.zarr" / "tokens" / "c" / str(v) / str(k) / "0" / "0"
+                for v in range(self.views) for k in range(files)]
+
+    def read_views(self, ids, views, out: list[np.ndarray] | None = None) -> list[np.ndarray | CorruptSample]:
+        """Packed arrays [T, C'] of view views[j] of sample ids[j] (decoded into out[j] when given: the loader's
+        batch buffer), each checked against its crc32; a sample whose bytes are damaged comes back as a
+        CorruptSample (the caller raises or skips it)."""
         ids, views = np.asarray(ids, np.int64), np.asarray(views, np.int64)
-        out: list = [None] * len(ids)
+        res: list = [None] * len(ids)
         order = np.lexsort((ids, views))  # view file by view file, in file order: short seeks
-        raw = self._read_wds(ids[order], views[order]) if self.fmt == "wds" else self._read_zarr(ids[order], views[order])
-        for j, data in zip(order, raw):
+        dest = [None if out is None else out[j] for j in order]
+        read = self._read_wds if self.fmt == "wds" else self._read_zarr
+        raw = read(ids[order], views[order], dest)
+        for j, d, data in zip(order, dest, raw):
             i, v = int(ids[j]), int(views[j])
             if not isinstance(data, CorruptSample) and view_crc32(data) != self.index["crc"][i, v]:
                 data = CorruptSample(self.name, self.key(i), f"view {v}: crc32 differs from the index")
-            out[j] = data
-        return out
+            if d is not None and not isinstance(data, CorruptSample) and not np.may_share_memory(d, data):
+                data = np.copyto(d, data) or d  # read elsewhere (zarr-python, for a cache at a URL)
+            res[j] = data
+        return res
 
-    def _read_wds(self, ids, views):
+    def _read_wds(self, ids, views, dest):
         ok = [row_ok(self.index[i]) for i in ids]  # a damaged row's offset and size are not trusted: read nothing
         root = shard_dir(self.cache, self.name)
         try:
@@ -133,7 +193,7 @@ class FeatureShard:
         except RemoteError as e:
             raise CacheError(f"cache {self.cache}: {e}") from None
         out = []
-        for i, v, good in zip(ids, views, ok):
+        for i, v, good, d in zip(ids, views, ok, dest):
             if not good:
                 out.append(CorruptSample(self.name, self.key(i), f"index row {i}: crc32 differs"))
                 continue
@@ -141,32 +201,78 @@ class FeatureShard:
             try:
                 if len(data) != size:
                     raise ValueError(f"v{v:02d}.tar ends {size - len(data)} bytes early")
-                out.append(self.codec.decompress(data, self.tokens, self.channels))
+                out.append(self.codec.decompress(data, self.tokens, self.channels, out=d))
             except Exception as e:  # noqa: BLE001 - any failure to decode stored bytes is corruption
                 out.append(CorruptSample(self.name, self.key(i), f"view {v}: {type(e).__name__}: {e}"))
         return out
 
-    def _read_zarr(self, ids, views):
+    def _zarr_array(self):
+        """The Zarr array, opened once and its metadata checked; locally its chunks are read by _zarr_view."""
         import zarr
+        from zarr.storage import LocalStore
 
         if self._array is None:
             root = shard_dir(self.cache, self.name) / "tokens.zarr"
-            store = zarr_store(str(root)) if is_url(str(root)) else _random_read_store(root)
+            store = zarr_store(str(root)) if is_url(str(root)) else LocalStore(root, read_only=True)
             self._array = _checked_array(zarr.open_array(store=store, path="tokens", mode="r"), root, self.views,
                                          len(self.index), self.codec.packed_spec(self.tokens, self.channels))
+        return self._array
+
+    def _read_zarr(self, ids, views, dest):
+        root = shard_dir(self.cache, self.name) / "tokens.zarr"
+        array = self._zarr_array()
+        if not is_url(str(root)):
+            indexes: dict = {}  # shard file -> its index, read once per call
+            return [self._zarr_view(root / "tokens" / "c", int(i), int(v), d, indexes) for i, v, d in zip(ids, views, dest)]
         try:  # one call for the lot: zarr's per-call overhead is large; one shard index read per file
-            return list(self._array.get_coordinate_selection((views, ids)))
+            return list(array.get_coordinate_selection((views, ids)))
         except Exception:  # noqa: BLE001 - find the damaged chunk(s) one by one
             out = []
             for i, v in zip(ids, views):
                 try:
-                    out.append(self._array[int(v), int(i)])
+                    out.append(array[int(v), int(i)])
                 except Exception as e:  # noqa: BLE001
                     out.append(CorruptSample(self.name, self.key(i), f"view {v}: {type(e).__name__}: {e}"))
             return out
 
+    def _zarr_view(self, chunks: Path, i: int, v: int, dest, indexes: dict) -> np.ndarray | CorruptSample:
+        """View v of sample i from its local Zarr shard file (docs/FORMAT.md section 9): the file's index (once per
+        call, crc32c checked), then the chunk by one pread (crc32c checked), Blosc-decoded (into dest when given)."""
+        path = chunks / str(v) / str(i // SHARD_SAMPLES) / "0" / "0"
+        try:
+            if path not in indexes:
+                indexes[path] = _zarr_shard_index(path)
+            entry = indexes[path]
+            offset, nbytes = (NO_CHUNK, NO_CHUNK) if entry is None else (int(x) for x in entry[i % SHARD_SAMPLES])
+            if offset == NO_CHUNK:  # never stored: the fill value
+                shape, dtype = self.codec.packed_spec(self.tokens, self.channels)
+                out = np.zeros(shape, dtype) if dest is None else dest
+                out[...] = 0
+                return out
+            stored = _CRC32C.decode(pread(path, nbytes, offset))
+            return self.codec.decompress(stored, self.tokens, self.channels, out=dest)
+        except CacheError:  # the file system, not the bytes
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to decode stored bytes is corruption
+            return CorruptSample(self.name, self.key(i), f"view {v}: {type(e).__name__}: {e}")
+
     def close(self) -> None:
         self._array = None
+
+
+def _zarr_shard_index(path: Path) -> np.ndarray | None:
+    """The (offset, nbytes) entries [SHARD_SAMPLES, 2] of a Zarr shard file, checked by their crc32c; None for a file
+    never written (it held no stored chunk)."""
+    try:
+        size = file_size(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CacheError(f"{path}: {e.strerror or e}; check the file system, then `img2vec verify` the cache") from None
+    n = 16 * SHARD_SAMPLES + 4
+    if size < n:
+        raise ValueError(f"{size} bytes, shorter than a shard index")
+    return np.frombuffer(_CRC32C.decode(pread(path, n, size - n)), "<u8").reshape(SHARD_SAMPLES, 2)
 
 
 def _checked_array(array, root, views: int, samples: int, spec):
@@ -178,38 +284,6 @@ def _checked_array(array, root, views: int, samples: int, spec):
         raise RefusedFile(f"{root}: array tokens is {tuple(array.shape)} {array.dtype} in chunks {tuple(array.chunks)}; "
                           f"the manifest and index say {want[0]} {want[2]} in chunks {want[1]}: refused")
     return array
-
-
-def _random_read_store(root: Path):
-    """A read-only Zarr LocalStore whose byte-range reads (a shard's index, one inner chunk) are single
-    preads with readahead off: the kernel reads the chunk asked for, not its neighbours (other samples)."""
-    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.storage import LocalStore
-
-    def pread_range(path: Path, byte_range) -> bytes:
-        if isinstance(byte_range, RangeByteRequest):
-            return pread(path, byte_range.end - byte_range.start, byte_range.start)
-        size = path.stat().st_size
-        if isinstance(byte_range, OffsetByteRequest):
-            return pread(path, size - byte_range.offset, byte_range.offset)
-        if isinstance(byte_range, SuffixByteRequest):
-            start = max(0, size - byte_range.suffix)
-            return pread(path, size - start, start)
-        raise TypeError(f"unexpected byte range {byte_range!r}")
-
-    class RandomReadStore(LocalStore):
-        async def get(self, key, prototype=None, byte_range=None):
-            if byte_range is None:
-                return await super().get(key, prototype, byte_range)
-            prototype = prototype or default_buffer_prototype()
-            try:  # inline, not in a thread: one hop less per chunk, and these reads are small and local
-                data = pread_range(self.root / key, byte_range)
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                return None
-            return prototype.buffer.from_bytes(data)
-
-    return RandomReadStore(root, read_only=True)
 
 
 def iter_feature_shard(cache: Path, name: str, manifest: Manifest) -> Iterator[dict]:

@@ -169,7 +169,7 @@ def test_a_dropped_connection_is_retried(served, fast_retries, ranges):
 
 
 def test_a_server_that_keeps_failing_is_a_named_error(served, fast_retries):
-    from train.data import read_sources
+    from train.batches import read_sources
 
     src, server = served[0], served[1]
     url, path = f"{server.url}/{SHARDS[0]}", f"/{SHARDS[0]}"

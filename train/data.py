@@ -7,45 +7,44 @@
   ranges): a permutation of all samples seeded by (seed, epoch), i.i.d. batches. "stream" mode (`pipe:`,
   compressed sources, servers without ranged reads):
   shards in a seeded order, cut into contiguous runs per (rank, worker), shuffled by a seeded buffer.
-- `read_batch` / `stream_batches`: the samples of a batch, their image bytes (read at their recorded
-  offsets, or streamed) checked against the recorded crc32, and this epoch's view of their tokens.
-- `decode`: decode the image, check its size, replay the recorded view exactly, decode the tokens.
-- `EpochData`: worker w of W yields batches start+w, start+w+W, ...; the DataLoader takes workers in
-  turn, so batches come in plan order, and a resume at batch `start` continues the same sequence.
-
-Each sample trains on one recorded view per epoch, `view_order(seed, key, V)[epoch % V]`.
+- `Deal`: how this rank's batches are dealt each epoch (epoch_plan's arguments), and from a position.
+- `RunData`: this rank's batches from a position on, epoch after epoch, for ONE DataLoader for the whole run:
+  its workers persist across epochs, with the files they read, which the main process opens once before they
+  fork (`CacheIndex.hold_open`): no worker opens a file, in any epoch (docs/BENCHMARKS.md, file opens). The
+  sequence is the epochs' plans end to end; worker w of W yields its items w, w+W, ...; the DataLoader takes
+  workers in turn, so batches come in that order, and a resume at any position continues the same sequence.
+- train/batches.py reads, checks and decodes one batch.
 """
 from __future__ import annotations
 
 import hashlib
 import random
-import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from common.augment import decode_image, replay, view_order
-from common.runtime import seed_from, worker_slice
+from common.runtime import seed_from
 from common.signals import dead_workers, ignore_stop_signals, watch_workers
-from shards.errors import CacheError, CorruptSample
-from shards.index import check_recorded, read_record, row_ok
+from shards.errors import CacheError
+from shards.index import check_recorded, read_record
 from shards.manifest import Manifest
-from shards.reader import FeatureShard, open_file_budget, read_at
-from shards.remote import RemoteError
-from shards.source import ShardError, is_seekable, iter_samples
+from shards.reader import FeatureShard, hold_open, open_file_budget
+from shards.source import ShardError, is_seekable
 from shards.urlpath import as_path
+from train.batches import decode_batch, read_batch, stream_batches
 
 
 # ---------------------------------------------------------------- the sample index
 
 class CacheIndex:
-    """The samples of a complete cache: global id -> (shard, row of its index). Shards are opened lazily and
-    at most `open_shards` at a time (an index is memory-mapped: the node's processes share its pages, and
-    ImageNet's 1,282 maps, one descriptor each, would pass a process's open-file limit)."""
+    """The samples of a complete cache: global id -> (shard, row of its index). Shards are opened lazily (or all at
+    once by `hold_open`) and at most `open_shards` at a time (an index is memory-mapped: the node's processes share
+    its pages; one descriptor each)."""
 
     def __init__(self, cache: Path, manifest: Manifest, urls: dict[str, str | None], open_shards: int | None = None):
         self.cache, self.manifest, self.urls = as_path(cache), manifest, urls
@@ -64,8 +63,9 @@ class CacheIndex:
         self.counts = np.array([r["samples"] for r in recorded], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.views = manifest.views
-        self.open_shards = open_shards or open_file_budget() // 4
+        self.open_shards = open_shards or open_file_budget() // 8
         self._shards: OrderedDict[int, FeatureShard] = OrderedDict()
+        self.held = 0  # files hold_open opened
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -83,6 +83,18 @@ class CacheIndex:
                 self._shards.popitem(last=False)[1].close()
         self._shards[s] = shard
         return shard
+
+    def hold_open(self, tokens: bool = True, sources: bool = True) -> int:
+        """Open, in this process, what its loader workers will read: every shard's index (memory-mapped; a Zarr
+        array's metadata checked), its token files and its local source tar, as many as the budgets hold. Done
+        before the workers fork, it is one open per file per rank for the whole run: the workers inherit the maps
+        and descriptors (and with persistent workers keep them), so later epochs open nothing. Returns the files."""
+        if not self.held:
+            shards = [self.shard(s) for s in range(min(len(self.names), self.open_shards))]
+            paths = [p for fs in shards if tokens for p in fs.token_files()]
+            paths += [self.urls[n] for n in self.names if sources and self.urls[n] and is_seekable(self.urls[n])]
+            self.held = len(shards) + hold_open(paths)
+        return self.held
 
     def plan_identity(self, mode: str, workers: int, buffer: int) -> dict:
         """What the epoch plans depend on besides seed, world size and batch size (a resume must match it)."""
@@ -151,168 +163,82 @@ def shuffle_buffer(items, size: int, rng: random.Random):
     yield from buffer
 
 
-# ---------------------------------------------------------------- readers
+@dataclass(frozen=True)
+class Deal:
+    """How this rank's batches are dealt each epoch: epoch_plan's arguments besides the epoch."""
 
-def sample_view(index: CacheIndex, key: str, epoch: int, seed: int) -> int:
-    return int(view_order(seed, key, index.views)[epoch % index.views])
+    counts: np.ndarray
+    seed: int
+    world: int
+    rank: int
+    batch_size: int
+    mode: str = "random"
+    workers: int = 0
+    buffer: int = 1000
 
-
-def _sample(index: CacheIndex, s: int, row: int, image: bytes | None, view: int, packed) -> dict:
-    meta = index.shard(s).index[row]
-    if not row_ok(meta):
-        packed = CorruptSample(index.names[s], meta["key"].decode(errors="replace"), f"index row {row}: crc32 "
-                               "differs (crop box, offsets or key damaged)")
-    return {"key": meta["key"].decode(), "shard": index.names[s], "image": image, "view": view,
-            "record": np.array(meta["views"][view]), "hw": (int(meta["height"]), int(meta["width"])),
-            "src_crc": int(meta["src_crc"]), "packed": packed}
-
-
-def _tokens(index: CacheIndex, shards, rows, keys, epoch, seed, with_tokens) -> tuple[list[int], list]:
-    """This epoch's view of each sample, and its packed tokens (None without tokens), read shard by shard."""
-    views = [sample_view(index, k, epoch, seed) for k in keys]
-    packed: list = [None] * len(rows)
-    if with_tokens:
-        for s in np.unique(shards):
-            at = np.flatnonzero(shards == s)
-            for j, p in zip(at, index.shard(int(s)).read_views(rows[at], [views[j] for j in at])):
-                packed[j] = p
-    return views, packed
-
-
-def read_batch(index: CacheIndex, ids: np.ndarray, epoch: int, seed: int, with_tokens: bool) -> list[dict]:
-    """Random access: each sample's image bytes read at their recorded place, and its view's tokens."""
-    shards, rows = index.locate(np.asarray(ids))
-    images = [b""] * len(rows)  # a row that fails its own crc32 is not used to read anything
-    at, requests = [], []
-    for j in np.lexsort((rows, shards)):  # in file order
-        meta = index.shard(int(shards[j])).index[int(rows[j])]
-        if row_ok(meta):
-            at.append(j)
-            requests.append((index.urls[index.names[int(shards[j])]], int(meta["src_offset"]), int(meta["src_size"])))
-    for j, data in zip(at, read_sources(requests)):
-        images[j] = data
-    return _samples(index, shards, rows, images, epoch, seed, with_tokens)
-
-
-def read_sources(requests: list[tuple[str, int, int]]) -> list[bytes]:
-    """[(source, offset, size)] -> their bytes (shards.reader.read_at: pread, or a batch's ranged reads at URLs,
-    concurrent and retried); a source URL that keeps failing is a ShardError naming it."""
-    try:
-        return read_at(requests)
-    except RemoteError as e:
-        raise ShardError(e.url, e.reason) from None
-
-
-def stream_batches(index: CacheIndex, batches: np.ndarray, epoch: int, seed: int,
-                   with_tokens: bool) -> Iterator[list[dict | CorruptSample]]:
-    """Streaming: read the source shards that hold these batches' samples, in order, keep the samples
-    the batches need (at most a shuffle buffer's worth waits), and emit each batch once it is complete."""
-    ids = np.unique(batches)
-    shard_of = index.locate(ids)[0]
-    ready: dict[int, tuple] = {}
-    b = 0
-    for s in (int(x) for x in shard_order(len(index.names), seed, epoch) if int(x) in set(shard_of.tolist())):
-        fs, base = index.shard(s), int(index.starts[s])
-        want = {int(i) - base for i in ids[shard_of == s]}  # rows of this shard the batches need
-        keys = {fs.key(r): r for r in want}
-        url = index.urls[index.names[s]]
-        for src in iter_samples(url):
-            r = keys.pop(src["key"], None)
-            if r is None or src["duplicate"]:
-                continue
-            ready[base + r] = (s, r, src["image"])
-            while b < len(batches) and all(int(i) in ready for i in batches[b]):
-                in_shard, in_row, images = zip(*(ready.pop(int(i)) for i in batches[b]))
-                yield _samples(index, in_shard, in_row, images, epoch, seed, with_tokens)
-                b += 1
-            if not keys:
-                break  # every sample this worker needs from the shard is in: read no further
-        if keys:  # at once, not after buffering the rest of the run
-            raise ShardError(url, f"samples {sorted(keys)[:3]} recorded at extraction are not in the shard any "
-                                  "more (the source changed: restore it or re-extract the shard)")
-
-
-def _samples(index: CacheIndex, shards, rows, images, epoch: int, seed: int, with_tokens: bool) -> list[dict]:
-    """A batch's (shard, row) pairs with their image bytes -> samples with this epoch's view and its tokens."""
-    shards, rows = np.asarray(shards), np.asarray(rows)
-    keys = [index.shard(int(s)).key(int(r)) for s, r in zip(shards, rows)]
-    views, packed = _tokens(index, shards, rows, keys, epoch, seed, with_tokens)
-    return [_sample(index, int(s), int(r), img, views[j], packed[j])
-            for j, (s, r, img) in enumerate(zip(shards, rows, images))]
-
-
-# ---------------------------------------------------------------- decode and replay
-
-def decode(sample: dict, size: int, codec, cut: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
-    """A read sample -> (key, replayed view uint8 [3, S, S], tokens [T, C] (see to_tensor) or None); raises
-    CorruptSample when the source bytes or the tokens are not what extraction recorded."""
-    key, shard = sample["key"], sample["shard"]
-    if isinstance(sample["packed"], CorruptSample):
-        raise sample["packed"]
-    image = sample["image"]
-    if zlib.crc32(image) != sample["src_crc"]:
-        raise CorruptSample(shard, key, "image bytes differ from those extracted (crc32); replaced, re-encoded or "
-                                        "truncated source", what="source shard")
-    try:
-        img = decode_image(image)
-    except Exception as e:  # noqa: BLE001
-        raise CorruptSample(shard, key, f"image no longer decodes: {type(e).__name__}", what="source shard") from None
-    if (img.height, img.width) != sample["hw"]:
-        raise CorruptSample(shard, key, f"decoded size {img.height}x{img.width}, extraction saw "
-                                        f"{sample['hw'][0]}x{sample['hw'][1]}", what="source shard")
-    pixels = replay(img, sample["record"], size, cut)
-    tokens = codec.to_tensor(sample["packed"]) if sample["packed"] is not None else None
-    return key, pixels, tokens
-
-
-def collate(entries: list[tuple]) -> dict:
-    return {"images": torch.stack([e[1] for e in entries]),
-            "tokens": torch.stack([e[2] for e in entries]) if entries[0][2] is not None else None,
-            "keys": [e[0] for e in entries]}
+    def plan(self, epoch: int, consumed: int = 0) -> np.ndarray:
+        """This rank's batches of `epoch` after the `consumed` samples all ranks have trained on. Random mode
+        re-deals the rest of the epoch's permutation over this world and batch size; stream mode starts at that
+        batch of the same plan (it resumes with the deal it started with: train/rundir.py)."""
+        random_mode = self.mode == "random"
+        plan = epoch_plan(self.counts, epoch, self.seed, self.world, self.rank, self.batch_size, self.mode,
+                          self.workers, self.buffer, consumed=consumed if random_mode else 0)
+        return plan if random_mode else plan[consumed // (self.world * self.batch_size):]
 
 
 # ---------------------------------------------------------------- the dataset a DataLoader runs
 
-class EpochData(IterableDataset):
-    """Batches `{"images": uint8 [B, 3, S, S], "tokens": [B, T, C] (bf16 or fp32) or None, "keys"}` of one rank and
-    epoch, from batch `start` of `plan` on."""
+class RunData(IterableDataset):
+    """Batches (train/batches.py: decode_batch) of one rank from `consumed` samples into `epoch` on, epoch after
+    epoch, without end: the dataset of the run's one DataLoader (see the module's docstring)."""
+
+    def __init__(self, index: CacheIndex, deal: Deal, epoch: int, consumed: int = 0, with_tokens: bool = True,
+                 on_corrupt: str = "error"):
+        self.index, self.deal, self.epoch, self.consumed = index, deal, epoch, consumed
+        self.seed, self.mode, self.with_tokens, self.on_corrupt = deal.seed, deal.mode, with_tokens, on_corrupt
+
+    def segments(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(epoch, its batches in this dataset's sequence), in order: the rest of the first epoch, then whole ones."""
+        epoch, plan = self.epoch, self.deal.plan(self.epoch, self.consumed)
+        while len(plan) or epoch == self.epoch:
+            yield epoch, plan
+            epoch, plan = epoch + 1, self.deal.plan(epoch + 1)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        before = 0  # batches of the sequence before this epoch's
+        try:
+            for epoch, plan in self.segments():
+                yield from self.batches(epoch, plan[(wid - before) % nw::nw])
+                before += len(plan)
+        except (CacheError, ShardError) as e:
+            if info is None:
+                raise
+            yield WorkerError(e)  # raised as itself in the main process by Loader
+
+    def batches(self, epoch: int, mine: np.ndarray) -> Iterator[dict]:
+        """The batches `mine` [n, B] of `epoch`, read, checked and decoded."""
+        m = self.index.manifest
+        if self.mode == "random":
+            raw = (read_batch(self.index, ids, epoch, self.seed, self.with_tokens) for ids in mine)
+        else:
+            raw = stream_batches(self.index, mine, epoch, self.seed, self.with_tokens,
+                                 shard_order(len(self.index.names), self.seed, epoch))
+        for samples, bits in raw:
+            yield decode_batch(samples, bits, m.augment.size, m.token_codec, m.cut, self.on_corrupt)
+
+
+class EpochData(RunData):
+    """The batches of one given plan of one epoch, from batch `start` on (tests and benches; training runs RunData)."""
 
     def __init__(self, index: CacheIndex, plan: np.ndarray, epoch: int, seed: int, start: int = 0,
                  mode: str = "random", with_tokens: bool = True, on_corrupt: str = "error"):
         self.index, self.plan, self.epoch, self.seed, self.start = index, plan, epoch, seed, start
         self.mode, self.with_tokens, self.on_corrupt = mode, with_tokens, on_corrupt
-        self.codec = index.manifest.token_codec
-        self.size, self.cut = index.manifest.augment.size, index.manifest.cut
 
-    def __iter__(self):
-        mine = worker_slice(self.plan[self.start:])
-        if self.mode == "random":
-            raw = (read_batch(self.index, ids, self.epoch, self.seed, self.with_tokens) for ids in mine)
-        else:
-            raw = stream_batches(self.index, mine, self.epoch, self.seed, self.with_tokens)
-        try:
-            for samples in raw:
-                yield collate(self._decode_all(samples))
-        except (CacheError, ShardError) as e:
-            if get_worker_info() is None:
-                raise
-            yield WorkerError(e)  # raised as itself in the main process by Loader
-
-    def _decode_all(self, samples: list[dict]) -> list[tuple]:
-        """Decode a batch; with on_corrupt = "skip", a corrupt sample is named and its place taken by another
-        sample of the batch, so every step keeps its batch size (and every rank its step count)."""
-        out, bad = [], []
-        for sample in samples:
-            try:
-                out.append(decode(sample, self.size, self.codec, self.cut))
-            except CorruptSample as e:
-                if self.on_corrupt == "error":
-                    raise
-                print(f"warning: skipping: {e}", flush=True)
-                bad.append(e)
-        if not out:
-            raise CacheError(f"every sample of a batch is corrupt (first: {bad[0]}); run `img2vec verify`")
-        return out + [out[i % len(out)] for i in range(len(bad))]
+    def segments(self) -> Iterator[tuple[int, np.ndarray]]:
+        yield self.epoch, self.plan[self.start:]
 
 
 class WorkerError:
@@ -362,7 +288,11 @@ class _RaisingWorkerErrors:
         return batch
 
 
-def make_loader(dataset: EpochData, workers: int) -> Loader:
+def make_loader(dataset: RunData, workers: int) -> Loader:
+    """The DataLoader of a RunData (or EpochData). With workers, the cache's files are opened here first, before
+    the workers fork from this process (CacheIndex.hold_open)."""
+    if workers:
+        dataset.index.hold_open(tokens=dataset.with_tokens, sources=dataset.mode == "random")
     # its own generator: making an iterator must not draw from the global RNG
     # workers leave SIGTERM / SIGUSR1 / SIGINT to the main process, which stops at a step (common/signals.py)
     return Loader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,

@@ -242,31 +242,22 @@ def fit(run: Run, stop: StopSignals) -> bool:
 
 
 def micro_batches(run: Run):
-    """This rank's micro-batches from the run's position on, epoch after epoch. The position moves past each one as
-    it is handed out, so a checkpoint after an update records where the next one starts; when what is left of an
-    epoch is less than one global batch (dropped), the position moves to the next epoch's start."""
+    """This rank's micro-batches from the run's position on, epoch after epoch, from ONE DataLoader for the run
+    (train/data.py: RunData): its workers persist across epochs with the files they read, so an epoch starts without
+    a new pool of workers or a file opened. The position moves past each batch as it is handed out, so a checkpoint
+    after an update records where the next one starts; when what is left of an epoch is less than one global batch
+    (dropped), the position moves to the next epoch's start, as the loader's sequence does."""
     t, accelerator, pos = run.cfg.train, run.accelerator, run.pos
     per_batch = accelerator.num_processes * t.batch_size
-    while True:
-        for batch in epoch_loader(run, pos.epoch, pos.consumed):
-            pos.micro, pos.consumed = pos.micro + 1, pos.consumed + per_batch
-            if len(run.index) - pos.consumed < per_batch:
-                pos.epoch, pos.consumed = pos.epoch + 1, 0
-            yield batch
-
-
-def epoch_loader(run: Run, epoch: int, consumed: int):
-    """This rank's micro-batches of `epoch`, after the `consumed` samples all ranks have trained on. Random mode
-    re-deals the rest of the epoch's permutation over this world and batch size; stream mode starts at that batch
-    of the same plan (it resumes with the deal it started with: train/rundir.py)."""
-    t, accelerator = run.cfg.train, run.accelerator
-    world, random = accelerator.num_processes, run.mode == "random"
-    plan = data.epoch_plan(run.index.counts, epoch, t.seed, world=world, rank=accelerator.process_index,
-                           batch_size=t.batch_size, mode=run.mode, workers=t.workers, buffer=t.shuffle_buffer,
-                           consumed=consumed if random else 0)
-    dataset = data.EpochData(run.index, plan, epoch, t.seed, start=0 if random else consumed // (world * t.batch_size),
-                             mode=run.mode, with_tokens=run.targets.teacher is None, on_corrupt=t.on_corrupt)
-    return data.make_loader(dataset, t.workers)
+    deal = data.Deal(run.index.counts, t.seed, accelerator.num_processes, accelerator.process_index, t.batch_size,
+                     run.mode, t.workers, t.shuffle_buffer)
+    dataset = data.RunData(run.index, deal, pos.epoch, pos.consumed, with_tokens=run.targets.teacher is None,
+                           on_corrupt=t.on_corrupt)
+    for batch in data.make_loader(dataset, t.workers):
+        pos.micro, pos.consumed = pos.micro + 1, pos.consumed + per_batch
+        if len(run.index) - pos.consumed < per_batch:
+            pos.epoch, pos.consumed = pos.epoch + 1, 0
+        yield batch
 
 
 def train_step(run: Run, batch: dict, batch_index: int) -> tuple[dict, bool]:
