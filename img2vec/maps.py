@@ -27,6 +27,15 @@ def query_tokens(h: int, w: int, n: int = 3) -> list[tuple[int, int]]:
     return out[:n]
 
 
+def shared_queries(grids: dict[str, int], n: int = 3) -> dict[str, list[tuple[int, int]]]:
+    """The same n query points for teachers of different token grids ({name: side}): query_tokens on the coarsest
+    grid (so they stay distinct on every grid), each point the center of its token there, and on each grid the
+    token under that point."""
+    ref = min(grids.values())
+    points = [((r + 0.5) / ref, (c + 0.5) / ref) for r, c in query_tokens(ref, ref, n)]  # fractions of the view
+    return {name: [(int(y * h), int(x * h)) for y, x in points] for name, h in grids.items()}
+
+
 def similarity_map(tokens: torch.Tensor, query: tuple[int, int] | None = None):
     """tokens [T, C] of a square view -> cosine of the query token (default: the center) to every token [h, w],
     and the query's (row, col)."""
@@ -62,13 +71,11 @@ def draw_map(path: Path, key: str, pixels: torch.Tensor, tokens: dict[str, torch
     size = pixels.shape[-1]
     image = pixels.permute(1, 2, 0).numpy()
     grids = {spec: math.isqrt(t.shape[0]) for spec, t in tokens.items()}
-    ref = min(grids.values())  # queries on the coarsest grid, so they stay distinct on every grid
-    points = [((r + 0.5) / ref, (c + 0.5) / ref) for r, c in query_tokens(ref, ref, queries)]  # fractions of the view
-    qs = {spec: [(int(y * h), int(x * h)) for y, x in points] for spec, h in grids.items()}  # the token under each
+    qs = shared_queries(grids, queries)
     sims = {spec: [similarity_map(t, q)[0] for q in qs[spec]] for spec, t in tokens.items()}
     vmin = min(float(m.min()) for maps in sims.values() for m in maps)  # one colour scale per image
     vmin = min(vmin, 0.99)
-    rows, cols = len(tokens), 1 + len(points)
+    rows, cols = len(tokens), 1 + len(next(iter(qs.values())))
     fig = Figure(figsize=(2.2 * cols + 0.7, 2.4 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
 
