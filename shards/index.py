@@ -58,7 +58,13 @@ def read_index(cache: Path, name: str) -> np.ndarray:
     try:
         if isinstance(path, RemotePath):
             return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as f:  # one open (np.load's mmap_mode opens the file three times)
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError("an object array (pickled): refused")
+            return np.memmap(f, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=f.tell())
     except (OSError, ValueError, RemoteError) as e:
         raise CacheError(f"{path}: unreadable index ({e}); run `img2vec verify` on the cache") from None
 

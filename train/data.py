@@ -92,7 +92,7 @@ class CacheIndex:
         if not self.held:
             shards = [self.shard(s) for s in range(min(len(self.names), self.open_shards))]
             paths = [p for fs in shards if tokens for p in fs.token_files()]
-            paths += [self.urls[n] for n in self.names if sources and self.urls[n] and is_seekable(self.urls[n])]
+            paths += [self.urls[n] for n in self.names if sources and self.urls[n]]  # local tars (not URLs)
             self.held = len(shards) + hold_open(paths)
         return self.held
 
