@@ -303,7 +303,8 @@ def log_metrics(run: Run, out: dict, epoch: int, probing: bool = False) -> None:
                 "global_loss": losses[2], "lr": run.optimizer.param_groups[0]["lr"],
                 "samples_per_s": samples / seconds, "data_wait": pace.wait / seconds, "skipped_steps": run.guard.skipped}
     if probing and accelerator.is_main_process:
-        run.last.update(run.probe(accelerator.unwrap_model(run.model)))
+        with accelerator.autocast():  # the training's precision (bf16 on a GPU)
+            run.last.update(run.probe(accelerator.unwrap_model(run.model)))
     run.pace = Pace(since=step)
     if run.log:
         run.log.write(run.last)
