@@ -18,17 +18,18 @@ def plot_curves(metrics: Path, png: Path, knn: dict) -> dict:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    probed = [(r["step"], r["knn_top1"]) for r in rows if "knn_top1" in r]
+    probed = [(0, knn["init"]["top1"])] + [(r["step"], r["knn_top1"]) for r in rows if "knn_top1" in r]  # 0: init
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=120)
     for name in ("loss", "patch_loss", "global_loss"):
         ax.plot([r["step"] for r in rows], [r[name] for r in rows], label=name)
     ax.set(xlabel="step", ylabel="smooth L1", yscale="log", title="student loss")
     ax.legend()
-    if probed:
-        bx.plot(*zip(*probed), marker="o", label="student (during training)")
+    bx.plot(*zip(*probed), marker="o", label="student (step 0: its init)")
     for name, style in (("init", ":"), ("teacher", "--")):
         bx.axhline(knn[name]["top1"], linestyle=style, color="gray" if name == "init" else "black",
                    label=f"{name} ({knn[name]['top1']:.1f}%)")
+    for a in (ax, bx):
+        a.set_xlim(0, max([r["step"] for r in rows] + [1]))
     bx.set(xlabel="step", ylabel="top-1 (%)", title=f"k-NN top-1 on the {knn['init']['val_samples']} val images")
     bx.legend()
     fig.suptitle("Img2Vec demo")
@@ -36,7 +37,7 @@ def plot_curves(metrics: Path, png: Path, knn: dict) -> dict:
     fig.savefig(png)
     plt.close(fig)
     loss = {"first": rows[0]["loss"], "last": rows[-1]["loss"], "steps": rows[-1]["step"]} if rows else {}
-    return {"loss": loss, "knn_curve": [list(p) for p in probed]}
+    return {"loss": loss, "knn_curve": [list(p) for p in probed[1:]]}
 
 
 class TeacherEncoder:
