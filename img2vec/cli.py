@@ -13,6 +13,8 @@ COMMANDS = {
     "export": ("img2vec.export", "student checkpoint -> timm ViT encoder weights (safetensors)"),
     "make-shards": ("img2vec.make_shards", "an image folder (ImageNet layout) -> WebDataset shards"),
     "knn": ("img2vec.knn", "k-nearest-neighbour probe of an encoder on labelled shards"),
+    "linprobe": ("img2vec.linprobe", "MAE's linear probe of a trained student on labelled shards"),
+    "finetune": ("img2vec.finetune", "MAE's end-to-end fine-tuning of a trained student on labelled shards"),
 }
 
 

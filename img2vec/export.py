@@ -28,11 +28,6 @@ GLOBAL_POOLS = ("avg", "token")
 TIMM_MODELS = {"vit_huge_patch16": ("vit_huge_patch14_224", {"patch_size": 16}),  # else <arch>_224
                **{f"vit_{s}_patch14": (f"vit_{s}_patch16_224", {"patch_size": 14}) for s in ("tiny", "small", "base")}}
 
-# MAE's end-to-end fine-tuning recipe (FINETUNE.md), per size: base lr (per 256 images), layer decay, drop
-# path, epochs; batch 1024, AdamW (0.9, 0.999), weight decay 0.05, 5 warmup epochs, RandAug, mixup 0.8,
-# cutmix 1.0, label smoothing 0.1, random erasing 0.25, cosine to 1e-6.
-FINETUNE = {"vit_base_patch16": (5e-4, 0.65, 0.1, 100), "vit_large_patch16": (1e-3, 0.75, 0.2, 50),
-            "vit_huge_patch16": (1e-3, 0.75, 0.3, 50)}
 
 
 class ExportError(ValueError):
@@ -74,19 +69,30 @@ def timm_snippet(path: str | Path, model_name: str, kwargs: dict) -> str:
 
 
 def finetune_command(path: str | Path, arch: str, model_name: str, kwargs: dict) -> str:
-    """timm's train.py command line for MAE's fine-tuning recipe (8 GPUs x 128 = batch 1024)."""
-    blr, layer_decay, drop_path, epochs = FINETUNE.get(arch.replace("_patch14", "_patch16"), FINETUNE["vit_base_patch16"])
-    model_kwargs = {k: v for k, v in kwargs.items() if k not in ("global_pool", "img_size")}
-    extra = f" --model-kwargs {' '.join(f'{k}={v}' for k, v in model_kwargs.items())}" if model_kwargs else ""
-    size = f" --img-size {kwargs['img_size']}" if "img_size" in kwargs else ""
-    return (f"torchrun --nproc-per-node 8 train.py --data-dir /data/imagenet --model {model_name}{extra}{size} "
-            f"--pretrained --pretrained-path {path} --gp {kwargs.get('global_pool', 'token')} --num-classes 1000 "
-            f"--mean {' '.join(map(str, IMAGENET_MEAN))} --std {' '.join(map(str, IMAGENET_STD))} --crop-pct 0.875 "
-            f"--batch-size 128 --opt adamw --opt-betas 0.9 0.999 --weight-decay 0.05 --lr-base {blr:g} "
-            f"--lr-base-size 256 --lr-base-scale linear --layer-decay {layer_decay} --drop-path {drop_path} "
-            f"--epochs {epochs} --warmup-epochs 5 --sched cosine --min-lr 1e-6 --aa rand-m9-mstd0.5-inc1 "
-            f"--reprob 0.25 --mixup 0.8 --cutmix 1.0 --smoothing 0.1 --amp --amp-dtype bfloat16")
+    """timm's train.py command line for MAE's fine-tuning recipe of this size (img2vec/finetune.py: RECIPES), on 8
+    GPUs x 128 = batch 1024. Every choice that differs from timm's defaults is spelled out:
+    - `--model-kwargs img_size=N` (and ViT-H/16's patch_size=16): train.py's `--img-size` sizes the data only;
+    - `--epochs E-W --warmup-epochs W --warmup-prefix --warmup-lr 0 --sched-on-updates`: MAE's E epochs, W of them a
+      linear warmup from 0, then a half-cycle cosine over the rest, set every iteration (timm: per epoch, from 1e-5);
+    - `--head-init-scale`: MAE's head init std 2e-5 from timm's 0.02; `--train-interpolation bicubic` (timm: random);
+    - `--aa rand-m9-mstd0.5-inc1-mmax9`: MAE's RandAugment with the magnitude capped at 9, not 10 (see TIMM_AA)."""
+    from img2vec.finetune import HEAD_INIT_SCALE, MAE_FINETUNE, TIMM_AA, recipe_for
+    from img2vec.supervised import eval_crop_pct
 
+    r, size = recipe_for(arch), kwargs.get("img_size", 224)
+    model_kwargs = {k: v for k, v in kwargs.items() if k != "global_pool"}
+    extra = f" --model-kwargs {' '.join(f'{k}={v}' for k, v in model_kwargs.items())}" if model_kwargs else ""
+    return (f"torchrun --nproc-per-node 8 train.py --data-dir /data/imagenet --model {model_name}{extra} "
+            f"--img-size {size} --pretrained --pretrained-path {path} --gp {kwargs.get('global_pool', 'token')} "
+            f"--num-classes 1000 --mean {' '.join(map(str, IMAGENET_MEAN))} --std {' '.join(map(str, IMAGENET_STD))} "
+            f"--crop-pct {eval_crop_pct(size)} --train-interpolation bicubic --batch-size 128 --opt adamw "
+            f"--opt-betas {' '.join(map(str, MAE_FINETUNE['betas']))} --weight-decay {MAE_FINETUNE['weight_decay']} "
+            f"--lr-base {r.blr:g} --lr-base-size 256 --lr-base-scale linear --layer-decay {r.layer_decay} "
+            f"--drop-path {r.drop_path} --head-init-scale {HEAD_INIT_SCALE:g} --epochs {r.epochs - r.warmup_epochs} "
+            f"--warmup-epochs {r.warmup_epochs} --warmup-prefix --warmup-lr 0 --sched cosine --sched-on-updates "
+            f"--min-lr {MAE_FINETUNE['min_lr']:g} --aa {TIMM_AA} --reprob {MAE_FINETUNE['reprob']} --remode pixel "
+            f"--mixup {MAE_FINETUNE['mixup']} --cutmix {MAE_FINETUNE['cutmix']} --smoothing {MAE_FINETUNE['smoothing']} "
+            f"--amp --amp-dtype bfloat16")
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """A run dir (-> its latest complete checkpoint) or a checkpoint dir -> (checkpoint dir, run dir)."""
@@ -138,6 +144,14 @@ def read_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return strip_prefixes(sd, _WRAPPER_PREFIXES)
 
 
+def run_info(path: str | Path) -> dict:
+    """Run dir or checkpoint dir -> {"arch", "img_size", "run_dir", "checkpoint"} from its config.json (no weights read)."""
+    ckpt, run_dir = resolve_checkpoint(path)
+    d, manifest = read_run_config(run_dir)
+    return {"arch": config_from_dict({"student": d["student"]}).student.arch, "img_size": int(manifest["augment"]["size"]),
+            "run_dir": str(run_dir), "checkpoint": str(ckpt)}
+
+
 def load_student(path: str | Path, weights: bool = True):
     """Run dir or checkpoint dir -> (student in eval mode, info). `weights=False` gives the run's student at
     its initialisation (same arch, size and seed as the run started from)."""
@@ -164,6 +178,24 @@ def load_student(path: str | Path, weights: bool = True):
         if (ckpt / "position.json").is_file():
             info["step"] = json.loads((ckpt / "position.json").read_text()).get("step")
     return student.eval(), info
+
+
+def timm_encoder(path: str | Path, global_pool: str = "avg", num_classes: int = 0, **create_kwargs):
+    """Run dir or checkpoint dir -> (the timm ViT that `img2vec export` writes its file for, built in memory and
+    holding the student's encoder, info). With num_classes > 0 its classifier `head` is timm's fresh one, the only
+    tensors not from the student; create_kwargs go to timm.create_model (drop_path_rate=...)."""
+    import timm
+
+    student, info = load_student(path)
+    name, kwargs = timm_model_args(info["arch"], info["img_size"], global_pool)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs, **create_kwargs)
+    result = model.load_state_dict(timm_keys(student.encoder_state_dict(), global_pool), strict=False)
+    fresh = {"head.weight", "head.bias"} if num_classes else set()
+    if result.unexpected_keys or set(result.missing_keys) != fresh:
+        raise ExportError(f"{info['arch']} does not fill timm {name}: missing {result.missing_keys[:5]}, unexpected "
+                          f"{result.unexpected_keys[:5]}")
+    info.update(timm_model=name, timm_kwargs=kwargs, global_pool=global_pool)
+    return model, info
 
 
 def export_encoder(path: str | Path, out: str | Path, check: bool = True, global_pool: str = "avg") -> dict:

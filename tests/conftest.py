@@ -117,6 +117,19 @@ def extracted(tmp_path_factory, source):
 
 
 @pytest.fixture(scope="session")
+def student_run(tmp_path_factory, extracted) -> Path:
+    """A 2-step run of the test student (vit_tiny_patch16 at 64 px) on `extracted`: the run dir to export, probe and
+    fine-tune. Read only, but for the result files the evaluation commands write into it (tests copy it to damage it)."""
+    from train.loop import main as train_main
+
+    config, _ = extracted
+    run = tmp_path_factory.mktemp("student") / "run"
+    assert train_main(["--config", str(config), "--set", f'train.run_dir="{run}"', "--set", "train.max_steps=2",
+                       "--no-progress"]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
 def uneven(tmp_path_factory):
     """An extracted cache over 5 source shards of UNEVEN sizes: (config path, Config). Read only."""
     from extract.pipeline import run_extraction
@@ -209,6 +222,37 @@ def run_in_process(config: Path, run: Path, *overrides: str) -> dict:
 def read_metrics(run: Path) -> list[dict]:
     """A run's metrics.jsonl rows."""
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_py_flags(command: str) -> dict[str, list[str]]:
+    """A printed timm `train.py` command line -> {flag: its words} (a switch: [])."""
+    import shlex
+
+    words = shlex.split(command)
+    flags, key = {}, None
+    for word in words[words.index("train.py") + 1:]:
+        if word.startswith("--"):
+            key = word[2:]
+            flags[key] = []
+        else:
+            flags[key].append(word)
+    return flags
+
+
+def train_py_model(command: str, pretrained: bool = True):
+    """The model timm's train.py builds from a printed command: its create_model call (the file under
+    --pretrained-path with num_classes=-1 in the overlay, so the head is adapted; --gp; --drop-path; --num-classes;
+    --model-kwargs read as its ParseKwargs reads them)."""
+    import ast
+
+    import timm
+
+    flags = train_py_flags(command)
+    kwargs = {k: ast.literal_eval(v) for k, v in (w.split("=", 1) for w in flags.get("model-kwargs", []))}
+    overlay = dict(file=flags["pretrained-path"][0], num_classes=-1) if pretrained else {}
+    return timm.create_model(flags["model"][0], pretrained=pretrained and "pretrained" in flags,
+                             num_classes=int(flags["num-classes"][0]), drop_path_rate=float(flags["drop-path"][0]),
+                             global_pool=flags["gp"][0], pretrained_cfg_overlay=overlay or None, **kwargs)
 
 
 def free_port() -> int:

@@ -18,20 +18,15 @@ from img2vec.export import (GLOBAL_POOLS, ExportError, check_timm_keys, export_e
 from img2vec.export import main as export_main
 from img2vec.knn import random_student
 from img2vec.knn import main as knn_main
+from tests.conftest import train_py_model
 from train.model import STUDENTS
 from train.probe import Features, center_box, extract_features, in_val_split, knn_predict, knn_scores
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, extracted):
-    """A 2-step run on the shared cache (the cache is only read; the run dir is this module's own)."""
-    from train.loop import main as train_main
-
-    config, _ = extracted
-    run = tmp_path_factory.mktemp("export") / "run"
-    assert train_main(["--config", str(config), "--set", f'train.run_dir="{run}"', "--set", "train.max_steps=2",
-                       "--no-progress"]) == 0
-    return run
+def run_dir(student_run):
+    """conftest's 2-step run on the shared cache (tests that change it work on a copy)."""
+    return student_run
 
 
 def source_pattern(extracted) -> str:
@@ -52,8 +47,10 @@ def test_export_loads_in_timm_with_the_printed_snippet_and_gives_the_same_featur
                f'pretrained_cfg_overlay=dict(file="{out}", num_classes=0, mean=(0.485, 0.456, 0.406), '
                f'std=(0.229, 0.224, 0.225)))')
     assert snippet in printed
-    assert f"train.py --data-dir /data/imagenet --model vit_tiny_patch16_224 --img-size 64 --pretrained " \
-           f"--pretrained-path {out} --gp avg" in printed and "--layer-decay 0.65 --drop-path 0.1" in printed
+    command = next(line.strip() for line in printed.splitlines() if " train.py " in line)
+    assert (f"train.py --data-dir /data/imagenet --model vit_tiny_patch16_224 --model-kwargs img_size=64 --img-size 64 "
+            f"--pretrained --pretrained-path {out} --gp avg") in command
+    assert "--layer-decay 0.85 --drop-path 0.1" in command  # ViT-Ti's recipe (img2vec/finetune.py), not ViT-B's
 
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
@@ -69,9 +66,10 @@ def test_export_loads_in_timm_with_the_printed_snippet_and_gives_the_same_featur
         assert torch.equal(own[k], v), k  # loaded as written: no resampling, no random init left
     model.load_state_dict(weights, strict=True)
 
-    # as timm's train.py builds it from the printed command (--pretrained-path, --gp avg, --drop-path, 1000 classes)
-    ft = timm.create_model("vit_tiny_patch16_224", pretrained=True, img_size=64, num_classes=1000, global_pool="avg",
-                           drop_path_rate=0.1, pretrained_cfg_overlay=dict(file=str(out), num_classes=-1))
+    # as timm's train.py builds it from the printed command (--pretrained-path, --gp avg, --drop-path, 1000 classes,
+    # --model-kwargs)
+    ft = train_py_model(command)
+    assert ft.patch_embed.img_size == (64, 64)
     ft_sd = ft.state_dict()
     assert set(ft_sd) - set(weights) == {"head.weight", "head.bias"} and set(weights) <= set(ft_sd)
     assert all(torch.equal(ft_sd[k], v) for k, v in weights.items())  # only the new classifier is not pretrained

@@ -1,0 +1,280 @@
+"""Evaluation after pretraining: MAE's linear probe and fine-tuning (`img2vec linprobe`, `img2vec finetune`), their
+pieces against MAE's code as formulas, and the timm train.py command `img2vec export` prints."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from timm.data.auto_augment import rand_augment_transform
+
+from common.augment import decode_image
+from img2vec.export import export_encoder, finetune_command, load_student, timm_encoder, timm_model_args
+from img2vec.finetune import (HEAD_INIT_SCALE, MAE_FINETUNE, RECIPES, TIMM_AA, adamw, posterize_any_bits, recipe_for,
+                              train_transform)
+from img2vec.finetune import main as finetune_main
+from img2vec.linprobe import LARS, parse_args, probe, probe_head
+from img2vec.linprobe import main as linprobe_main
+from img2vec.supervised import (LabelledImages, cosine_schedule, count_labelled, eval_transform, full_batches,
+                                shard_labels)
+from shards.source import expand_shards, iter_samples
+from tests.conftest import run_cli, train_py_flags, train_py_model
+from train.model import STUDENTS
+
+
+def shards(extracted) -> str:
+    return extracted[1].data.shards  # 18 labelled images (4 classes) in 3 shards of 6
+
+
+def keys_of(data: LabelledImages) -> list[str]:
+    return [key for _, _, key in data]
+
+
+def run_tool(main, run, pattern: str, out, *more: str) -> dict:
+    """`img2vec linprobe|finetune RUN --train-shards P --val-shards P --batch-size 4 --json OUT ...` on the one set of
+    tiny shards: its result, which it also wrote into the run dir."""
+    assert main([str(run), "--train-shards", pattern, "--val-shards", pattern, "--batch-size", "4", "--workers", "0",
+                 "--json", str(out), *more]) == 0
+    result = json.loads(out.read_text())
+    assert result == json.loads((run / f"{main.__module__.rsplit('.', 1)[1]}.json").read_text())
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pieces, against MAE's code
+
+
+def test_lars_steps_as_maes_util_lars():
+    """MAE's LARS: a matrix's step (after weight decay) scaled to trust x |p| / |step|, momentum without dampening;
+    a bias (ndim 1) gets neither; a zero matrix keeps its plain step."""
+    g = torch.Generator().manual_seed(0)
+    w, b, z = torch.randn(3, 4, generator=g), torch.randn(3, generator=g), torch.zeros(2, 2)
+    params = [p.clone().requires_grad_() for p in (w, b, z)]
+    opt = LARS(params, lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.001)
+    expect, mu = [w.clone(), b.clone(), z.clone()], [torch.zeros_like(w), torch.zeros_like(b), torch.zeros_like(z)]
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        opt.step()
+        for i, grad in enumerate(grads):
+            step = grad
+            if expect[i].ndim > 1:
+                step = grad + 0.1 * expect[i]
+                pn, sn = expect[i].norm().item(), step.norm().item()
+                step = step * (0.001 * pn / sn if pn > 0 and sn > 0 else 1.0)
+            mu[i] = 0.9 * mu[i] + step
+            expect[i] = expect[i] - 0.5 * mu[i]
+    for p, e in zip(params, expect):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+
+
+def test_schedule_is_maes_lr_sched_per_iteration():
+    """util/lr_sched.py at the fractional epoch i / steps + epoch: warmup from 0, half-cycle cosine to min_lr, times each
+    group's lr_scale (layer decay)."""
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [a], "lr_scale": 1.0}, {"params": [b], "lr_scale": 0.25}], lr=0.4)
+    steps, epochs, warmup, lr, min_lr = 7, 6, 2, 0.4, 1e-3
+    sched = cosine_schedule(opt, steps, epochs, warmup, min_lr)
+    for i in range(steps * epochs):
+        sched.step_update(i)
+        e = i / steps
+        mae = lr * e / warmup if e < warmup else min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (e - warmup) /
+                                                                                              (epochs - warmup)))
+        assert opt.param_groups[0]["lr"] == pytest.approx(mae, rel=1e-9, abs=1e-12), i
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.25 * mae, rel=1e-9, abs=1e-12), i
+
+
+def test_layer_decay_and_weight_decay_are_maes_param_groups_lrd():
+    """timm's groups equal MAE's util/lr_decay.py: layer id 0 for cls_token, pos_embed, patch_embed; i + 1 for
+    blocks.i; depth + 1 for the rest; scale decay ** (depth + 1 - id); no weight decay on 1-d parameters and
+    no_weight_decay() (pos_embed, cls_token)."""
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, global_pool="avg", num_classes=4)
+    opt = adamw(model, lr=1.0, layer_decay=0.65)
+    names, top = {id(p): n for n, p in model.named_parameters()}, len(model.blocks) + 1
+
+    def layer(n: str) -> int:
+        if n in ("cls_token", "pos_embed") or n.startswith("patch_embed"):
+            return 0
+        return int(n.split(".")[1]) + 1 if n.startswith("blocks.") else top
+
+    seen = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            n, seen = names[id(p)], seen + 1
+            assert group["lr_scale"] == pytest.approx(0.65 ** (top - layer(n)), rel=1e-12), n
+            assert group["weight_decay"] == (0.0 if p.ndim == 1 or n in ("pos_embed", "cls_token") else 0.05), n
+    assert seen == len(names) and type(opt).__name__ == "AdamW" and opt.defaults["betas"] == (0.9, 0.999)
+
+
+def test_a_recipe_for_every_size_and_maes_for_b_l_h():
+    assert {recipe_for(arch) for arch in STUDENTS} <= set(RECIPES.values())
+    assert [(r.blr, r.layer_decay, r.drop_path, r.epochs, r.warmup_epochs) for r in
+            (RECIPES["vit_base_patch16"], RECIPES["vit_large_patch16"], RECIPES["vit_huge_patch16"])] == \
+        [(5e-4, 0.65, 0.1, 100, 5), (1e-3, 0.75, 0.2, 50, 5), (1e-3, 0.75, 0.3, 50, 5)]
+    assert recipe_for("vit_tiny_patch16") != recipe_for("vit_base_patch16") != recipe_for("vit_small_patch14")
+    assert recipe_for("vit_base_patch14") == RECIPES["vit_base_patch16"]
+
+
+def test_randaugment_inc1_without_the_zero_bit_posterize():
+    """MAE's rand-m9-mstd0.5-inc1 draws m up to 10, where PosterizeIncreasing keeps 0 bits (Pillow 13 refuses it): the
+    tool's op answers as Pillow < 13 did (black); the printed command's -mmax9 keeps >= 1 bit and the same ops."""
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment, posterize
+
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert posterize_any_bits(img, 0).getextrema() == ((0, 0),) * 3
+    assert posterize_any_bits(img, 2).tobytes() == posterize(img, 2).tobytes()
+    transform = train_transform(64)
+    ra = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
+    assert op.level_fn(10.0, op.hparams) == (0,) and op.aug_fn is posterize_any_bits
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # the draw that crashed timm's train.py
+    assert op(img).getextrema() == ((0, 0),) * 3
+    assert transform(Image.new("RGB", (90, 70), (30, 60, 90))).shape == (3, 64, 64)
+
+    printed, mae = rand_augment_transform(TIMM_AA, {}), rand_augment_transform(MAE_FINETUNE["aa"], {})
+    assert [o.name for o in printed.ops] == [o.name for o in mae.ops] and printed.num_layers == mae.num_layers == 2
+    post = next(o for o in printed.ops if o.name == "PosterizeIncreasing")
+    assert post.magnitude_max == 9 and post.level_fn(9.0, post.hparams) == (1,)
+
+
+def test_printed_command_for_every_size_and_input_size():
+    """The train.py command of each student size: the model at the student's input size (train.py's --img-size sizes
+    the data only), ViT-H/16's patch size, the size's recipe, and MAE's choices where timm's defaults differ."""
+    for arch in sorted(STUDENTS):
+        patch = int(arch.rsplit("_patch", 1)[1])
+        for size in (224, 8 * patch):
+            name, kwargs = timm_model_args(arch, size, "avg")
+            command = finetune_command("enc.safetensors", arch, name, kwargs)
+            flags, r = train_py_flags(command), recipe_for(arch)
+            if size != 224 and arch in ("vit_tiny_patch16", "vit_tiny_patch14", "vit_huge_patch16"):  # as train.py builds it
+                with torch.device("meta"):
+                    model = train_py_model(command, pretrained=False)
+                assert model.patch_embed.img_size == (size, size) and model.patch_embed.patch_size == (patch, patch)
+            assert ("patch_size=16" in flags.get("model-kwargs", [])) == (arch == "vit_huge_patch16")
+            assert flags["img-size"] == [str(size)] and flags["gp"] == ["avg"] and flags["crop-pct"] == ["0.875"]
+            assert (f"img_size={size}" in flags.get("model-kwargs", [])) == (size != 224)
+            assert [float(flags[k][0]) for k in ("lr-base", "layer-decay", "drop-path")] == [r.blr, r.layer_decay,
+                                                                                          r.drop_path]
+            assert int(flags["epochs"][0]) + int(flags["warmup-epochs"][0]) == r.epochs  # warmup added by --warmup-prefix
+            assert flags["warmup-epochs"] == [str(r.warmup_epochs)] and flags["warmup-lr"] == ["0"]
+            assert {"warmup-prefix", "sched-on-updates"} <= set(flags) and flags["train-interpolation"] == ["bicubic"]
+            assert float(flags["head-init-scale"][0]) * 0.02 == pytest.approx(2e-5) and flags["aa"] == [TIMM_AA]
+    assert HEAD_INIT_SCALE == pytest.approx(1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+def test_labelled_images_deal_every_sample_to_one_process(extracted):
+    urls = expand_shards(shards(extracted))
+    every = sorted(s["key"] for u in urls for s in iter_samples(u))
+    assert count_labelled(urls, workers=0) == (18, 4) and sorted(shard_labels(urls[0])) == sorted(
+        s["cls"] for s in iter_samples(urls[0]))
+
+    def dealt(world: int, **kw) -> list[list[str]]:
+        return [keys_of(LabelledImages(urls, lambda img: torch.zeros(1), rank, world, **kw)) for rank in range(world)]
+
+    for world in (1, 2, 5):  # 5 > 3 shards: every process reads every shard, keeping every 5th sample
+        parts = dealt(world)
+        assert sorted(k for part in parts for k in part) == every and all(parts), world
+    one = LabelledImages(urls, lambda img: torch.zeros(1), shuffle=True)
+    first = keys_of(one)
+    one.epoch = 1
+    assert sorted(first) == sorted(keys_of(one)) == every and first != keys_of(one)  # another order each pass
+
+    batches = full_batches(LabelledImages(urls, lambda img: torch.zeros(1), shuffle=True), batch_size=4, workers=0)
+    sizes = [len(next(batches)[1]) for _ in range(10)]  # 40 images: two and a bit passes over the 18
+    assert sizes == [4] * 10
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the commands
+
+
+def test_timm_encoder_is_the_exported_model(tmp_path, student_run):
+    """What linprobe and finetune train is the exported file, tensor for tensor, plus a new head."""
+    exported = load_file(export_encoder(student_run, tmp_path / "e.safetensors")["out"])
+    model, info = timm_encoder(student_run, "avg", num_classes=4, drop_path_rate=0.1)
+    own = model.state_dict()
+    assert set(own) - set(exported) == {"head.weight", "head.bias"} and set(exported) <= set(own)
+    assert all(torch.equal(own[k], v) for k, v in exported.items())
+    student, _ = load_student(student_run)
+    assert torch.equal(own["fc_norm.weight"], student.norm.weight) and info["img_size"] == 64
+
+
+@pytest.mark.slow
+def test_linprobe_trains_only_the_head_and_its_top1_is_the_count(tmp_path, extracted, student_run, capsys):
+    pattern = shards(extracted)
+    r = run_tool(linprobe_main, student_run, pattern, tmp_path / "lp.json", "--epochs", "2")
+    assert re.search(r"linprobe of vit_tiny_patch16 \(pretraining step 2\): top-1 \d+\.\d\d%", capsys.readouterr().out)
+    assert (r["classes"], r["train_samples"], r["val_samples"], r["steps_per_epoch"], r["pool"]) == (4, 18, 18, 4, "cls")
+    assert r["lr"] == pytest.approx(0.1 * 4 / 256) and r["warmup_epochs"] == pytest.approx(2 * 10 / 90)
+    assert len(r["history"]) == 2 and r["optimizer"] == "LARS" and r["weight_decay"] == 0.0
+
+    result, classifier = probe(parse_args([str(student_run), "--train-shards", pattern, "--val-shards", pattern,
+                                           "--epochs", "1", "--batch-size", "6", "--workers", "0", "--pool", "avg"], "t"))
+    encoder, head = classifier
+    frozen = timm_encoder(student_run, "avg")[0].state_dict()
+    assert all(torch.equal(v, frozen[k]) for k, v in encoder.state_dict().items())  # the encoder did not move
+    assert head[0].num_batches_tracked == 3 and not head[0].affine and head[0].eps == 1e-6
+    right = 0
+    with torch.no_grad():  # the top-1 recounted one image at a time
+        for url in expand_shards(pattern):
+            for s in iter_samples(url):
+                x = eval_transform(64)(decode_image(s["image"]))[None]
+                right += int(classifier(x).argmax(1).item() == s["cls"])
+    assert result["top1"] == pytest.approx(100.0 * right / 18)
+
+
+def test_probe_head_is_maes(tmp_path):
+    head = probe_head(192, 1000)
+    assert isinstance(head[0], torch.nn.BatchNorm1d) and head[0].weight is None and head[0].eps == 1e-6
+    assert head[1].weight.std().item() == pytest.approx(0.01, rel=0.05) and head[1].bias.abs().max() == 0
+
+
+@pytest.mark.slow
+def test_finetune_command_on_tiny_shards(tmp_path, extracted, student_run, capsys):
+    r = run_tool(finetune_main, student_run, shards(extracted), tmp_path / "ft.json", "--epochs", "1")
+    assert re.search(r"finetune of vit_tiny_patch16 \(pretraining step 2\): top-1 \d+\.\d\d%", capsys.readouterr().out)
+    assert (r["classes"], r["train_samples"], r["val_samples"], r["steps_per_epoch"], r["processes"]) == (4, 18, 18, 4, 1)
+    assert r["recipe"]["layer_decay"] == 0.85 and r["lr"] == pytest.approx(1e-3 * 4 / 256) and r["head_std"] == 2e-5
+    assert 0.0 <= r["top1"] <= 100.0 and len(r["history"]) == 1 and math.isfinite(r["history"][0]["loss"])
+
+
+@pytest.mark.slow
+def test_finetune_on_two_processes_counts_each_val_image_once(tmp_path, extracted, student_run):
+    """A real 2-process accelerate run (gloo, CPU): 3 shards dealt 2 + 1, every process the same number of updates,
+    each of the 18 val images classified by one process."""
+    pattern, out = shards(extracted), tmp_path / "ft2.json"
+    p = run_cli(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "img2vec.cli", "finetune", str(student_run),
+                 "--train-shards", pattern, "--val-shards", pattern, "--epochs", "1", "--batch-size", "2",
+                 "--workers", "1", "--log-every", "0", "--json", str(out)],
+                env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r["processes"], r["global_batch"], r["steps_per_epoch"], r["val_samples"]) == (2, 4, 4, 18)
+    assert p.stdout.count("top-1") == 1  # printed by the main process only
+
+
+def test_errors_name_what_to_do(tmp_path, extracted, student_run, capsys):
+    pattern = shards(extracted)
+    assert linprobe_main([str(student_run), "--train-shards", str(tmp_path / "no-{0..1}.tar"), "--val-shards", pattern,
+                          "--workers", "0"]) == 2
+    assert "no-0.tar" in capsys.readouterr().err
+    assert finetune_main([str(student_run), "--train-shards", pattern, "--val-shards", pattern, "--batch-size", "64",
+                          "--workers", "0"]) == 2
+    assert "fewer than one global batch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        finetune_main([str(student_run), "--train-shards", pattern, "--val-shards", pattern, "--batch-size", "3"])
+    assert "even" in capsys.readouterr().err
+    assert linprobe_main([str(tmp_path), "--train-shards", pattern, "--val-shards", pattern]) == 2
+    assert "neither a run dir" in capsys.readouterr().err
