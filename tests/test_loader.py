@@ -1,0 +1,188 @@
+"""The training loader as a run uses it: one DataLoader whose workers persist across epochs (the same batches as
+epoch-by-epoch loaders, and a resume continues the sequence), the cache's files opened once per run by the main
+process (counted with strace on a real training run), and our own reader of Zarr's sharding codec (the same
+arrays as zarr-python, damage caught by the crc32c the format names)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import pytest
+import torch
+
+from common.config import load_config
+from shards.errors import CorruptSample
+from shards.manifest import read_manifest, source_urls
+from shards.reader import NO_CHUNK, FeatureShard
+from tests.conftest import REPO, epoch_batches, make_source, write_config
+from train.data import CacheIndex, Deal, RunData, make_loader, steps_per_epoch
+
+
+def run_batches(cache: Path, epoch: int, consumed: int, count: int, mode: str, workers: int, bs: int = 4) -> list[dict]:
+    index = CacheIndex(cache, read_manifest(cache), source_urls(read_manifest(cache)))
+    deal = Deal(index.counts, 0, 1, 0, bs, mode, workers, buffer=5)
+    out = []
+    for batch in make_loader(RunData(index, deal, epoch, consumed), workers):
+        out.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        if len(out) == count:
+            return out
+    raise AssertionError("the run's loader ended")
+
+
+def epoch_by_epoch(cache: Path, epochs: int, mode: str, workers: int, bs: int = 4) -> list[dict]:
+    """The reference: a new loader per epoch, in the main process, over epoch_plan's plans."""
+    from train.data import EpochData, epoch_plan
+
+    index = CacheIndex(cache, read_manifest(cache), source_urls(read_manifest(cache)))
+    out = []
+    for e in range(epochs):
+        plan = epoch_plan(index.counts, e, 0, 1, 0, bs, mode, workers, buffer=5)
+        out += list(make_loader(EpochData(index, plan, e, 0, mode=mode), 0))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["random", "stream"])
+def test_the_runs_loader_is_the_epochs_end_to_end(uneven, mode):
+    """28 samples in batches of 4: 7 batches per epoch, an odd number, so with 2 persistent workers the worker that
+    yields an epoch's first batch alternates. Three epochs from one loader give the epoch-by-epoch batches (keys,
+    pixels, tokens bit for bit), and a loader started 2 batches into epoch 1 gives the rest of that sequence."""
+    cache = Path(uneven[1].cache.path)
+    steps = steps_per_epoch(28, 1, 4)
+    want = epoch_by_epoch(cache, 3, mode, workers=2)
+    got = run_batches(cache, 0, 0, 3 * steps, mode, workers=2)
+    resumed = run_batches(cache, 1, 2 * 4, 2 * steps - 2, mode, workers=2)
+    assert len(want) == 3 * steps == 21
+    for a, b in zip(want, got):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["images"], b["images"])
+        assert a["tokens"].dtype == b["tokens"].dtype and torch.equal(a["tokens"].view(torch.int16), b["tokens"].view(torch.int16))
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in want[steps + 2:]]
+
+
+def strace_opens(log: Path, under: list[Path]) -> list[tuple[int, str, int]]:
+    """(pid, path, line number) of every successful openat of a path under `under` in an `strace -f` log (a call
+    another process interrupted is split: "<unfinished ...>", then "<... openat resumed>) = fd")."""
+    roots, out, pending = tuple(str(p).rstrip("/") + "/" for p in under), [], {}
+    for n, line in enumerate(log.read_text().splitlines()):
+        pid, _, rest = line.partition(" ")
+        call = re.match(r"\s*openat\([^,]+, \"([^\"]+)\"", rest)
+        if call and "<unfinished" in rest:
+            pending[pid] = (call.group(1), n)
+            continue
+        result = re.search(r"\)\s+=\s+(-?\d+)", rest)
+        if call and result:
+            path, at = call.group(1), n
+        elif "<... openat resumed>" in rest and pid in pending and result:
+            path, at = pending.pop(pid)
+        else:
+            continue
+        if int(result.group(1)) >= 0 and path.startswith(roots):
+            out.append((int(pid), path, at))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace counts the opens")
+def test_three_epochs_open_what_one_does(tmp_path, extracted):
+    """A real training run of 3 epochs with 2 loader workers, under `strace -f`: every file of the cache and every
+    source tar is opened by the main process, before the first epoch's end, at most twice (a source is probed
+    once for its tar magic); after the first epoch's checkpoint no process opens any of them: 3 epochs open
+    exactly what 1 does (before, each worker reopened what it read, every epoch)."""
+    path, cfg = extracted
+    cache, src = Path(cfg.cache.path), Path(source_urls(read_manifest(Path(cfg.cache.path)))["shard-000000"]).parent
+    log, run = tmp_path / "strace.log", tmp_path / "run"
+    steps = steps_per_epoch(18, 1, 4)
+    sets = [f"train.run_dir={json.dumps(str(run))}", "train.epochs=3", "train.workers=2", f"train.checkpoint_every={steps}"]
+    cmd = ["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=openat", "-e", "signal=none", "-o", str(log), sys.executable, "-m",
+           "train", "--config", str(path), "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    opens = strace_opens(log, [cache, src])
+    first_ckpt = min(n for _, p, n in strace_opens(log, [run / "checkpoints"]) if f"step_{steps:08d}" in p)
+    files = {str(p) for p in cache.rglob("*") if p.is_file()} | {str(p) for p in src.glob("*.tar")}
+    main_pid = int(log.read_text().split(None, 1)[0])
+    assert {p for _, p, _ in opens} <= files and {p for _, p, _ in opens if p.endswith(("v00.tar", "index.npy"))}
+    assert all(pid == main_pid for pid, _, _ in opens), "a loader worker opened a cache file"
+    assert all(n < first_ckpt for _, _, n in opens), "a file was opened after the first epoch"
+    counts = {p: sum(q == p for _, q, _ in opens) for p in {p for _, p, _ in opens}}
+    assert max(counts.values()) <= 2 and sum(counts.values()) <= len(files) + 3
+
+
+# ---------------------------------------------------------------- our own reader of Zarr's sharding codec
+
+@pytest.fixture(scope="module")
+def zarr_cache(tmp_path_factory):
+    from extract.pipeline import run_extraction
+
+    tmp = tmp_path_factory.mktemp("zarr")
+    path = write_config(tmp, make_source(tmp / "src", n=12, per_shard=6), 2, fmt="zarr", codec="bf16z-zstd")
+    run_extraction(load_config(path), progress=False)
+    return Path(load_config(path).cache.path)
+
+
+def zarr_python(cache: Path, name: str):
+    import zarr
+
+    return zarr.open_array(str(cache / name / "tokens.zarr"), path="tokens", mode="r")
+
+
+def rewrite_shard_index(shard_file: Path, edit) -> None:
+    """Apply `edit` to a Zarr shard file's index entries [256, 2] and rewrite it with its crc32c."""
+    data = bytearray(shard_file.read_bytes())
+    entries = np.frombuffer(bytes(data[-4100:-4]), "<u8").reshape(-1, 2).copy()
+    edit(entries)
+    data[-4100:] = bytes(numcodecs.CRC32C().encode(entries.tobytes()))
+    shard_file.write_bytes(bytes(data))
+
+
+def test_zarr_reader_reads_what_zarr_python_reads(zarr_cache, tmp_path):
+    """Every view of every sample, also one whose chunk is not stored (the fill value), read into a batch buffer
+    or not: the arrays zarr-python gives; a flipped byte of a chunk is that sample's crc32c error, of a shard
+    index every sample of that file's, the rest reading on."""
+    manifest = read_manifest(zarr_cache)
+    name = manifest.shard_names[0]
+    fs = FeatureShard(zarr_cache, name, manifest)
+    n, views = len(fs.index), manifest.views
+    ids, vs = np.repeat(np.arange(n), views), np.tile(np.arange(views), n)
+    array = zarr_python(zarr_cache, name)
+    want = [array[int(v), int(i)] for i, v in zip(ids, vs)]
+    buffer = np.zeros((len(ids), *want[0].shape), want[0].dtype)
+    for got in (fs.read_views(ids, vs), fs.read_views(ids, vs, out=list(buffer))):
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert np.array_equal(buffer, np.stack(want))
+
+    # sample 1's view 0 as an unstored chunk: zeros (its recorded crc32 made that of zeros, the row's own with it)
+    cache = shutil.copytree(zarr_cache, tmp_path / "unstored")
+    rewrite_shard_index(cache / name / "tokens.zarr/tokens/c/0/0/0/0", lambda e: e.__setitem__(1, NO_CHUNK))
+    index = np.load(cache / name / "index.npy")
+    index["crc"][1, 0] = zlib.crc32(np.zeros_like(want[0]).tobytes())
+    index["row_crc"][1] = zlib.crc32(index[1].tobytes()[:-4])
+    np.save(cache / name / "index.npy", index)
+    got = FeatureShard(cache, name, read_manifest(cache)).read_views([1, 1], [0, 1])
+    assert not got[0].any() and np.array_equal(got[0], zarr_python(cache, name)[0, 1])
+    assert np.array_equal(got[1], want[1 * views + 1])
+
+    # damage: a chunk byte (sample 2, view 1), a byte of view 2's shard index
+    cache = shutil.copytree(zarr_cache, tmp_path / "damaged")
+    chunk_file = cache / name / "tokens.zarr/tokens/c/1/0/0/0"
+    entries = np.frombuffer(chunk_file.read_bytes()[-4100:-4], "<u8").reshape(-1, 2)
+    data = bytearray(chunk_file.read_bytes())
+    data[int(entries[2, 0]) + 20] ^= 1
+    chunk_file.write_bytes(bytes(data))
+    index_file = cache / name / "tokens.zarr/tokens/c/2/0/0/0"
+    data = bytearray(index_file.read_bytes())
+    data[-100] ^= 1
+    index_file.write_bytes(bytes(data))
+    got = FeatureShard(cache, name, read_manifest(cache)).read_views(ids, vs)
+    bad = {(int(i), int(v)) for i, v, g in zip(ids, vs, got) if isinstance(g, CorruptSample)}
+    assert bad == {(2, 1)} | {(i, 2) for i in range(n)}
+    assert all("crc32c" in got[j].reason for j in range(len(got)) if isinstance(got[j], CorruptSample))
+    assert all(np.array_equal(g, w) for g, w in zip(got, want) if not isinstance(g, CorruptSample))
