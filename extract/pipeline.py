@@ -39,7 +39,8 @@ from shards.manifest import (
     read_manifest,
     write_manifest,
 )
-from shards.source import ShardError, expand_shards, is_seekable, iter_samples, rank_and_world, rank_shards, shard_names
+from shards.source import (ShardError, expand_shards, is_seekable, iter_samples, local_tar, rank_and_world, rank_shards,
+                           shard_names)
 from shards.writer import FeatureShardWriter
 
 
@@ -370,13 +371,29 @@ class ShardsInFlight:
             self.submit(job.abort)
 
 
+# What a member pays for its team's samples it does not decode, per decode and cut of its own: a local tar's headers
+# (~0.5 ms a sample here, by seeking, against ~20 ms to decode and cut one; docs/BENCHMARKS.md), or a stream's bytes
+# (read whole by every member: m times the network traffic, so shards are shared only when there are too few)
+SKIP_COST = {"local": 0.05, "stream": 0.5}
+
+
+def pick_teams(shards: int, workers: int, skip_cost: float = SKIP_COST["local"]) -> int:
+    """The number of worker teams that finishes `shards` first: team t takes shards t, t + T, ... with workers t,
+    t + T, ..., each of which decodes 1 / m of its team's samples and skips the others at `skip_cost` each. For 10
+    workers on local tars: 10, 20 or 1,282 shards, one worker a team (whole shards, no header read twice); 5 shards,
+    5 teams of 2; 6 or 11 shards, 2 teams of 5 (6 or 10 teams would end on a worker alone with a last shard)."""
+    def time(teams):
+        return max(len(range(t, shards, teams)) * (1 / len(range(t, workers, teams)) + skip_cost)
+                   for t in range(teams))
+
+    return min(range(min(shards, workers), 0, -1), key=time, default=1)
+
+
 def view_loader(cfg: Config, pending: list[str], names: dict[str, str], device) -> tuple[DataLoader, int, int]:
     """ViewBatches in a DataLoader of data.workers workers (none if nothing is pending), and their number of teams
-    (see ViewBatches): one a shard, up to the workers. With at least as many shards as workers, each worker takes
-    whole shards; with fewer, each shard is shared by workers / shards of them, each of which reads every header of
-    a local tar (~0.1 ms per sample here, against ~10-20 ms to decode and cut it) or streams the whole tar."""
+    (see ViewBatches, pick_teams)."""
     workers = cfg.data.workers if pending else 0
-    teams = max(1, min(len(pending), workers))
+    teams = pick_teams(len(pending), workers, SKIP_COST["local" if all(map(local_tar, pending)) else "stream"])
     loader = DataLoader(ViewBatches(pending, names, cfg, teams), batch_size=None, num_workers=workers,
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     return loader, workers, teams
@@ -388,8 +405,8 @@ def _extract(cfg: Config, cache: Path, pending: list[str], names: dict[str, str]
     before it meanwhile (see ShardsInFlight)."""
     loader, workers, teams = view_loader(cfg, pending, names, device)
     if progress:
-        share = f"each shard decoded by {-(-workers // teams)} of them" if workers else "decoding in the main process"
-        print(f"extract rank {rank}: {len(pending)} shard(s) to do, {workers} data worker(s), {share}", file=sys.stderr)
+        print(f"extract rank {rank}: {len(pending)} shard(s) to do, {workers} data worker(s), {teams} shard(s) at a time",
+              file=sys.stderr)
     codec = get_codec(cfg.cache.codec)
     t0 = time.time()
     bar = tqdm(total=None, unit="img", disable=not progress, dynamic_ncols=True,

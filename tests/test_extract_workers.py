@@ -102,3 +102,16 @@ def test_a_cut_tar_breaks_at_the_same_sample_whichever_samples_are_read(tmp_path
             part, part_broke = read(url, lambda i, k=k, j=j: i % k == j)
             assert part_broke == broke and len(part) == len(whole), (cut, k, j)
             assert all(p == w if i % k == j else p is None for i, (p, w) in enumerate(zip(part, whole))), (cut, k, j)
+
+
+def test_teams_share_shards_only_when_there_are_fewer_than_workers():
+    """10 workers on local tars: 10, 160 or 1,282 shards (ImageNet on one GPU) in teams of one (whole shards, no
+    header read twice); 11 shards in 2 teams of 5 (10 teams would end on one worker doing the 11th shard alone); 5
+    in 5 teams of 2; 6 in 2 teams of 5 (6 teams would leave 2 shards to one worker each). Streams, read whole by
+    every member, are shared only when there are fewer than the workers (6 streams: 6 teams)."""
+    from extract.pipeline import SKIP_COST, pick_teams
+
+    assert [pick_teams(s, 10) for s in (10, 11, 160, 1282)] == [10, 2, 10, 10]
+    assert [pick_teams(s, 10) for s in (1, 5, 6)] == [1, 5, 2]
+    assert [pick_teams(s, 10, SKIP_COST["stream"]) for s in (1, 5, 6, 11)] == [1, 5, 6, 10]
+    assert pick_teams(0, 4) == pick_teams(3, 0) == 1
