@@ -7,7 +7,7 @@ import json
 import sys
 
 from common.config import ConfigError, add_config_args, load_config
-from common.signals import status_of
+from common.signals import PREEMPTED, status_of
 from shards.errors import CacheError
 
 
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=int, default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.rank is not None:
@@ -33,11 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"extract-features: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
+        where = e.filename or f"into the cache at {cfg.cache.path if cfg else '?'}"  # a write() names no file
         if e.errno == errno.ENOSPC:
-            print(f"extract-features: error: no space left on the device while writing ({e.filename or ''}). "
-                  "Nothing partial was recorded as complete; free space and rerun the same command to finish.",
-                  file=sys.stderr)
+            print(f"extract-features: error: no space left on the device while writing {where}. Nothing partial "
+                  "was recorded as complete; free space and rerun the same command to finish.", file=sys.stderr)
             return 3
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            print(f"extract-features: error: cannot write {where} ({e.strerror}): the cache still has shards to "
+                  "extract. Make it writable, or use another cache.path", file=sys.stderr)
+            return 2
         raise
     print(json.dumps(summary, indent=1))
     if summary["preempted"]:
@@ -49,4 +54,10 @@ def main(argv: list[str] | None = None) -> int:
               + "\n  ".join(summary["shards_failed"]) + "\nFix or replace them (a file not found: is data.shards "
               "right?) and rerun: complete shards are skipped.", file=sys.stderr)
         return 1
+    if summary["shards_busy_elsewhere"]:  # never 0 with this rank's shards incomplete
+        print(f"extract-features: {len(summary['shards_busy_elsewhere'])} shard(s) are still held by other live jobs "
+              f"after waiting {summary['waited_s']:g} s (extract.wait_for_others): "
+              + "; ".join(summary["shards_busy_elsewhere"][:5]) + ". Rerun the same command once they finish (it "
+              "skips complete shards) or to take over those whose job died", file=sys.stderr)
+        return PREEMPTED
     return 0

@@ -28,9 +28,9 @@ from common.runtime import pick_device
 from common.signals import StopSignals, ignore_stop_signals, watch_workers
 from common.stats import TokenStats
 from common.teacher import build_teacher
+from extract.leasing import complete, extract_shared
 from shards.errors import CacheError
-from shards.index import read_record, record_problems
-from shards.leases import Lease, remove_partial
+from shards.leases import Lease
 from shards.manifest import (
     check_replay,
     finalize_manifest,
@@ -41,7 +41,8 @@ from shards.manifest import (
 )
 from shards.source import (ShardError, expand_shards, is_seekable, iter_samples, local_tar, rank_and_world, rank_shards,
                            shard_names)
-from shards.writer import FeatureShardWriter
+from shards.provenance import source_size, sources_differ
+from shards.writer import FeatureShardWriter, ShardTaken
 
 
 def unusable_key(sample: dict) -> str | None:
@@ -68,7 +69,7 @@ class ViewBatches(IterableDataset):
 
     def __init__(self, urls: list[str], names: dict[str, str], cfg: Config, teams: int = 1):
         self.urls, self.names, self.a, self.batch_size = urls, names, cfg.augment, cfg.extract.batch_size
-        self.teams = teams
+        self.teams, self.stall_timeout = teams, cfg.extract.stall_timeout
 
     def __iter__(self):
         info = get_worker_info()
@@ -94,7 +95,7 @@ class ViewBatches(IterableDataset):
         mine = lambda batch: (first + batch) % members == member  # noqa: E731
         rows, skipped, n, error = [], [], 0, None
         try:
-            for s in iter_samples(url, wanted=lambda i: mine(i // bs)):
+            for s in iter_samples(url, wanted=lambda i: mine(i // bs), stall_timeout=self.stall_timeout):
                 if s is not None:
                     self.add(self.names[url], s, rows, skipped)
                 n += 1
@@ -147,6 +148,7 @@ class ShardJob:
         self.writer: FeatureShardWriter | None = None
         self.skipped: list[dict] = []
         self.stats = TokenStats()
+        self.lost = False  # another job took the shard over and removed our temporary
 
     def _open(self) -> FeatureShardWriter:
         if self.writer is None:
@@ -154,17 +156,39 @@ class ShardJob:
         return self.writer
 
     def add(self, keys, records, src, src_hw, cls, tokens: np.ndarray, skipped, encoders=None) -> None:
+        if self.lost:
+            return
         writer = self._open()
-        if keys:
-            writer.add_batch(keys, records, src, src_hw, cls, tokens, encoders)
+        try:
+            if keys:
+                writer.add_batch(keys, records, src, src_hw, cls, tokens, encoders)
+        except OSError as e:
+            try:
+                writer.taken(e)  # a ShardTaken if another job took the shard over; else `e` is ours to raise
+            except ShardTaken:
+                self.lost = True
+                return
+            raise
         self.skipped += skipped
-        self.lease.beat()  # the heartbeat another host reads before it may take the shard over
         if keys:
             fault_point("write", self.name)
 
-    def commit(self) -> dict:
+    def commit(self) -> dict | None:
+        """The shard recorded; None (ours dropped, with a message) if another job finished it meanwhile or took
+        its lease over (this job was paused or cut off for longer than extract.lease_ttl)."""
         writer = self._open()
-        return writer.commit(self.skipped, self.source, self.stats, is_seekable(self.source))
+        why = ("another job finished it meanwhile" if complete(self.cache, self.name) else
+               f"its lease was taken over by another job ({self.lease.holder() or 'released'})"
+               if self.lost or not self.lease.held() else None)
+        try:
+            if why is None:
+                return writer.commit(self.skipped, self.source, self.stats, is_seekable(self.source),
+                                     source_size(self.source))
+        except ShardTaken:
+            why = "another job took it over meanwhile (this job was silent past extract.lease_ttl: paused, cut off)"
+        writer.abort()
+        tqdm.write(f"extract-features: shard {self.name}: {why}; this job's copy is dropped", file=sys.stderr)
+        return None
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -221,6 +245,11 @@ def prepare_cache(cfg: Config, teacher, token_shape, urls: list[str]) -> Path:
             raise CacheError(f"cache {cache} was made with another recipe; refusing to mix features:\n  "
                              + "\n  ".join(diffs) + "\nUse another cache.path, or delete the cache to redo it.")
         check_replay(old)  # the shards this run adds must be cut as the ones already there
+        differ = sources_differ(cache, old, urls)  # the same names at other paths must be the same shards
+        if differ:
+            raise CacheError(f"cache {cache}: {len(differ)} recorded shard(s) are not the sources given now (the same "
+                             "name, another file):\n  " + "\n  ".join(differ[:10]) + "\nRefusing to mix features "
+                             "of another dataset; use another cache.path, or give the sources the cache was made from.")
     else:
         write_manifest(cache, manifest)
     return cache
@@ -245,38 +274,21 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
     faults.MAIN_PID = os.getpid()
 
     mine = rank_shards(urls, rank, world)
-    pending = [u for u in mine if not complete(cache, names[u])]
-    for u in set(mine) - set(pending):
+    todo = [u for u in mine if not complete(cache, names[u])]
+    for u in set(mine) - set(todo):
         Lease(cache, names[u]).clear_stale()  # a job killed between its last commit and releasing the lease
-    already = len(mine) - len(pending)
+    already = len(mine) - len(todo)
     if cfg.extract.limit:
-        pending = pending[:cfg.extract.limit]
-    leases, busy = {}, []
-    for u in pending:  # a shard another live job holds is left to it; one of a dead job is taken over
-        lease = Lease(cache, names[u])
-        if lease.acquire():
-            leases[names[u]] = lease
-            remove_partial(cache, names[u])
-        else:
-            h = lease.holder()
-            busy.append(f"{names[u]} (held by {h.get('host')} pid {h.get('pid')}; delete {lease.path} if that "
-                        "job is dead)")
-    pending = [u for u in pending if names[u] in leases]
-    try:
-        result = _extract(cfg, cache, pending, names, leases, teacher, token_shape, device, progress, f"{rank}/{world}")
-    finally:
-        for lease in leases.values():
-            lease.release()
+        todo = todo[:cfg.extract.limit]
+    if not todo:  # and nothing is written: a finished cache may be on a read-only mount
+        print(f"extract-features: nothing to do: the {already} shard(s) of rank {rank}/{world} are recorded in "
+              f"{cache}", file=sys.stderr)
+    result = extract_shared(cache, todo, names, cfg.extract, lambda pending, leases: _extract(
+        cfg, cache, pending, names, leases, teacher, token_shape, device, progress, f"{rank}/{world}"))
     manifest = finalize_manifest(cache)
     return {"rank": rank, "world_size": world, "shards_mine": len(mine), "shards_already_complete": already,
-            "shards_busy_elsewhere": busy, **result, "cache_complete": manifest is not None,
+            **result, "cache_complete": manifest is not None,
             "token_diversity": manifest.stats.token_diversity if manifest else None}
-
-
-def complete(cache: Path, name: str) -> bool:
-    """Recorded, and every recorded file there with its recorded size (else it is redone)."""
-    record = read_record(cache, name)
-    return record is not None and not record_problems(cache, name, record)
 
 
 class ShardsInFlight:
@@ -305,6 +317,8 @@ class ShardsInFlight:
         if self.waiting is not None:
             self.finish(*self.waiting)
         self.waiting = (item, launched)
+        if item["last"]:  # commit a finished shard now, not when the next batch comes: that may be long (a stall)
+            self.flush()
 
     def flush(self) -> None:
         """The batch launched last (before any stop request): stored, its shard committed if it was its last."""
@@ -351,10 +365,14 @@ class ShardsInFlight:
                 self.failed.append(f"{item['source']}: {item['error']}")
                 self.submit(job.abort)
             else:
-                self.submit(job.commit)
-                self.done += 1
+                self.submit(self.commit, job)
             self.submit(job.lease.release)
             del self.jobs[job.name]
+
+    def commit(self, job: ShardJob) -> None:
+        """On the writer thread: a shard recorded counts as done (one another job finished meanwhile does not)."""
+        if job.commit() is not None:
+            self.done += 1
 
     def job(self, item: dict) -> ShardJob:
         name = item["shard"]
@@ -394,8 +412,11 @@ def view_loader(cfg: Config, pending: list[str], names: dict[str, str], device) 
     (see ViewBatches, pick_teams)."""
     workers = cfg.data.workers if pending else 0
     teams = pick_teams(len(pending), workers, SKIP_COST["local" if all(map(local_tar, pending)) else "stream"])
+    # One worker a team: items as the workers make them, so a worker held up by a stalling source holds up no other
+    # worker's shards (each worker's own items stay in order). Teams of several share a shard's batches and must
+    # come round-robin: out of order, in_source_order would buffer a fast member's batches without bound.
     loader = DataLoader(ViewBatches(pending, names, cfg, teams), batch_size=None, num_workers=workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals, in_order=teams < workers)
     return loader, workers, teams
 
 

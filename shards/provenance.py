@@ -55,6 +55,15 @@ def source_urls(manifest: Manifest, shards_override=None, missing_ok: bool = Fal
     return {n: None if n in bad else u for n, u in urls.items()}
 
 
+def _local(url: str) -> bool:
+    return not url.startswith("pipe:") and not is_url(url) and ":" not in url.split("/")[0]
+
+
+def source_size(url: str) -> int | None:
+    """A local source's size in bytes (recorded, to recognise it at another path), else None."""
+    return os.path.getsize(url) if _local(url) and os.path.isfile(url) else None
+
+
 def source_differs(cache: Path, name: str, record: dict, url: str) -> str | None:
     """Why `url` is not the source the recorded shard `name` was extracted from, or None if it is (or cannot be
     told apart: a `pipe:` command or a compressed tar is recognised by its name only)."""
@@ -63,12 +72,12 @@ def source_differs(cache: Path, name: str, record: dict, url: str) -> str | None
     recorded = record.get("source")
     if recorded is None or absolute_url(url) == recorded:
         return None
-    local = not url.startswith("pipe:") and not is_url(url) and ":" not in url.split("/")[0]
+    local = _local(url)
     if local and not Path(url).is_file():
         return None  # not there: extraction names it when it reads it
-    size = record.get("source_size")
-    if local and size is not None and os.path.getsize(url) != size:
-        return f"{url} has {os.path.getsize(url)} bytes; the shard was extracted from {size} ({recorded})"
+    size, here = record.get("source_size"), source_size(url)
+    if size is not None and here is not None and here != size:
+        return f"{url} has {here} bytes; the shard was extracted from {size} bytes ({recorded})"
     if not (record.get("seekable") and (local or is_url(url)) and is_seekable(url)):
         return None
     return _images_differ(cache, name, url)
@@ -88,3 +97,19 @@ def _images_differ(cache: Path, name: str, url: str) -> str | None:
             return (f"{url}: the image of key {index['key'][i].decode(errors='replace')!r} at byte "
                     f"{int(index['src_offset'][i])} is not the one the cache recorded")
     return None
+
+
+def sources_differ(cache: Path, manifest: Manifest, urls: list[str]) -> list[str]:
+    """"<shard>: why" for each recorded shard whose source given now (`urls`, data.shards) is at another path
+    than the manifest's and is not the same shard (source_differs). Shards at their recorded URL cost nothing."""
+    from shards.index import read_record
+    from shards.source import absolute_url, shard_names
+
+    recorded = {s.name: s.source for s in manifest.shards}
+    out = []
+    for name, url in zip(shard_names(urls), urls):
+        if absolute_url(url) != recorded.get(name) and (record := read_record(cache, name)) is not None:
+            why = source_differs(cache, name, record, url)
+            if why:
+                out.append(f"{name}: {why}")
+    return out

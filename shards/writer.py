@@ -10,6 +10,7 @@ is its completion record written.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -25,6 +26,14 @@ from common.files import fsync_dir, fsync_tree, unique_suffix, write_json_atomic
 from common.stats import TokenStats
 from shards.errors import CacheError
 from shards.index import index_dtype, record_path, shard_dir, tree_files
+
+class ShardTaken(CacheError):
+    """The shard's directory was there when ours was renamed into place: another job wrote it meanwhile."""
+
+    def __init__(self, name: str):
+        super().__init__(f"shard {name}: another job wrote it meanwhile; this job's copy is dropped")
+        self.name = name
+
 
 SHARD_SAMPLES = 256  # zarr: samples of one view per shard file (its index: 16 B x 256 = 4 KiB)
 ZARR_LAYOUT = "[view, sample, token, packed channel]"
@@ -148,19 +157,27 @@ class FeatureShardWriter:
         else:
             self._flush()
 
-    def commit(self, skipped: list[dict], source: str, stats: TokenStats, seekable: bool) -> dict:
-        self._close()
-        dtype = index_dtype(self.views, max((len(r[0]) for r in self.rows), default=1))
-        index = np.array([(*r, 0) for r in self.rows], dtype=dtype)
-        for row in index:
-            row["row_crc"] = zlib.crc32(row.tobytes()[:-4])
-        np.save(self.tmp / "index.npy", index, allow_pickle=False)
-        fsync_tree(self.tmp)
-        os.replace(self.tmp, self.final)  # one rename: the shard directory appears whole or not at all
+    def commit(self, skipped: list[dict], source: str, stats: TokenStats, seekable: bool,
+               source_size: int | None = None) -> dict:
+        """Index, fsync, rename into place, then the completion record. A ShardTaken if another job took the shard
+        over meanwhile: its copy got there first, or it removed our temporary (ours is dropped)."""
+        try:
+            self._close()
+            dtype = index_dtype(self.views, max((len(r[0]) for r in self.rows), default=1))
+            index = np.array([(*r, 0) for r in self.rows], dtype=dtype)
+            for row in index:
+                row["row_crc"] = zlib.crc32(row.tobytes()[:-4])
+            np.save(self.tmp / "index.npy", index, allow_pickle=False)
+            fsync_tree(self.tmp)
+            os.replace(self.tmp, self.final)  # one rename: the shard directory appears whole or not at all
+        except OSError as e:
+            self.taken(e)
+            raise
         fsync_dir(self.cache)
         fault_point("commit", self.name)
         record = {"shard": self.name, "source": source, "format": self.fmt, "format_version": FORMAT_VERSION,
                   "samples": len(self.rows), "skipped": skipped, "seekable": seekable,
+                  **({"source_size": source_size} if source_size is not None else {}),
                   "files": tree_files(self.final, self._known()), "stats": stats.to_dict()}
         write_json_atomic(record_path(self.cache, self.name), record)
         return record
@@ -170,6 +187,13 @@ class FeatureShardWriter:
         if self.fmt != "wds":
             return {}
         return {f"v{v:02d}.tar": {"size": self._sizes[v], "sha256": h.hexdigest()} for v, h in enumerate(self._hashes)}
+
+    def taken(self, e: OSError) -> None:
+        """A ShardTaken if `e` means another job took the shard over (our temporary is gone, or the shard is in place
+        before ours): it found our lease silent for its ttl (this process paused, or cut off) and redid the shard."""
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST) or not self.tmp.exists():
+            self.abort()
+            raise ShardTaken(self.name) from None
 
     def abort(self) -> None:
         if self.fmt == "wds":

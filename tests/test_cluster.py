@@ -119,7 +119,7 @@ def test_dead_jobs_lease_is_taken_over_and_missing_files_are_redone(tmp_path, so
 
     (cache / "shard-000001.done.json").unlink()
     Path(cache / "shard-000001.lock").write_text(json.dumps({"host": "another-node", "pid": 1, "since": 0}))
-    summary = run_extraction(load_config(path), progress=False)
+    summary = run_extraction(load_config(path, ["extract.wait_for_others=0"]), progress=False)  # 75 at once
     assert summary["shards_done"] == 0 and "another-node" in summary["shards_busy_elsewhere"][0]
     assert not summary["cache_complete"]
 

@@ -64,6 +64,7 @@ def test_no_space_left_is_a_clear_error_and_rerun_finishes(tmp_path, source):
         path = write_config(tmp_path, source, 3, cache="disk/cache")
         r = run_cli(["extract-features", "--config", str(path), "--no-progress"])
         assert r.returncode == 3 and "no space left" in r.stderr, r.stderr[-1500:]
+        assert "()" not in r.stderr and str(disk / "cache") in r.stderr  # the file, or the cache: never an empty name
         records = list((disk / "cache").glob("*.done.json"))
         assert len(records) < 3
         for rec in records:  # what is recorded is complete and intact
