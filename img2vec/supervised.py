@@ -9,17 +9,20 @@ headers and labels, not its images): the classes, and the steps per epoch, floor
 processes of batch B (MAE's drop_last). Each pass over the train shards reorders them (seeded, the same on
 every process) and deals them to the processes (shard i to rank i % W; with fewer shards than processes,
 every process reads every shard and keeps its every W-th sample); a process's DataLoader workers split its
-share, shuffle the samples in a buffer, decode them through the house's decode-and-skip stage
-(train/probe.py's EvalCrops) and augment them. Every process takes the same number of full batches an
-epoch from its own endless stream: one whose share ran out goes on into its next pass (as DistributedSampler
-pads), so no process waits at a collective for another. The val shards are dealt the same way, in order and
-read once: each image is classified by one process, and the counts are summed over processes.
+share the same way (whole shards, or every n-th sample of each when it has fewer shards than workers: at 256
+GPUs, ImageNet's 1,282 shards are 5 a process, read by 10 workers), shuffle the samples in a buffer of 1,000,
+decode them through the house's decode-and-skip stage (train/probe.py's EvalCrops) and augment them. Every
+process takes the same number of full batches an epoch from its own endless stream: one whose share ran out
+goes on into its next pass (as DistributedSampler pads), so no process waits at a collective for another.
+The val shards are dealt the same way, in order and read once: each image is classified by one process, and
+the counts are summed over processes.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import os
 import random
 import sys
 import time
@@ -33,7 +36,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from common.augment import IMAGENET_MEAN, IMAGENET_STD
 from common.config import ConfigError
-from common.runtime import seed_from, worker_slice, write_json_output
+from common.runtime import seed_from, write_json_output
 from shards.source import IMAGE_EXTS, ShardError, iter_members, iter_samples
 from train.data import shard_order, shuffle_buffer
 from train.probe import EvalCrops, collate_crops, labelled_shards
@@ -58,8 +61,8 @@ def eval_transform(img_size: int):
 # data
 
 
-def _dealt(rank: int, world: int, i: int) -> bool:
-    return i % world == rank
+def _dealt(part: int, parts: int, i: int) -> bool:
+    return i % parts == part
 
 
 class LabelledImages(EvalCrops):
@@ -71,27 +74,35 @@ class LabelledImages(EvalCrops):
         super().__init__(urls, img_size=0, crop_pct=1.0, seed=seed)
         self.transform, self.rank, self.world, self.shuffle, self.epoch = transform, rank, world, shuffle, 0
 
-    def shares(self) -> list[tuple[str, Callable[[int], bool] | None]]:
-        """(shard, which of its samples by index: None for all) that this process reads."""
+    def shares(self) -> list[tuple[str, int, int]]:
+        """(shard, part, parts) that this process reads: of the shard, the samples i with i % parts == part."""
         urls = [self.urls[i] for i in shard_order(len(self.urls), self.seed, self.epoch)] if self.shuffle else self.urls
         if len(urls) >= self.world:
-            return [(url, None) for url in urls[self.rank::self.world]]
-        return [(url, partial(_dealt, self.rank, self.world)) for url in urls]
+            return [(url, 0, 1) for url in urls[self.rank::self.world]]
+        return [(url, self.rank, self.world) for url in urls]
 
     def samples(self) -> Iterator[dict]:
-        mine = (s for url, wanted in worker_slice(self.shares()) for s in iter_samples(url, wanted) if s is not None)
+        """This DataLoader worker's part of the process's shares: whole shards while there are as many as workers,
+        else every n-th sample of each (n workers)."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.shares()
+        mine = mine[worker::workers] if len(mine) >= workers else [(u, k + m * worker, m * workers) for u, k, m in mine]
+        read = (s for url, k, m in mine for s in iter_samples(url, None if m == 1 else partial(_dealt, k, m))
+                if s is not None)
         if not self.shuffle:
-            return mine
-        worker = get_worker_info().id if get_worker_info() else 0
-        return shuffle_buffer(mine, SHUFFLE_BUFFER, random.Random(seed_from(self.seed, self.epoch, self.rank, worker)))
+            return read
+        return shuffle_buffer(read, SHUFFLE_BUFFER, random.Random(seed_from(self.seed, self.epoch, self.rank, worker)))
 
     def view(self, img):
         return self.transform(img)
 
 
 def loader(data: LabelledImages, batch_size: int, workers: int) -> DataLoader:
+    """Batches of `data` (collate_crops: images, labels, keys, skipped), decoded by `workers` processes (at most
+    one per CPU this process may use)."""
     return DataLoader(data, batch_size=batch_size, collate_fn=collate_crops,
-                      num_workers=min(workers, len(data.shares())), pin_memory=torch.cuda.is_available())
+                      num_workers=min(workers, len(os.sched_getaffinity(0))), pin_memory=torch.cuda.is_available())
 
 
 def full_batches(data: LabelledImages, batch_size: int, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -18,7 +18,7 @@ from img2vec.finetune import (HEAD_INIT_SCALE, MAE_FINETUNE, RECIPES, TIMM_AA, a
 from img2vec.finetune import main as finetune_main
 from img2vec.linprobe import LARS, parse_args, probe, probe_head
 from img2vec.linprobe import main as linprobe_main
-from img2vec.supervised import (LabelledImages, cosine_schedule, count_labelled, eval_transform, full_batches,
+from img2vec.supervised import (LabelledImages, cosine_schedule, count_labelled, eval_transform, full_batches, loader,
                                 shard_labels)
 from shards.source import expand_shards, iter_samples
 from tests.conftest import run_cli, train_py_flags, train_py_model
@@ -195,10 +195,27 @@ def test_labelled_images_deal_every_sample_to_one_process(extracted):
     assert sizes == [4] * 10
 
 
+def _nothing(img) -> torch.Tensor:
+    return torch.zeros(1)
+
+
+@pytest.mark.slow
+def test_dataloader_workers_split_a_process_share_without_overlap(extracted):
+    """3 shards: 2 processes x 2 workers (process 1: 1 shard for 2 workers, so every 2nd sample of it), and 5
+    processes x 2 workers (every 10th sample of every shard): each sample read once."""
+    urls = expand_shards(shards(extracted))
+    every = sorted(s["key"] for u in urls for s in iter_samples(u))
+    for world, workers in ((2, 2), (5, 2)):
+        keys = [k for rank in range(world) for _, _, ks, _ in loader(LabelledImages(urls, _nothing, rank, world), 4, workers)
+                for k in ks]
+        assert sorted(keys) == every, (world, workers)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the commands
 
 
+@pytest.mark.slow
 def test_timm_encoder_is_the_exported_model(tmp_path, student_run):
     """What linprobe and finetune train is the exported file, tensor for tensor, plus a new head."""
     exported = load_file(export_encoder(student_run, tmp_path / "e.safetensors")["out"])
