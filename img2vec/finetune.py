@@ -122,7 +122,8 @@ def finetune(args: argparse.Namespace) -> tuple[dict, nn.Module]:
     t0, accelerator = time.perf_counter(), start(args.seed)
     run = run_info(args.path)
     recipe, size = recipe_for(run["arch"]), run["img_size"]
-    batches, plan = train_data(accelerator, args, train_transform(size), recipe.epochs, recipe.warmup_epochs, recipe.blr)
+    batches, plan = train_data(accelerator, args, train_transform(size), recipe.epochs, recipe.warmup_epochs, recipe.blr,
+                               multiple=2)  # mixup pairs a batch's images
     model, info = timm_encoder(args.path, "avg", num_classes=plan.classes, drop_path_rate=recipe.drop_path)
     trunc_normal_(model.head.weight, std=MAE_FINETUNE["head_std"])
     nn.init.zeros_(model.head.bias)
@@ -138,7 +139,7 @@ def finetune(args: argparse.Namespace) -> tuple[dict, nn.Module]:
 
     def evaluate() -> dict:
         model.eval()
-        result = top1(accelerator, accelerator.unwrap_model(model), args.val_shards, size, plan.classes, args.batch_size,
+        result = top1(accelerator, accelerator.unwrap_model(model), args.val_shards, size, plan.classes, plan.batch_size,
                       args.workers)
         model.train()
         return result

@@ -101,7 +101,7 @@ def probe(args: argparse.Namespace) -> tuple[dict, nn.Module]:
     def evaluate() -> dict:
         head.eval()
         bare = accelerator.unwrap_model(head)  # no DDP: processes classify different numbers of batches
-        result = top1(accelerator, lambda x: bare(features(x)), args.val_shards, size, plan.classes, args.batch_size,
+        result = top1(accelerator, lambda x: bare(features(x)), args.val_shards, size, plan.classes, plan.batch_size,
                       args.workers)
         head.train()
         return result

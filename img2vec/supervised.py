@@ -172,10 +172,11 @@ class Plan:
                 f"updates of {self.processes} x {self.batch_size}, lr {self.lr:.4g} (base {self.blr:g} per 256)")
 
 
-def train_data(accelerator, args: argparse.Namespace, transform, epochs: int, warmup_epochs: float, blr: float
-               ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], Plan]:
+def train_data(accelerator, args: argparse.Namespace, transform, epochs: int, warmup_epochs: float, blr: float,
+               multiple: int = 1) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], Plan]:
     """-> (this process's endless batch stream, the plan) from the recipe's epochs, warmup and base lr and the
-    arguments that override them; the main process counts the shards, every process gets its count."""
+    arguments that override them; the main process counts the shards, every process gets its count. A batch
+    larger than a process's share of the images shrinks to it (a multiple of `multiple`), with a note."""
     from accelerate.utils import broadcast_object_list
 
     urls = labelled_shards(args.train_shards, "--train-shards")
@@ -186,8 +187,11 @@ def train_data(accelerator, args: argparse.Namespace, transform, epochs: int, wa
                           "(img2vec make-shards writes .cls)")
     world, batch = accelerator.num_processes, args.batch_size
     if not samples // (world * batch):
-        raise ConfigError(f"--train-shards: {samples} labelled images, fewer than one global batch ({world} processes "
-                          f"x --batch-size {batch}); lower --batch-size")
+        batch = samples // world // multiple * multiple
+        if not batch:
+            raise ConfigError(f"--train-shards: {samples} labelled images, fewer than {world} processes x {multiple}")
+        accelerator.print(f"note: --batch-size {args.batch_size} x {world} processes is more than the {samples} train "
+                          f"images: batch {batch} (the lr scales with it)")
     if args.num_classes is not None and args.num_classes < found:
         raise ConfigError(f"--num-classes {args.num_classes}: the train shards hold labels up to {found - 1}")
     n = args.epochs or epochs  # the recipe's warmup share of it, unless --warmup-epochs (10 of 90 -> 1 of 9)

@@ -237,11 +237,13 @@ def test_linprobe_trains_only_the_head_and_its_top1_is_the_count(tmp_path, extra
     assert len(r["history"]) == 2 and r["optimizer"] == "LARS" and r["weight_decay"] == 0.0
 
     result, classifier = probe(parse_args([str(student_run), "--train-shards", pattern, "--val-shards", pattern,
-                                           "--epochs", "1", "--batch-size", "6", "--workers", "0", "--pool", "avg"], "t"))
+                                           "--epochs", "2", "--workers", "0", "--pool", "avg"], "t"))
+    assert "note: --batch-size 512 x 1 processes is more than the 18 train images: batch 18" in capsys.readouterr().out
     encoder, head = classifier
     frozen = timm_encoder(student_run, "avg")[0].state_dict()
     assert all(torch.equal(v, frozen[k]) for k, v in encoder.state_dict().items())  # the encoder did not move
-    assert head[0].num_batches_tracked == 3 and not head[0].affine and head[0].eps == 1e-6
+    assert head[0].num_batches_tracked == 2 and not head[0].affine and head[0].eps == 1e-6
+    assert (result["batch_size"], result["steps_per_epoch"], result["lr"]) == (18, 1, pytest.approx(0.1 * 18 / 256))
     right = 0
     with torch.no_grad():  # the top-1 recounted one image at a time
         for url in expand_shards(pattern):
@@ -287,9 +289,9 @@ def test_errors_name_what_to_do(tmp_path, extracted, student_run, capsys):
     assert linprobe_main([str(student_run), "--train-shards", str(tmp_path / "no-{0..1}.tar"), "--val-shards", pattern,
                           "--workers", "0"]) == 2
     assert "no-0.tar" in capsys.readouterr().err
-    assert finetune_main([str(student_run), "--train-shards", pattern, "--val-shards", pattern, "--batch-size", "64",
+    assert finetune_main([str(student_run), "--train-shards", pattern, "--val-shards", pattern, "--num-classes", "3",
                           "--workers", "0"]) == 2
-    assert "fewer than one global batch" in capsys.readouterr().err
+    assert "--num-classes 3: the train shards hold labels up to 3" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         finetune_main([str(student_run), "--train-shards", pattern, "--val-shards", pattern, "--batch-size", "3"])
     assert "even" in capsys.readouterr().err
