@@ -3,7 +3,7 @@ and SIGINT (a terminal's Ctrl-C) ask a stage to stop at its next safe point inst
 
 SLURM signals every process of a job step, and a terminal, `kill -- -PGID` and `timeout` the whole process group,
 so the DataLoader workers get the signal too: they ignore all three (`ignore_stop_signals`, their worker_init_fn;
-`watch_workers` ends any left running at exit) and leave the stop to the main process. Exit statuses:
+`_reap` ends any left running at exit) and leave the stop to the main process. Exit statuses:
 
 - PREEMPTED (75, EX_TEMPFAIL: "try again") after SIGTERM / SIGUSR1: training checkpointed the step it stopped
   at, extraction kept the shards it finished. A job script requeues on it.
@@ -16,9 +16,10 @@ A job script also tells a clean stop from a crash (1), a refused setting (2) and
 from __future__ import annotations
 
 import atexit
-import os
+import multiprocessing.util  # noqa: F401 - its exit handler registered first, so _reap (below) runs before it
 import signal
 import threading
+import time
 
 PREEMPTED = 75
 INTERRUPTED = 130
@@ -69,19 +70,11 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
 
 
 _WORKERS: list = []  # the worker processes (multiprocessing.Process) of this process's current loaders
-_reaping = False
 
 
 def watch_workers(iterator):
-    """Register the workers of a DataLoader iterator (they ignore SIGTERM) and return the iterator. At interpreter
-    exit the ones still running are SIGKILLed: multiprocessing's own exit handler sends them SIGTERM and joins them,
-    so a loader not shut down by then (an uncaught exception keeps its frames, and the iterator, alive) would hang
-    the process. Registered on first use, it runs before multiprocessing's. `dead_workers` names the ones a signal
-    killed; workers of earlier loaders that have exited are forgotten here."""
-    global _reaping
-    if not _reaping:
-        atexit.register(_reap)
-        _reaping = True
+    """Register the workers of a DataLoader iterator and return the iterator: `dead_workers` names the ones a signal
+    killed. Workers of earlier loaders that have exited are forgotten here."""
     _WORKERS[:] = [w for w in _WORKERS if w.exitcode is None]
     _WORKERS.extend(getattr(iterator, "_workers", ()))
     return iterator
@@ -92,9 +85,22 @@ def dead_workers() -> list[tuple[int, str]]:
     return [(w.pid, signal.Signals(-w.exitcode).name) for w in _WORKERS if w.exitcode is not None and w.exitcode < 0]
 
 
+@atexit.register
 def _reap() -> None:
-    live = [w for w in _WORKERS if w.is_alive()]
-    if live:  # torch's SIGCHLD handler would report these deaths as a failure of the exiting process
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for w in live:
-        os.kill(w.pid, signal.SIGKILL)
+    """At interpreter exit, end the daemonic children (DataLoader workers) still running: SIGTERM, as
+    multiprocessing's own exit handler sends it, then SIGKILL after a second for those that ignore it, as loader
+    workers do. That handler joins them without a timeout: a loader not shut down by then (an uncaught exception
+    keeps its frames alive; an error while its workers start leaves them without one) would hang the process."""
+    import multiprocessing
+
+    live = [p for p in multiprocessing.active_children() if p.daemon]
+    if not live:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these deaths as a failure
+    for p in live:
+        p.terminate()
+    deadline = time.monotonic() + 1.0
+    for p in live:
+        p.join(max(deadline - time.monotonic(), 0))
+        if p.is_alive():
+            p.kill()

@@ -11,8 +11,10 @@ are restored; in random mode also with another world size, batch size or grad_ac
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -233,12 +235,24 @@ def fit(run: Run, stop: StopSignals) -> bool:
                     print(f"stopping at step {pos.step} on {stop.received or 'a signal to another rank'}: checkpoint "
                           f"{run.ckpts.latest()}; rerun the same command to resume", file=sys.stderr)
                 return True
-    except RuntimeError as e:  # torch's "DataLoader worker ... killed by signal" comes as a RuntimeError
+    except (RuntimeError, OSError) as e:  # torch's "DataLoader worker ... killed by signal" is a RuntimeError
         data.raise_if_a_worker_died(e, t.workers, t.batch_size, run.ckpts.latest())
+        raise_if_out_of_files(e, t.workers)
         raise
     finally:
         batches.close()  # the loader's workers shut down
     return False
+
+
+def raise_if_out_of_files(e: BaseException, workers: int) -> None:
+    """EMFILE (also inside torch's RuntimeError "Too many open files") as a ConfigError saying what to change: the
+    loader's workers, their queues and the batches they hand over all take descriptors."""
+    cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+    if isinstance(cause, OSError) and cause.errno == errno.EMFILE:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        raise ConfigError(f"too many open files: this process may have {soft} open (`ulimit -n`; the hard limit is "
+                          f"{hard}), too few for {workers} DataLoader workers. Raise the limit (e.g. `ulimit -n 65536` "
+                          "in the job script) or lower train.workers") from None
 
 
 def micro_batches(run: Run):
