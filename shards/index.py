@@ -57,16 +57,31 @@ def read_index(cache: Path, name: str) -> np.ndarray:
     path = shard_dir(cache, name) / "index.npy"
     try:
         if isinstance(path, RemotePath):
-            return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+            data = path.read_bytes()
+            f = io.BytesIO(data)
+            shape, order, dtype = _npy_header(f, len(data))
+            return np.frombuffer(data, dtype, int(np.prod(shape)), f.tell()).reshape(shape, order=order)
         with open(path, "rb") as f:  # one open (np.load's mmap_mode opens the file three times)
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-            if dtype.hasobject:
-                raise ValueError("an object array (pickled): refused")
-            return np.memmap(f, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=f.tell())
-    except (OSError, ValueError, RemoteError) as e:
+            shape, order, dtype = _npy_header(f, os.fstat(f.fileno()).st_size)
+            return np.memmap(f, dtype=dtype, mode="r", shape=shape, order=order, offset=f.tell())
+    except ValueError as e:
+        raise RefusedFile(f"{path}: not an index of this format ({e}); run `img2vec verify` on the cache") from None
+    except (OSError, RemoteError) as e:
         raise CacheError(f"{path}: unreadable index ({e}); run `img2vec verify` on the cache") from None
+
+
+def _npy_header(f, size: int) -> tuple[tuple, str, np.dtype]:
+    """(shape, order, dtype) of a .npy file, the file positioned at its data: a ValueError for a pickled array, or
+    for rows the file does not hold (a header may claim 2^40 of them)."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if dtype.hasobject:
+        raise ValueError("an object array (pickled): refused")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need > size - f.tell():
+        raise ValueError(f"its header claims {need} bytes of rows, the file holds {size - f.tell()}")
+    return shape, "F" if fortran else "C", dtype
 
 
 # ---------------------------------------------------------------- completion records

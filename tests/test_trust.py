@@ -113,20 +113,27 @@ def test_shard_names_and_record_files_stay_inside_the_cache(tmp_path, extracted,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("field", ["nbytes", "offset", "src_size"])
+@pytest.mark.parametrize("field", ["nbytes", "offset", "src_size", "rows"])
 def test_sizes_of_2_to_the_40_in_an_index_are_refused(tmp_path, extracted, capsys, field):
-    """Offsets and sizes of 2^40 with valid row checksums (a file made to pass them): no MemoryError, exit 2 naming
-    the index, its row and key."""
+    """A view offset, view size or image size of 2^40 with valid row checksums (a file made to pass them), or an
+    index header claiming 2^40 rows: no MemoryError, exit 2 naming the index (and its row and key)."""
     cache = copy_cache(extracted, tmp_path)
-
-    def huge(index):
-        index[field][1] = 1 << 40
-
-    edit_index(cache, "shard-000002", huge)
+    path = cache / "shard-000002" / "index.npy"
+    if field == "rows":
+        index = np.load(path, allow_pickle=False)
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(index.dtype),
+                                                     "fortran_order": False, "shape": (1 << 40,)})
+            f.write(index.tobytes())
+        edit_json(cache / "shard-000002.done.json", lambda r: r["files"]["index.npy"].update(size=path.stat().st_size))
+    else:
+        edit_index(cache, "shard-000002", lambda index: index[field].__setitem__(1, 1 << 40))
+    where = "shard-000002/index.npy: " + ("not an index of this format (its header claims" if field == "rows" else
+                                          "row 1 (key")
     rc, out = tool(capsys, "verify", cache)
-    assert rc == 2 and "shard-000002/index.npy: row 1" in out and "MemoryError" not in out, out
+    assert rc == 2 and where in out and "MemoryError" not in out, out
     err = train_refuses(tmp_path, capsys, shards=f"{Path(extracted[1].data.shards).parent}/shard-{{000000..000002}}.tar")
-    assert "shard-000002/index.npy: row 1" in err and ("out of range" in err or "outside" in err), err
+    assert where in err, err
 
 
 @pytest.mark.slow
