@@ -31,7 +31,7 @@ def plot_curves(metrics: Path, png: Path, knn: dict) -> dict:
     for a in (ax, bx):
         a.set_xlim(0, max([r["step"] for r in rows] + [1]))
     bx.set(xlabel="step", ylabel="top-1 (%)", title=f"k-NN top-1 on the {knn['init']['val_samples']} val images")
-    bx.legend()
+    bx.legend(loc="lower right")
     fig.suptitle("Img2Vec demo")
     fig.tight_layout()
     fig.savefig(png)
