@@ -29,6 +29,7 @@ from common.augment import CUTS, center_view, decode_samples, normalize_pixels, 
 from common.config import ConfigError
 from common.config import Train as TrainConfig
 from common.runtime import seed_from, worker_slice
+from common.signals import ignore_stop_signals
 from shards.source import expand_shards, iter_samples
 
 # --------------------------------------------------------------------------------------------------------
@@ -138,7 +139,8 @@ def extract_features(encoder, shards, img_size: int, crop_pct: float = 0.875, ba
 
     urls = labelled_shards(shards)
     data = EvalCrops(urls, img_size, crop_pct, split, val_fraction, seed)
-    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_crops, num_workers=min(workers, len(urls)))
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_crops, num_workers=min(workers, len(urls)),
+                        worker_init_fn=ignore_stop_signals)  # a stop signal to the group is the training's to act on
     encoder.eval()
     feats, labels, keys, skipped = [], [], [], 0
     with tqdm(unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
