@@ -11,6 +11,7 @@ asynchronous machinery cost ~1 ms per (shard, call) there.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -212,15 +213,21 @@ class FeatureShard:
         return out
 
     def _zarr_array(self):
-        """The Zarr array, opened once and its metadata checked; locally its chunks are read by _zarr_view."""
-        import zarr
-        from zarr.storage import LocalStore
-
+        """The Zarr array's metadata, checked once against the manifest and index: for a cache at a URL, the
+        zarr-python array that reads it; locally its zarr.json, parsed here (chunks are read by _zarr_view: no
+        zarr machinery, no thread)."""
         if self._array is None:
             root = shard_dir(self.cache, self.name) / "tokens.zarr"
-            store = zarr_store(str(root)) if is_url(str(root)) else LocalStore(root, read_only=True)
-            self._array = _checked_array(zarr.open_array(store=store, path="tokens", mode="r"), root, self.views,
-                                         len(self.index), self.codec.packed_spec(self.tokens, self.channels))
+            want = (root, self.views, len(self.index), self.codec.packed_spec(self.tokens, self.channels))
+            if is_url(str(root)):
+                import zarr
+
+                array = zarr.open_array(store=zarr_store(str(root)), path="tokens", mode="r")
+                _check_layout((tuple(array.shape), tuple(array.chunks), array.dtype), *want)
+                self._array = array
+            else:
+                _check_layout(_local_layout(root), *want)
+                self._array = root
         return self._array
 
     def _read_zarr(self, ids, views, dest):
@@ -280,15 +287,37 @@ def _zarr_shard_index(path: Path) -> np.ndarray | None:
     return np.frombuffer(_CRC32C.decode(pread(path, n, size - n)), "<u8").reshape(SHARD_SAMPLES, 2)
 
 
-def _checked_array(array, root, views: int, samples: int, spec):
-    """The Zarr array as the manifest and index describe it ([V, N, T, C'], one (view, sample) per chunk, the
-    codec's dtype): its own metadata is the cache's, and a chunk shape believed unchecked sizes every read."""
+def _check_layout(layout: tuple, root, views: int, samples: int, spec) -> None:
+    """The Zarr array's (shape, chunks, dtype) as the manifest and index describe it ([V, N, T, C'], one (view,
+    sample) per chunk, the codec's dtype): its own metadata is the cache's, and a chunk shape believed unchecked
+    sizes every read."""
     (t, c), dtype = spec
     want = ((views, samples, t, c), (1, 1, t, c), np.dtype(dtype))
-    if (tuple(array.shape), tuple(array.chunks), array.dtype) != want:
-        raise RefusedFile(f"{root}: array tokens is {tuple(array.shape)} {array.dtype} in chunks {tuple(array.chunks)}; "
+    shape, chunks, got = layout
+    if (shape, chunks, got) != want:
+        raise RefusedFile(f"{root}: array tokens is {shape} {got} in chunks {chunks}; "
                           f"the manifest and index say {want[0]} {want[2]} in chunks {want[1]}: refused")
-    return array
+
+
+def _local_layout(root: Path) -> tuple:
+    """(shape, inner chunk shape, dtype) from a local tokens.zarr/tokens/zarr.json, which must describe the shard
+    files docs/FORMAT.md section 9 does (SHARD_SAMPLES samples of one view each, the shard index at the end)."""
+    path = root / "tokens" / "zarr.json"
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read(1 << 20))  # bounded: a metadata file is a few KiB
+        (codec,) = meta["codecs"]
+        shards, conf = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]), codec["configuration"]
+        layout = (tuple(meta["shape"]), tuple(conf["chunk_shape"]), np.dtype(meta["data_type"]))
+    except OSError as e:
+        raise CacheError(f"{path}: {e.strerror or e}; run `img2vec verify` on the cache") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise RefusedFile(f"{path}: not the Zarr metadata docs/FORMAT.md describes ({type(e).__name__}: {e}): refused") from None
+    if codec.get("name") != "sharding_indexed" or shards != (1, SHARD_SAMPLES, *layout[1][2:]) \
+            or conf.get("index_location") != "end":
+        raise RefusedFile(f"{path}: shard files of {shards} with the index at {conf.get('index_location')!r}, not the "
+                          f"layout docs/FORMAT.md describes ([1, {SHARD_SAMPLES}, T, C'], index at the end): refused")
+    return layout
 
 
 def iter_feature_shard(cache: Path, name: str, manifest: Manifest) -> Iterator[dict]:

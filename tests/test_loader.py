@@ -5,7 +5,6 @@ arrays as zarr-python, damage caught by the crc32c the format names)."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -21,8 +20,11 @@ from common.config import load_config
 from shards.errors import CorruptSample
 from shards.manifest import read_manifest, source_urls
 from shards.reader import NO_CHUNK, FeatureShard
-from tests.conftest import REPO, epoch_batches, make_source, write_config
+from tests.conftest import REPO, make_source, write_config
 from train.data import CacheIndex, Deal, RunData, make_loader, steps_per_epoch
+
+sys.path.insert(0, str(REPO / "bench"))  # the benches import their helpers as top-level modules
+from file_opens import strace_opens  # noqa: E402 - the one parser of strace's log, shared with the bench
 
 
 def run_batches(cache: Path, epoch: int, consumed: int, count: int, mode: str, workers: int, bs: int = 4) -> list[dict]:
@@ -63,30 +65,9 @@ def test_the_runs_loader_is_the_epochs_end_to_end(uneven, mode):
     for a, b in zip(want, got):
         assert a["keys"] == b["keys"]
         assert torch.equal(a["images"], b["images"])
-        assert a["tokens"].dtype == b["tokens"].dtype and torch.equal(a["tokens"].view(torch.int16), b["tokens"].view(torch.int16))
+        assert a["tokens"].dtype == b["tokens"].dtype
+        assert torch.equal(a["tokens"].view(torch.int16), b["tokens"].view(torch.int16))
     assert [b["keys"] for b in resumed] == [b["keys"] for b in want[steps + 2:]]
-
-
-def strace_opens(log: Path, under: list[Path]) -> list[tuple[int, str, int]]:
-    """(pid, path, line number) of every successful openat of a path under `under` in an `strace -f` log (a call
-    another process interrupted is split: "<unfinished ...>", then "<... openat resumed>) = fd")."""
-    roots, out, pending = tuple(str(p).rstrip("/") + "/" for p in under), [], {}
-    for n, line in enumerate(log.read_text().splitlines()):
-        pid, _, rest = line.partition(" ")
-        call = re.match(r"\s*openat\([^,]+, \"([^\"]+)\"", rest)
-        if call and "<unfinished" in rest:
-            pending[pid] = (call.group(1), n)
-            continue
-        result = re.search(r"\)\s+=\s+(-?\d+)", rest)
-        if call and result:
-            path, at = call.group(1), n
-        elif "<... openat resumed>" in rest and pid in pending and result:
-            path, at = pending.pop(pid)
-        else:
-            continue
-        if int(result.group(1)) >= 0 and path.startswith(roots):
-            out.append((int(pid), path, at))
-    return out
 
 
 @pytest.mark.slow
@@ -101,8 +82,8 @@ def test_three_epochs_open_what_one_does(tmp_path, extracted):
     log, run = tmp_path / "strace.log", tmp_path / "run"
     steps = steps_per_epoch(18, 1, 4)
     sets = [f"train.run_dir={json.dumps(str(run))}", "train.epochs=3", "train.workers=2", f"train.checkpoint_every={steps}"]
-    cmd = ["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=openat", "-e", "signal=none", "-o", str(log), sys.executable, "-m",
-           "train", "--config", str(path), "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    cmd = ["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=openat", "-e", "signal=none", "-o", str(log),
+           sys.executable, "-m", "train", "--config", str(path), "--no-progress", *[a for s in sets for a in ("--set", s)]]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     opens = strace_opens(log, [cache, src])
@@ -186,3 +167,19 @@ def test_zarr_reader_reads_what_zarr_python_reads(zarr_cache, tmp_path):
     assert bad == {(2, 1)} | {(i, 2) for i in range(n)}
     assert all("crc32c" in got[j].reason for j in range(len(got)) if isinstance(got[j], CorruptSample))
     assert all(np.array_equal(g, w) for g, w in zip(got, want) if not isinstance(g, CorruptSample))
+
+
+def test_zarr_metadata_of_another_layout_is_refused(zarr_cache, tmp_path):
+    """Our reader reads the shard files docs/FORMAT.md describes; a zarr.json describing other ones (here shard
+    files of 128 samples) is refused, naming the file, not read as something it is not."""
+    from shards.errors import RefusedFile
+
+    cache = shutil.copytree(zarr_cache, tmp_path / "other")
+    name = read_manifest(cache).shard_names[0]
+    meta_file = cache / name / "tokens.zarr/tokens/zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["chunk_grid"]["configuration"]["chunk_shape"][1] = 128
+    size = meta_file.stat().st_size
+    meta_file.write_text(json.dumps(meta).ljust(size))  # the size its record says: the file passes that check
+    with pytest.raises(RefusedFile, match=r"zarr\.json: shard files of \(1, 128"):
+        FeatureShard(cache, name, read_manifest(cache)).read_views([0], [0])
