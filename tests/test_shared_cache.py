@@ -55,6 +55,7 @@ def beat(lock: Path, until: threading.Event, then=None) -> threading.Thread:
     return t
 
 
+@pytest.mark.slow
 def test_a_dead_hosts_lease_is_taken_over_within_the_ttl(tmp_path, source, extracted, capsys):
     """A requeued job meets the lease of a node that just died (fresh mtime, no more beats): it waits, saying so,
     takes the lease over after its 1 s ttl and finishes the cache: exit 0, the bytes of an uninterrupted run."""
@@ -68,6 +69,7 @@ def test_a_dead_hosts_lease_is_taken_over_within_the_ttl(tmp_path, source, extra
     assert cache_files(cache) == cache_files(Path(extracted[1].cache.path))
 
 
+@pytest.mark.slow
 def test_a_live_hosts_lease_is_waited_for_then_exit_75_or_done_when_it_finishes(tmp_path, source, extracted, capsys):
     cache = half_done(extracted, tmp_path)
     lock = other_host_lease(cache, "shard-000001")
