@@ -233,8 +233,9 @@ class ToHost:
         return self.tensors
 
 
-def prepare_cache(cfg: Config, teacher, token_shape, urls: list[str]) -> Path:
-    """Create the cache and its manifest, or check that an existing one matches this config."""
+def prepare_cache(cfg: Config, teacher, token_shape, urls: list[str], mine: dict[str, str] | None = None) -> Path:
+    """Create the cache and its manifest, or check that an existing one matches this config, and that this rank's
+    recorded shards (`mine`: name -> URL) reached at other paths are the same shards."""
     cache = Path(cfg.cache.path)
     cache.mkdir(parents=True, exist_ok=True)
     manifest = make_manifest(cfg, teacher.fingerprint, token_shape, urls)
@@ -245,7 +246,7 @@ def prepare_cache(cfg: Config, teacher, token_shape, urls: list[str]) -> Path:
             raise CacheError(f"cache {cache} was made with another recipe; refusing to mix features:\n  "
                              + "\n  ".join(diffs) + "\nUse another cache.path, or delete the cache to redo it.")
         check_replay(old)  # the shards this run adds must be cut as the ones already there
-        differ = sources_differ(cache, old, urls)  # the same names at other paths must be the same shards
+        differ = sources_differ(cache, old, mine or {})  # the same names at other paths must be the same shards
         if differ:
             raise CacheError(f"cache {cache}: {len(differ)} recorded shard(s) are not the sources given now (the same "
                              "name, another file):\n  " + "\n  ".join(differ[:10]) + "\nRefusing to mix features "
@@ -270,10 +271,10 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
     with torch.no_grad():
         token_shape = tuple(teacher(torch.zeros(1, 3, cfg.augment.size, cfg.augment.size, dtype=torch.uint8,
                                                 device=device)).shape[1:])
-    cache = prepare_cache(cfg, teacher, token_shape, urls)
+    mine = rank_shards(urls, rank, world)
+    cache = prepare_cache(cfg, teacher, token_shape, urls, {names[u]: u for u in mine})
     faults.MAIN_PID = os.getpid()
 
-    mine = rank_shards(urls, rank, world)
     todo = [u for u in mine if not complete(cache, names[u])]
     for u in set(mine) - set(todo):
         Lease(cache, names[u]).clear_stale()  # a job killed between its last commit and releasing the lease

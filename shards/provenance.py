@@ -99,15 +99,16 @@ def _images_differ(cache: Path, name: str, url: str) -> str | None:
     return None
 
 
-def sources_differ(cache: Path, manifest: Manifest, urls: list[str]) -> list[str]:
-    """"<shard>: why" for each recorded shard whose source given now (`urls`, data.shards) is at another path
-    than the manifest's and is not the same shard (source_differs). Shards at their recorded URL cost nothing."""
+def sources_differ(cache: Path, manifest: Manifest, sources: dict[str, str]) -> list[str]:
+    """"<shard>: why" for each recorded shard of `sources` (name -> the URL given now, data.shards) at another path
+    than the manifest's that is not the same shard (source_differs). Each rank checks its own shards (a few
+    images read back from each); shards at their recorded URL cost nothing."""
     from shards.index import read_record
-    from shards.source import absolute_url, shard_names
+    from shards.source import absolute_url
 
     recorded = {s.name: s.source for s in manifest.shards}
     out = []
-    for name, url in zip(shard_names(urls), urls):
+    for name, url in sources.items():
         if absolute_url(url) != recorded.get(name) and (record := read_record(cache, name)) is not None:
             why = source_differs(cache, name, record, url)
             if why:
