@@ -246,7 +246,8 @@ class FrozenTeacher(nn.Module):
             return self.model.forward_intermediates(x, indices=[self.layer], norm=self.norm, stop_early=True,
                                                     intermediates_only=True)[0]
         if self.layer == -1:
-            return self.model.forward_features(x)
+            fmap = self.model.forward_features(x)  # Swin, MambaOut, ...: channels last (timm's output_fmt "NHWC")
+            return fmap.permute(0, 3, 1, 2) if getattr(self.model, "output_fmt", "NCHW") == "NHWC" else fmap
         return self.model.forward_intermediates(x, indices=[self.layer], intermediates_only=True)[0]
 
     @torch.no_grad()
@@ -257,9 +258,10 @@ class FrozenTeacher(nn.Module):
         with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None and x.is_cuda):
             fmap = self._map(x)
-        if fmap.ndim != 4:
-            raise ConfigError(f"teacher: features of shape {list(fmap.shape)} are not a map [B, C, h, w]; give a "
-                              "convnet, a token ViT, or a teacher.layer whose output is a map")
+        if fmap.ndim != 4 or (self.channels and fmap.shape[1] != self.channels):
+            raise ConfigError(f"teacher: features of shape {list(fmap.shape)} are not a map [B, C, h, w] of the "
+                              f"model's {self.channels} channels; give a convnet, a token ViT, or a teacher.layer whose "
+                              "output is a map")
         return fmap.flatten(2).transpose(1, 2).float()  # [B, T=h*w, C]
 
 

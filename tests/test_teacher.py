@@ -126,6 +126,17 @@ def test_convnet_teacher_is_unchanged():
     torch.testing.assert_close(mid(views), stage.flatten(2).transpose(1, 2))
 
 
+def test_channels_last_convnet_gives_tokens_of_its_channels():
+    """timm's MambaOut (and Swin) give forward_features channels last (output_fmt "NHWC"): the tokens are still
+    [B, h*w, C], token t the map's row t // w, column t % w."""
+    teacher = build_teacher(Teacher(arch="test_mambaout"))
+    views = _views(64)
+    with torch.no_grad():
+        nhwc = teacher.model.forward_features(_pixels(views))
+    assert teacher.model.output_fmt == "NHWC" and nhwc.shape[-1] == teacher.channels
+    torch.testing.assert_close(teacher(views), nhwc.flatten(1, 2))
+
+
 def test_layer_out_of_range_names_blocks_for_a_vit():
     with pytest.raises(ConfigError, match=r"block index in \[-6, 5\] for test_vit"):
         build_teacher(Teacher(arch="test_vit", layer=6))
