@@ -45,6 +45,7 @@ class Teacher:
     norm: bool = True                      # ViT: the final norm on the block's patch tokens (convnets: unused)
     dtype: str = "bfloat16"                # autocast dtype on GPU; the CPU runs fp32
     seed: int = 0                          # init seed when weights = "random"
+    compile: bool = False                  # torch.compile the teacher (extraction, the online baseline); eager if it fails
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Train:
     eval_crop_pct: float = 0.875           # the probe's center crop: side / short side
     trace_keys: bool = False               # write <run_dir>/keys-rank<r>.txt: which samples each step saw
     device: str = "auto"
+    compile: bool = False                  # torch.compile the student's blocks (forward and backward); eager if it fails
 
 
 @dataclass

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from common.augment import decode_image, decode_samples, replay_views, sample_views
 from common.codecs import check_codec_name, codec_for, get_codec
+from common.compiled import compile_forward
 from common.config import Config, check_crop_size, validate
 from common import faults
 from common.faults import fault_point
@@ -271,6 +272,8 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
     with torch.no_grad():
         token_shape = tuple(teacher(torch.zeros(1, 3, cfg.augment.size, cfg.augment.size, dtype=torch.uint8,
                                                 device=device)).shape[1:])
+    if cfg.teacher.compile:  # after the one-image probe: the first compiled shape is a real batch's
+        compile_forward(teacher, "teacher.compile: the teacher")
     mine = rank_shards(urls, rank, world)
     cache = prepare_cache(cfg, teacher, token_shape, urls, {names[u]: u for u in mine})
     faults.MAIN_PID = os.getpid()

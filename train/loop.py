@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from common.augment import normalize_pixels, pixel_scale
+from common.compiled import compile_forward
 from common.config import (Config, ConfigError, add_config_args, check_mask_ratio, check_student_patch, load_config,
                            validate)
 from common.config import Train as TrainConfig
@@ -37,7 +38,7 @@ from train import data
 from train.checkpoints import Checkpoints, DiskFull, NonFinite
 from train.losses import normalize_targets
 from train.masking import step_generator
-from train.model import build_student, describe_student, param_groups, resolve_student
+from train.model import build_student, compile_student, describe_student, param_groups, resolve_student
 from train.preempt import StepGuard
 from train.probe import KnnProbe
 from train.rundir import MetricsLog, RunDirLock, StepTrace, check_sources, open_run, write_exit_status
@@ -173,11 +174,15 @@ def setup(cfg: Config, manifest: Manifest, index: data.CacheIndex, mode: str, st
         print(f"data: {len(index)} samples in {len(index.names)} shards, {mode} reader, {sched.micro_per_epoch} "
               f"steps of {accelerator.num_processes} x {t.batch_size} per epoch", file=sys.stderr)
     model = build_student(cfg, manifest.token_grid, manifest.augment.size)
+    if t.compile:
+        compile_student(model)
     if is_main:
         print(describe_student(cfg.student), file=sys.stderr)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=sched.peak, betas=(0.9, 0.95))
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = cache_teacher(manifest, device=device) if t.targets == "online" else None  # the baseline
+    if teacher is not None and cfg.teacher.compile:
+        compile_forward(teacher, "teacher.compile: the online teacher")
     stats = manifest.stats
     targets = Targets(manifest.token_codec, teacher, cfg.loss.target_norm,
                       mean=torch.tensor(stats.mean, device=device) if stats else None,

@@ -11,6 +11,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from common.compiled import compile_forward
 from common.config import ConfigError
 
 from common.teacher import grid_stride
@@ -330,3 +331,12 @@ def build_student(cfg, token_grid: tuple[int, int], size: int) -> nn.Module:
                             decoder_depth=s.decoder_depth, decoder_dim=s.decoder_dim, decoder_heads=s.decoder_heads,
                             head_hidden=s.head_hidden, multi_block=s.multi_block, mask_ratio=s.mask_ratio,
                             masks_per_view=s.masks_per_view)
+
+
+def compile_student(model: Img2VecStudent) -> Img2VecStudent:
+    """`train.compile`: each transformer block's forward compiled in place (regional compilation: one graph serves
+    every encoder block, one every decoder block, so it compiles ~2x sooner than the whole forward, which dynamo
+    would cut at the mask's count anyway). Parameters and state-dict keys stay as they are; eager if it fails."""
+    for block in (*model.blocks, *model.decoder_blocks):
+        compile_forward(block, "train.compile: the student's blocks")
+    return model
