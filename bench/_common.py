@@ -15,7 +15,15 @@ import torch
 IMAGE_SIZES = (192, 320)  # source images "224-ish": sides drawn in [192, 320], as small ImageNet photos
 
 
-def machine() -> str:
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def machine_info() -> dict:
+    """What a figure was measured on: CPU, cores, GPU and its memory, library versions, the load at the start."""
+    import timm
+
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -24,10 +32,21 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"python {platform.python_version()}, {gpu}; 1-min load average at start {load:.1f}")
+    gpu = torch.cuda.is_available()
+    return {"cpu": cpu, "cores": cores(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if gpu else None,
+            "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if gpu else None,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "timm": timm.__version__,
+            "python": platform.python_version(),
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def machine() -> str:
+    m = machine_info()
+    gpu = f"{m['gpu']} ({m['gpu_memory_gib']:.0f} GiB)" if m["gpu"] else "no GPU"
+    load = f"{m['load_average']:.1f}" if m["load_average"] is not None else "?"
+    return (f"{m['cpu']}, {m['cores']} cores visible, torch {m['torch']} ({m['torch_threads']} threads), timm "
+            f"{m['timm']}, python {m['python']}, {gpu}; 1-min load average at start {load}")
 
 
 def header(title: str, quick: bool) -> None:
@@ -65,16 +84,47 @@ IMAGENET_LIKE = {"size": (250, 450), "width": (300, 500), "noise": 24, "quality"
 
 
 def make_source(out: Path, shards: int, per_shard: int, seed: int = 0, classes: int = 8,
-                sizes: tuple[int, int] = IMAGE_SIZES, imagenet_like: bool = False) -> str:
+                sizes: tuple[int, int] = IMAGE_SIZES, imagenet_like: bool = False, procs: int = 1) -> str:
     """Synthetic JPEG shards `out/src-000000.tar ...` with sides in `sizes` (or ImageNet's typical size and JPEG
-    bytes: IMAGENET_LIKE); returns the brace pattern."""
+    bytes: IMAGENET_LIKE); returns the brace pattern. Shard i holds `per_shard` images of every class in turn, drawn
+    from seed (seed, i), so `procs` processes make the same shards as one."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    kw = IMAGENET_LIKE if imagenet_like else {"size": sizes}
+    jobs = [(out, i, per_shard, seed * 1000 + i, classes, kw) for i in range(shards)]
+    if procs > 1 and shards > 1:
+        with ProcessPoolExecutor(min(procs, shards)) as pool:
+            list(pool.map(_make_shard, jobs))
+    else:
+        for job in jobs:
+            _make_shard(job)
+    return str(out / f"src-{{000000..{shards - 1:06d}}}.tar")
+
+
+def _make_shard(job: tuple) -> None:
     from shards.source import write_shards
     from shards.synthetic import synthetic_samples
 
-    kw = IMAGENET_LIKE if imagenet_like else {"size": sizes}
-    write_shards(synthetic_samples(shards * per_shard, classes=classes, seed=seed, **kw), out,
-                 prefix="src", maxcount=per_shard, progress=False)
-    return str(out / f"src-{{000000..{shards - 1:06d}}}.tar")
+    out, i, per_shard, seed, classes, kw = job
+    part = out / f"part-{i}"
+    (path,) = write_shards(synthetic_samples(per_shard, classes=classes, seed=seed, **kw), part, prefix="src",
+                           maxcount=per_shard, progress=False)
+    path.replace(out / f"src-{i:06d}.tar")
+    part.rmdir()
+
+
+def spread(xs) -> dict:
+    """Median and range of repeated measurements (rounds, steps): what every comparison here prints."""
+    xs = [float(x) for x in xs]
+    return {"median": median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def show(s: dict | None, digits: int = 3) -> str:
+    """A spread as `median (min-max)`; '-' for none."""
+    if not s:
+        return "-"
+    f = f"{{:.{digits}g}}".format
+    return f(s["median"]) if s["n"] == 1 else f"{f(s['median'])} ({f(s['min'])}-{f(s['max'])})"
 
 
 def random_teacher(arch: str = "resnet50", device: str = "cpu", weights: str = "random"):
@@ -117,9 +167,10 @@ def source_views(n_images: int, views: int, size: int = 224, seed: int = 1,
 
 
 def teacher_tokens(teacher, views: torch.Tensor, batch: int = 8) -> np.ndarray:
-    """[N, 3, S, S] uint8 -> tokens [N, T, C] fp32."""
+    """[N, 3, S, S] uint8 -> tokens [N, T, C] fp32, computed on the teacher's device."""
+    device = teacher.mean.device
     with torch.no_grad():
-        return torch.cat([teacher(views[i:i + batch]) for i in range(0, len(views), batch)]).numpy()
+        return torch.cat([teacher(views[i:i + batch].to(device)).cpu() for i in range(0, len(views), batch)]).numpy()
 
 
 # ---------------------------------------------------------------- a cache without the teacher in the loop

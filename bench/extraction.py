@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import header, make_source, median, random_teacher, table
+from _extract_speed import markdown as extract_markdown, measure
 
 from common.augment import CUTS, decode_image, replay_views, sample_views
 from common.codecs import codec_for, get_codec
@@ -207,44 +208,37 @@ def core_ms_per_view(pattern: str, views: int, tmp: Path) -> tuple[list[str], li
     return headers, rows, totals
 
 
-def headline(args, tmp: Path, teacher) -> None:
-    """What the issue asks in one table: extract-features vs the teacher alone vs decode + cut alone, cores used,
-    core-ms per view outside the teacher (before / after), and the ImageNet x V projection on this machine."""
-    import resource
-
-    v, n = args.imagenet_views, args.imagenet_images
-    pattern = make_source(tmp / "imagenet-like", 1, n, seed=11, imagenet_like=True)
+def headline(args, tmp: Path) -> None:
+    """What the issue asks in one table: extract-features vs the teacher alone vs decode + cut alone in interleaved
+    rounds over a source of many shards, cores used, core-ms per view outside the teacher (before / after), and the
+    ImageNet x V projection on this machine."""
+    v, n, k = args.imagenet_views, args.imagenet_images, args.imagenet_shards
+    pattern = make_source(tmp / "imagenet-like", k, -(-n // k), seed=11, imagenet_like=True)
     urls = expand_shards(pattern)
-    kb = np.mean([len(s["image"]) for s in iter_samples(urls[0])]) / 1024
-    hw = np.mean([decode_image(s["image"]).size for s in iter_samples(urls[0])], 0)
-    print(f"### ImageNet-like inputs, V = {v}: {n} JPEGs of {hw[0]:.0f} x {hw[1]:.0f} px and {kb:.0f} KiB on average "
-          f"(ImageNet: ~400 x 350, ~110 KB)\n")
+    samples = [s["image"] for url in urls for s in iter_samples(url)]
+    kb = np.mean([len(b) for b in samples]) / 1024
+    hw = np.mean([decode_image(b).size for b in samples], 0)
+    print(f"### ImageNet-like inputs, V = {v}: {len(samples)} JPEGs in {k} shards, {hw[0]:.0f} x {hw[1]:.0f} px and "
+          f"{kb:.0f} KiB on average (ImageNet: ~400 x 350, ~110 KB)\n")
     headers, rows, totals = core_ms_per_view(pattern, v, tmp)
     print("CPU core-ms per view of each stage outside the teacher (`time.thread_time` of one thread; Blosc on one "
           "thread; \"before\" = the previous version's path, measured in this run):\n")
     print(table(headers, rows))
 
     cores = len(os.sched_getaffinity(0))
-    results = {}
-    for codec in HEADLINE_CODECS:
-        before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        s = extraction(pattern, tmp, f"headline-{codec}", v, args.batch, args.workers, codec, args.device)
-        after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
-        results[codec] = (s["views"] / s["seconds"], cpu / s["seconds"])
-    alone = n * v / teacher_alone(teacher, predecoded(pattern, v, args.batch), args.device)
-    cut_alone = producer_rate(pattern, v)
-    rows = [["teacher alone (pre-cut views on the device)", f"{alone:.1f}", "1.00", "-"],
-            ["decode + cut alone (one process, one thread)", f"{cut_alone:.1f}", f"{cut_alone / alone:.2f}", "1"]]
-    rows += [[f"extract-features, `{c}`", f"{r:.1f}", f"{r / alone:.2f}", f"{busy:.2f} of {cores}"]
-             for c, (r, busy) in results.items()]
-    print(f"extract-features (run_extraction: {args.workers} data worker(s), extract.batch_size {args.batch}, "
-          f"device {args.device}) against its two stages alone:\n")
-    print(table(["what", "views/s", "ratio to the teacher alone", "cores busy (CPU-s / wall-s)"], rows))
+    batch = -(-n // k)  # one teacher batch per shard
+    cfg = config(pattern, tmp / "unused", v, batch, args.workers, HEADLINE_CODECS[0], args.device)
+    result = measure(cfg, [v], list(HEADLINE_CODECS), args.imagenet_rounds, tmp, teacher_batches=k)
+    print(f"extract-features (run_extraction: {result['workers']} data worker(s), extract.batch_size {batch} = one "
+          f"shard, device {args.device}) against its two stages alone, median (min-max) over {args.imagenet_rounds} "
+          f"interleaved rounds; the teacher alone runs as many batches of the same shape on pixels already on the "
+          "device:\n")
+    print(extract_markdown(result, cores))
     total, default = IMAGENET_IMAGES * v, codec_for(Config().cache.codec, "convnet").name  # the ResNet-50's
     per_view = totals[default]["after_cpu_teacher" if args.device == "cpu" else "after"]
+    alone = next(r for r in result["rows"] if r["what"] == "teacher alone")["views_per_s"]["median"]
     rate = min(alone, cores * 1000 / per_view)
-    measured = results[default][0]
+    measured = next(r for r in result["rows"] if r["codec"] == default)["views_per_s"]["median"]
     host = ", ".join(f"`{c}` {cores * 1000 / t['after']:.0f}" for c, t in totals.items())
     need = ", ".join(f"`{c}` {5.7 * t['after']:.1f}" for c, t in totals.items())
     print(f"ImageNet-1k x {v} views = {total / 1e6:.1f} M views ({IMAGENET_SHARDS} shards), default codec `{default}`: "
@@ -252,7 +246,6 @@ def headline(args, tmp: Path, teacher) -> None:
           f"bound, min(teacher alone, {cores} cores / core-ms per view), is {rate:.1f} views/s = "
           f"{total / rate / 3600:.1f} h. The host side alone on {cores} cores, views/s: {host}. Cores of host work "
           f"that 5,700 views/s (ImageNet x 16 in an hour) needs on a GPU node: {need}.\n")
-
 
 
 def main() -> None:
@@ -271,10 +264,14 @@ def main() -> None:
     p.add_argument("--codec", default="bf16-zstd")
     p.add_argument("--device", default="cpu")
     p.add_argument("--imagenet-views", type=int, default=10, help="views per image of the ImageNet-like headline")
-    p.add_argument("--imagenet-images", type=int, help="images of the ImageNet-like headline (default 16, quick 6)")
+    p.add_argument("--imagenet-images", type=int, help="images of the ImageNet-like headline (default 16, quick 8)")
+    p.add_argument("--imagenet-shards", type=int, help="source shards of the headline (default 8, quick 4)")
+    p.add_argument("--imagenet-rounds", type=int, help="interleaved rounds of the headline (default 3, quick 2)")
     p.add_argument("--only-headline", action="store_true", help="the ImageNet-like headline section only")
     args = p.parse_args()
-    args.imagenet_images = args.imagenet_images or (6 if args.quick else 16)
+    args.imagenet_images = args.imagenet_images or (8 if args.quick else 16)
+    args.imagenet_shards = min(args.imagenet_shards or (4 if args.quick else 8), args.imagenet_images)
+    args.imagenet_rounds = args.imagenet_rounds or (2 if args.quick else 3)
     counts = [int(n) for n in (args.images or ("8,24" if args.quick else "16,64")).split(",")]
     rounds = args.rounds or (2 if args.quick else 3)
     sweep = [int(v) for v in (args.views or ("1,4" if args.quick else "1,2,4,8")).split(",")]
@@ -286,10 +283,10 @@ def main() -> None:
     header("Extraction pipeline vs the teacher alone", args.quick)
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     atexit.register(shutil.rmtree, tmp, True)  # caches and runs can take hundreds of MB
-    teacher = random_teacher(device=args.device)
-    headline(args, tmp, teacher)
+    headline(args, tmp)
     if args.only_headline:
         return
+    teacher = random_teacher(device=args.device)
     print("### One view per image\n")
     sources = {n: make_source(tmp / f"src{n}", 1, n) for n in counts}  # the first images of each are the same
     batches = {n: predecoded(sources[n], 1, args.batch) for n in counts}

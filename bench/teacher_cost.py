@@ -1,12 +1,16 @@
-"""Cached vs online teacher: training steps/s of one small student with targets from the cache vs
-the ResNet-50 teacher run in every step (`train.targets = "online"`), then FLOP accounting per
-image at 224 for ViT-B / ViT-L students against the teacher, and over an ablation campaign.
+"""Cached vs online teacher: training steps/s of one student from the cache, from synthetic in-memory batches
+(the ceiling: its first batch held in memory) and with the cache's teacher run in every step
+(`train.targets = "online"`), then FLOP accounting per image at 224 for ViT-B / ViT-L students against the
+teacher, and over an ablation campaign.
 
-    python bench/teacher_cost.py [--quick]
+    python bench/teacher_cost.py [--quick] [--device cuda --student vit_base_patch16 --batch 128]
 
-Steps/s come from real `python -m train` runs (subprocesses, interleaved cache / online / cache /
-online ...) over one cache; FLOPs from torch.utils.flop_counter.FlopCounterMode (2 FLOPs per
-multiply-add, so ResNet-50's "4.1 GFLOPs" of the literature, which are multiply-adds, read 8.2 here).
+Steps/s come from real `python -m train` runs over one cache (bench/_train_speed.py: runs interleaved, the step
+time a batch request's wall-clock interval, median (min-max) over steps); the student is the recipe's
+(pipeline.toml: its decoder from the arch), the loader has the workers the cores allow, and the cache's manifest
+records the teacher's precision on --device (bf16 on a GPU), so the online teacher runs in the precision the
+cache was made in. FLOPs come from torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add, so
+ResNet-50's "4.1 GFLOPs" of the literature, which are multiply-adds, read 8.2 here).
 """
 from __future__ import annotations
 
@@ -15,133 +19,110 @@ import atexit
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import header, make_source, median, random_teacher, source_views, table, teacher_tokens, write_cache
+from _common import header, make_source, random_teacher, source_views, table, teacher_tokens, write_cache
+from _train_speed import MODES, markdown, plan, run_child, summarize
 from torch.utils.flop_counter import FlopCounterMode
 
-from train.model import STUDENTS
+from common.config import load_config
+from common.runtime import pick_device
+from train.model import build_student, describe_student
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "pipeline.toml"
 IMAGENET_TRAIN = 1_281_167
 
 
-def run_train(cfg_path: Path, run_dir: Path, targets: str, steps: int, extra: list[str], threads: int) -> list[float]:
-    """One `python -m train` run; returns its per-step samples/s (log_every = 1)."""
-    sets = [f"train.run_dir={json.dumps(str(run_dir))}", f"train.targets={targets}", f"train.max_steps={steps}",
-            "train.log_every=1", "train.checkpoint_every=1000000", "train.keep_checkpoints=1", *extra]
-    cmd = [sys.executable, "-m", "train", "--config", str(cfg_path), "--no-progress"]
-    for s in sets:
-        cmd += ["--set", s]
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise RuntimeError(f"train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["samples_per_s"] for r in rows]
-
-
-def student_flops(arch: str, decoder_depth: int, decoder_dim: int = 512, decoder_heads: int = 16,
-                  head_hidden: int = 2048, batch: int = 1) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs per image of the Img2Vec student at 224, 60% of units masked."""
-    model = STUDENTS[arch](img_size=224, teacher_dim=2048, teacher_stride=32, decoder_depth=decoder_depth,
-                           decoder_dim=decoder_dim, decoder_heads=decoder_heads, head_hidden=head_hidden,
-                           mask_ratio=0.6)
-    imgs, tokens = torch.randn(batch, 3, 224, 224), torch.randn(batch, 49, 2048)
+def student_flops(arch: str, size: int = 224, batch: int = 1) -> tuple[float, float, str]:
+    """(forward, forward + backward) FLOPs per image of the recipe's student `arch` (pipeline.toml, its decoder from
+    the arch) against a ResNet-50's 2048-channel tokens at stride 32, and its description."""
+    cfg = load_config(RECIPE, [f"student.arch={arch}"])
+    model = build_student(cfg, ((size // 32) ** 2, 2048), size)
+    imgs, tokens = torch.randn(batch, 3, size, size), torch.randn(batch, (size // 32) ** 2, 2048)
     with FlopCounterMode(display=False) as fwd:
-        out = model(imgs, tokens)
+        model(imgs, tokens)
     with FlopCounterMode(display=False) as both:
-        out = model(imgs, tokens)
-        out["loss"].backward()
-    return fwd.get_total_flops() / batch, both.get_total_flops() / batch
+        model(imgs, tokens)["loss"].backward()
+    return fwd.get_total_flops() / batch, both.get_total_flops() / batch, describe_student(cfg.student)
 
 
-def teacher_flops() -> float:
+def teacher_flops(size: int = 224) -> float:
     teacher = random_teacher()
     with FlopCounterMode(display=False) as c:
-        teacher(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+        teacher(torch.zeros(1, 3, size, size, dtype=torch.uint8))
     return float(c.get_total_flops())
+
+
+def make_cache(tmp: Path, args, device: torch.device) -> tuple[Path, str]:
+    """A cache over 8 shards with enough samples for each run's steps in one epoch; its tokens from a pool made by
+    the teacher on `device`, whose fingerprint (precision: bf16 on a GPU, fp32 on a CPU) the manifest records."""
+    images = args.batch * (args.warmup + args.steps + 1)
+    pattern = make_source(tmp / "src", 8, -(-images // 8), procs=os.cpu_count() or 1)
+    teacher = random_teacher(device=str(device))
+    pool = teacher_tokens(teacher, source_views(args.views + 2, 1, size=args.size, seed=3)[0])
+    write_cache(tmp / "cache", pattern, args.views, "bf16z-zstd", pool, teacher.fingerprint, size=args.size)
+    return tmp / "cache", pattern
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer steps, one round (about a minute and a half)")
-    p.add_argument("--steps", type=int, help="steps per run (default 6, quick 3); the first is warm-up")
-    p.add_argument("--rounds", type=int, help="cache/online pairs of runs (default 2, quick 1)")
+    p.add_argument("--quick", action="store_true", help="fewer steps, one round (about two minutes)")
+    p.add_argument("--steps", type=int, help="timed steps per run (default 6, quick 3)")
+    p.add_argument("--warmup", type=int, default=1, help="steps dropped at the start of each run")
+    p.add_argument("--rounds", type=int, help="rounds of synthetic / cache / online runs (default 2, quick 1)")
     p.add_argument("--batch", type=int, help="images per step (default 8, quick 4)")
     p.add_argument("--student", default="vit_tiny_patch16")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--device", default="cpu", help="train.device (cpu, cuda or auto)")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the training processes (default 1: "
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--workers", type=int, help="train.workers (default: the recipe's, at most the cores)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the training process (default 1: "
                    "on a small shared CPU more threads than free cores make timings erratic; 0 = torch's default)")
     p.add_argument("--runs", type=int, default=10, help="R: student runs of the ablation campaign")
     p.add_argument("--epochs", type=int, default=800, help="E: epochs per run")
     p.add_argument("--views", type=int, default=10, help="V: views extracted per image")
     args = p.parse_args()
-    steps = args.steps or (3 if args.quick else 6)
+    args.steps = args.steps or (3 if args.quick else 6)
     args.batch = args.batch or (4 if args.quick else 8)
     rounds = args.rounds or (1 if args.quick else 2)
+    device = pick_device(args.device)
+    workers = args.workers or min(load_config(RECIPE).train.workers, len(os.sched_getaffinity(0)))
 
     header("Cached vs online teacher", args.quick)
     tmp = Path(tempfile.mkdtemp(prefix="bench-teacher-"))
     atexit.register(shutil.rmtree, tmp, True)  # caches and runs can take hundreds of MB
-    images = args.batch * steps * 2
-    pattern = make_source(tmp / "src", 2, images // 2)
-    teacher = random_teacher()
-    pool = teacher_tokens(teacher, source_views(args.views + 2, 1, size=args.size, seed=3)[0])
-    write_cache(tmp / "cache", pattern, args.views, "bf16-zstd", pool, teacher.fingerprint, size=args.size)
-    cfg = tmp / "bench.toml"
-    cfg.write_text(f"""
-[cache]
-path = "{tmp / 'cache'}"
-[student]
-arch = "{args.student}"
-decoder_dim = 256
-decoder_heads = 8
-decoder_depth = 2
-head_hidden = 1024
-[train]
-batch_size = {args.batch}
-workers = 2
-shuffle_buffer = 16
-warmup_epochs = 0
-device = "{args.device}"
-""")
-    rates = {"cache": [], "online": []}
-    for r in range(rounds):
-        for targets in ("cache", "online"):
-            per_step = run_train(cfg, tmp / f"run-{targets}-{r}", targets, steps, [], args.threads)
-            rates[targets] += per_step[1:]  # the first step warms up allocators and workers
-    sps = {k: median(v) / args.batch for k, v in rates.items()}
-    print(f"Student `{args.student}` at {args.size} px (decoder 2 x 256, head 1024 -> 2048 channels), batch "
-          f"{args.batch}, 2 loader workers, device {args.device}, OMP_NUM_THREADS {args.threads or 'default'}; "
-          f"teacher ResNet-50 (random init). Steps/s: median over {rounds} round(s) x {steps - 1} steps per run "
-          f"(first step of each run dropped), runs interleaved.\n")
-    print(table(["targets", "steps/s", "s/step", "images/s", "speed-up of cached"],
-                [["cached (`train.targets=cache`, bf16-zstd, 10 views)", f"{sps['cache']:.3f}",
-                  f"{1 / sps['cache']:.2f}", f"{sps['cache'] * args.batch:.2f}",
-                  f"{sps['cache'] / sps['online']:.2f}x"],
-                 ["online ResNet-50 (`train.targets=online`)", f"{sps['online']:.3f}", f"{1 / sps['online']:.2f}",
-                  f"{sps['online'] * args.batch:.2f}", "1.00x"]]))
+    cache, pattern = make_cache(tmp, args, device)
+    sets = [f"data.shards={json.dumps(pattern)}", f"cache.path={json.dumps(str(cache))}", f"student.arch={args.student}",
+            f"train.batch_size={args.batch}", f"train.workers={workers}", f"train.device={device.type}",
+            f"train.max_steps={args.warmup + args.steps + 1}", "train.log_every=1000000",
+            "train.checkpoint_every=1000000", "train.warmup_epochs=0"]
+    results = run_child(RECIPE, sets, plan(MODES, [False], rounds, tmp / "runs"), tmp / "child", threads=args.threads)
+    summary = summarize(results, args.warmup, args.batch)
+    _, train_flops, described = student_flops(args.student, args.size)
+    ft = teacher_flops(args.size)
+    print(f"{described}; at {args.size} px, batch {args.batch}, {workers} loader workers, device {device}, "
+          f"OMP_NUM_THREADS {args.threads or 'default'}; teacher ResNet-50 (random init), cache `bf16z-zstd` of "
+          f"{args.views} views, teacher precision {'bfloat16' if device.type == 'cuda' else 'float32'}. Steps/s: "
+          f"median (min-max) over {args.steps} steps per run after {args.warmup} dropped, {rounds} interleaved "
+          f"round(s); FLOP-predicted cache / online: {(train_flops + ft) / train_flops:.2f}x.\n")
+    print(markdown(summary, device.type == "cuda"))
 
     print("### FLOPs per image at 224 (FlopCounterMode: 2 FLOPs per multiply-add)\n")
     ft = teacher_flops()
     rows, per = [], {}
-    for name, arch, depth in (("ViT-B/16", "vit_base_patch16", 2), ("ViT-L/16", "vit_large_patch16", 4)):
-        fwd, train_flops = student_flops(arch, depth)
-        per[name] = train_flops
-        rows.append([f"{name} student (encoder on 40% visible patches + {depth}-block decoder + heads)",
-                     f"{fwd / 1e9:.2f}", f"{train_flops / 1e9:.2f}", f"{ft / 1e9:.2f}",
+    for name, arch in (("ViT-B/16", "vit_base_patch16"), ("ViT-L/16", "vit_large_patch16"), (args.student, args.student)):
+        fwd, train_flops, described = student_flops(arch)
+        what = described.split(";")[0].split(": ", 1)[1]  # "decoder 2 blocks x 512 wide, 16 heads"
+        if arch == args.student:
+            what += " (the student of the steps/s table)"
+        else:
+            per[name] = train_flops
+        rows.append([f"{name}: {what}", f"{fwd / 1e9:.2f}", f"{train_flops / 1e9:.2f}", f"{ft / 1e9:.2f}",
                      f"{ft / (train_flops + ft):.0%}"])
-    fwd, train_flops = student_flops(args.student, 2, 256, 8, 1024)
-    rows.append([f"{args.student} student of the steps/s table above", f"{fwd / 1e9:.2f}", f"{train_flops / 1e9:.2f}",
-                 f"{ft / 1e9:.2f}", f"{ft / (train_flops + ft):.0%} (FLOP-predicted speed-up of cached: "
-                 f"{(train_flops + ft) / train_flops:.2f}x)"])
     rows.append(["ResNet-50 teacher (forward only, frozen)", f"{ft / 1e9:.2f}", "-", "-", "-"])
+    print("Students of the recipe (encoder on 40% visible patches, decoder from the arch, heads):\n")
     print(table(["model", "forward GFLOPs", "train step (fwd + bwd) GFLOPs", "teacher fwd GFLOPs",
                  "teacher share of an online step"], rows))
 
