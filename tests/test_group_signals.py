@@ -134,7 +134,8 @@ def test_sigterm_to_the_group_under_torchrun_stops_both_ranks_and_one_process_fi
 
     capsys.readouterr()
     assert train_main(["--config", str(path), "--no-progress", *sets(*overrides)]) == 0
-    assert "elastic resume: world_size 2 -> 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"resuming from {ckpt} at step {step}" in err and "elastic resume: world_size 2 -> 1" in err, err
     assert_one_epoch(trained_keys(run, 2), epoch_order(Path(cfg.cache.path)), last_global_batch=2)
 
 
