@@ -25,35 +25,28 @@ from pathlib import Path
 import torch
 from _common import header, make_source, random_teacher, source_views, table, teacher_tokens, write_cache
 from _train_speed import MODES, markdown, plan, run_child, summarize
-from torch.utils.flop_counter import FlopCounterMode
 
 from common.config import load_config
 from common.runtime import pick_device
-from train.model import build_student, describe_student
+from img2vec import flops
+from train.model import describe_student, resolve_student
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "pipeline.toml"
 IMAGENET_TRAIN = 1_281_167
 
 
-def student_flops(arch: str, size: int = 224, batch: int = 1) -> tuple[float, float, str]:
+def student_flops(arch: str, size: int = 224) -> tuple[float, float, str]:
     """(forward, forward + backward) FLOPs per image of the recipe's student `arch` (pipeline.toml, its decoder from
-    the arch) against a ResNet-50's 2048-channel tokens at stride 32, and its description."""
+    the arch) against a ResNet-50's 2048-channel tokens at stride 32, and its description; counted by
+    img2vec/flops.py, as `img2vec diversity` counts them (attention included on a CPU too)."""
     cfg = load_config(RECIPE, [f"student.arch={arch}"])
-    model = build_student(cfg, ((size // 32) ** 2, 2048), size)
-    imgs, tokens = torch.randn(batch, 3, size, size), torch.randn(batch, (size // 32) ** 2, 2048)
-    with FlopCounterMode(display=False) as fwd:
-        model(imgs, tokens)
-    with FlopCounterMode(display=False) as both:
-        model(imgs, tokens)["loss"].backward()
-    return fwd.get_total_flops() / batch, both.get_total_flops() / batch, describe_student(cfg.student)
+    fwd, step = flops.student_flops(arch, size, (size // 32) ** 2, 2048)
+    return fwd, step, describe_student(resolve_student(cfg.student))
 
 
 def teacher_flops(size: int = 224) -> float:
-    teacher = random_teacher()
-    with FlopCounterMode(display=False) as c:
-        teacher(torch.zeros(1, 3, size, size, dtype=torch.uint8))
-    return float(c.get_total_flops())
+    return flops.teacher_flops(random_teacher(), size)
 
 
 def make_cache(tmp: Path, args, device: torch.device) -> tuple[Path, str]:
