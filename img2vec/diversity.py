@@ -180,9 +180,12 @@ def cache_diversity(cache: str | Path, samples: int = 0, progress: bool = True) 
         raise ConfigError(f"cache {cache} has no samples")
     td = torch.cat(per_view)
     t, stats = manifest.teacher, manifest.stats
+    side = manifest.augment.size // manifest.stride
     row = {"teacher": f"{t.arch} (cache)", "arch": t.arch, "weights": manifest.teacher_weights,
-           "layer": t.layer, "sha256": t.sha256, "tokens": manifest.token_shape, "images": n,
-           "views": len(td), "token_diversity": float(td.mean())}
+           "layer": t.layer, "kind": "convnet" if t.stride is None else "vit",  # a ViT's manifest names its stride
+           "sha256": t.sha256, "stride": manifest.stride, "grid": [side, side], "channels": manifest.channels,
+           "tokens": manifest.token_shape, "images": n, "views": len(td), "token_diversity": float(td.mean()),
+           "token_diversity_std": float(td.view(n, -1).mean(1).std(correction=0))}  # over samples (V views each)
     return {"mode": "cache", "cache": str(cache), "codec": codec.name, "rows": [row],
             "recorded": stats.token_diversity if stats else None, "recorded_views": stats.views if stats else None}
 

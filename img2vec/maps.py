@@ -140,7 +140,8 @@ def draw_bars(path: str | Path, rows: list[dict]) -> Path:
     td_ax.set_xlabel("token diversity (mean +- std over images)")
     td_ax.set_xlim(0, 1)
     flop_ax.barh(y, [r.get("gflops") or 0 for r in rows], color="#dd8452")
-    flop_ax.set_xscale("log")
+    if any(r.get("gflops") for r in rows):  # a cache's row has none
+        flop_ax.set_xscale("log")
     flop_ax.set_xlabel("teacher GFLOPs per view (log)")
     for yi, r in zip(y, rows):
         td_ax.text(r["token_diversity"] + r.get("token_diversity_std", 0) + 0.02, yi, f"{r['token_diversity']:.3f}",
