@@ -34,6 +34,7 @@ from shards.errors import CacheError
 from shards.index import check_recorded, read_record
 from shards.manifest import Manifest
 from shards.reader import FeatureShard, hold_open, open_file_budget
+from shards.remote import is_url
 from shards.source import ShardError, is_seekable
 from shards.urlpath import as_path
 from train.batches import decode_batch, read_batch, stream_batches
@@ -88,10 +89,12 @@ class CacheIndex:
         """Open, in this process, what its loader workers will read: every shard's index (memory-mapped; a Zarr
         array's metadata checked), its token files and its local source tar, as many as the budgets hold. Done
         before the workers fork, it is one open per file per rank for the whole run: the workers inherit the maps
-        and descriptors (and with persistent workers keep them), so later epochs open nothing. Returns the files."""
+        and descriptors (and with persistent workers keep them), so later epochs open nothing. Returns the files.
+        A cache at a URL: its indexes only (read whole, once per rank); no remote client is made before a fork."""
         if not self.held:
             shards = [self.shard(s) for s in range(min(len(self.names), self.open_shards))]
-            paths = [p for fs in shards if tokens for p in fs.token_files()]
+            local = not is_url(str(self.cache))
+            paths = [p for fs in shards if tokens and local for p in fs.token_files()]
             paths += [self.urls[n] for n in self.names if sources and self.urls[n]]  # local tars (not URLs)
             self.held = len(shards) + hold_open(paths)
         return self.held
