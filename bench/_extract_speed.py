@@ -21,7 +21,8 @@ from _common import show, spread, table
 from common.config import Config
 from common.teacher import build_teacher
 from extract import pipeline
-from extract.pipeline import run_extraction, view_loader
+from extract.pipeline import run_extraction
+from extract.views import view_loader
 from shards.source import expand_shards, shard_names
 
 IMAGENET_IMAGES = 1_281_167

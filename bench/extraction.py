@@ -26,7 +26,8 @@ from common.augment import CUTS, decode_image, replay_views, sample_views
 from common.codecs import codec_for, get_codec
 from common.config import Config
 from common.stats import TokenStats
-from extract.pipeline import ViewBatches, run_extraction
+from extract.pipeline import run_extraction
+from extract.views import ViewBatches
 from shards.source import expand_shards, iter_samples, shard_names
 from shards.writer import FeatureShardWriter
 

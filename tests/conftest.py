@@ -279,3 +279,56 @@ def can_mount() -> bool:
 
 
 needs_mount = pytest.mark.skipif(not can_mount(), reason="needs root to mount a small tmpfs (CI runs as root)")
+
+
+# ---------------------------------------------------------------- moved from test files (shared)
+
+def read_trace(path: Path, resumed: bool = False) -> dict[int, list[str]]:
+    """step -> keys (or mask hash); in a run resumed after a kill, the steps it redid replace the killed run's."""
+    out = {}
+    for line in path.read_text().splitlines():
+        step, *keys = line.split()
+        assert resumed or int(step) not in out, f"{path}: step {step} traced twice"
+        out[int(step)] = keys
+    return out
+
+
+def launch(config: Path, *overrides: str, processes: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`accelerate launch` with real CPU processes, as a user runs it (its own port: other runs may share the host)."""
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "train", "--config", str(config), "--no-progress"]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def epoch_order(cache: Path, epoch: int = 0, seed: int = 0) -> list[str]:
+    """The keys of `epoch`'s seeded permutation of all samples, in order (one sample per batch, one rank)."""
+    batches, _ = epoch_batches(cache, epoch, bs=1, seed=seed, with_tokens=False)
+    return [b["keys"][0] for b in batches]
+
+
+def assert_one_epoch(keys: list[str], order: list[str], last_global_batch: int) -> None:
+    """The keys trained in an epoch are a prefix of its permutation, none twice, and what is left out is less than
+    one global batch of the deal that ended it."""
+    assert len(keys) == len(set(keys)), "a sample was trained twice in the epoch"
+    assert set(keys) == set(order[:len(keys)]), "the samples trained are not the epoch's permutation from its start"
+    assert 0 <= len(order) - len(keys) < last_global_batch
+
+
+def grace_hopper(size: int = 224):
+    """matplotlib's sample photograph (a dependency of the project): center square, bicubic to `size`, uint8."""
+    import matplotlib
+    import torch
+    from PIL import Image
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not path.is_file():
+        pytest.skip(f"matplotlib ships no {path.name} here")
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None]

@@ -12,7 +12,7 @@ import pytest
 
 from common.config import load_config
 from common.runtime import seed_from
-from tests.conftest import UNEVEN, epoch_batches, read_metrics, run_in_process
+from tests.conftest import UNEVEN, assert_one_epoch, epoch_batches, epoch_order, read_metrics, run_in_process
 from train.data import epoch_plan
 from train.loop import main as train_main
 from train.schedule import Position, Schedule
@@ -23,20 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trace_lines(run: Path, rank: int = 0) -> list[tuple[int, list[str]]]:
     """(update, keys) per micro-batch, in the order trained (a micro-batch per line: grad_accum lines per update)."""
     return [(int(line.split()[0]), line.split()[1:]) for line in (run / f"keys-rank{rank}.txt").read_text().splitlines()]
-
-
-def epoch_order(cache: Path, epoch: int = 0, seed: int = 0) -> list[str]:
-    """The keys of `epoch`'s seeded permutation of all samples, in order (one sample per batch, one rank)."""
-    batches, _ = epoch_batches(cache, epoch, bs=1, seed=seed, with_tokens=False)
-    return [b["keys"][0] for b in batches]
-
-
-def assert_one_epoch(keys: list[str], order: list[str], last_global_batch: int) -> None:
-    """The keys trained in an epoch are a prefix of its permutation, none twice, and what is left out is less than
-    one global batch of the deal that ended it."""
-    assert len(keys) == len(set(keys)), "a sample was trained twice in the epoch"
-    assert set(keys) == set(order[:len(keys)]), "the samples trained are not the epoch's permutation from its start"
-    assert 0 <= len(order) - len(keys) < last_global_batch
 
 
 # ---------------------------------------------------------------------------------------------------- the plan

