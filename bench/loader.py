@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -49,8 +50,10 @@ def run_loader(cache: Path, seed: int, workers: int, batch: int, mode: str, with
 
 
 def cpu_seconds() -> float:
-    """CPU seconds (user + system) of this process and its live children (the loader's workers), from /proc."""
-    tick, total = os.sysconf("SC_CLK_TCK"), time.process_time()
+    """CPU seconds (user + system) of this process and its children (the loader's workers): live ones from /proc,
+    ended ones from getrusage."""
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    tick, total = os.sysconf("SC_CLK_TCK"), time.process_time() + ended.ru_utime + ended.ru_stime
     for pid in Path(f"/proc/self/task/{os.getpid()}/children").read_text().split():
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -76,7 +76,8 @@ def _tokens(index: CacheIndex, shards, rows, views) -> tuple[list, torch.Tensor]
     return packed, bits
 
 
-def read_batch(index: CacheIndex, ids: np.ndarray, epoch: int, seed: int, with_tokens: bool) -> tuple[list[dict], torch.Tensor | None]:
+def read_batch(index: CacheIndex, ids: np.ndarray, epoch: int, seed: int,
+               with_tokens: bool) -> tuple[list[dict], torch.Tensor | None]:
     """Random access: each sample's image bytes read at their recorded place, and its view's tokens."""
     shards, rows = index.locate(np.asarray(ids))
     images = [b""] * len(rows)  # a row that fails its own crc32 is not used to read anything
