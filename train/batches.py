@@ -108,9 +108,10 @@ def stream_batches(index: CacheIndex, batches: np.ndarray, epoch: int, seed: int
     complete."""
     ids = np.unique(batches)
     shard_of = index.locate(ids)[0]
+    needed = set(shard_of.tolist())  # the shards that hold these batches' samples
     ready: dict[int, tuple] = {}
     b = 0
-    for s in (int(x) for x in order if int(x) in set(shard_of.tolist())):
+    for s in (int(x) for x in order if int(x) in needed):
         fs, base = index.shard(s), int(index.starts[s])
         want = {int(i) - base for i in ids[shard_of == s]}  # rows of this shard the batches need
         keys = {fs.key(r): r for r in want}
