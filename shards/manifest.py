@@ -250,7 +250,7 @@ def _check_names_and_sizes(m: Manifest) -> None:
     t, c = m.token_shape
     for where, value, top in (("augment.views", m.augment.views, MAX_VIEWS), ("augment.size", m.augment.size,
                               MAX_VIEW_SIZE), ("token_shape", t * c, MAX_VIEW_VALUES)):
-        if not 1 <= value <= top or t < 1:
+        if not 1 <= value <= top or (where == "token_shape" and t < 1):
             raise _FieldError(where, f"is out of range ({m.token_shape if where == 'token_shape' else value}; "
                                      f"at most {top})")
     if m.stats is not None and not len(m.stats.mean) == len(m.stats.var) == c:

@@ -146,3 +146,23 @@ def test_a_torn_manifest_is_exit_2_naming_it(tmp_path, extracted, capsys):
     rc, out = tool(capsys, "diversity", "--cache", cache)
     assert rc == 2 and "manifest.json" in out, out
     assert "manifest.json" in train_refuses(tmp_path, capsys)
+
+
+def test_a_bad_token_shape_is_named_as_such(tmp_path):
+    """token_shape with a negative token count is refused naming token_shape, not augment.views (which is fine)."""
+    from shards.errors import RefusedFile
+
+    m = {"format_version": 2, "cache_format": "wds", "codec": {"name": "bf16-zstd", "error_bound": "x"},
+         "teacher": {"arch": "resnet18", "layer": -1, "sha256": "0" * 64, "precision": "float32"},
+         "augment": {"size": 64, "scale": [0.2, 1.0], "ratio": [0.75, 1.33], "flip": 0.5, "views": 3, "seed": 0,
+                     "interpolation": "bicubic", "cut": "torch"},
+         "replay": {"cut": "torch", "probe": "0", "torch": "2", "pillow": "1"},
+         "token_shape": [4, 512], "shards": [{"name": "shard-000000", "source": "/x/shard-000000.tar"}],
+         "teacher_weights": "random", "teacher_seed": 0}
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    assert read_manifest(tmp_path).token_shape == [4, 512]
+    for shape in ([-4, 512], [-4, -512], [0, 512]):
+        (tmp_path / "manifest.json").write_text(json.dumps(dict(m, token_shape=shape)))
+        with pytest.raises(RefusedFile, match="token_shape") as e:
+            read_manifest(tmp_path)
+        assert "augment.views" not in str(e.value)
