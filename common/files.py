@@ -89,6 +89,9 @@ _HELD: set[str] = set()  # nonces of the locks this process holds (a lock naming
 _SEEN: dict[str, tuple[float, float]] = {}  # lock path -> (its mtime, our monotonic clock when we first saw it)
 
 
+MAX_TTL_FACTOR = 10  # the longest ttl another holder may claim, in units of ours
+
+
 class LockFile:
     """A file created with O_EXCL by the one process that holds it: {"host", "pid", "nonce", **info}. Its mtime
     is the holder's heartbeat (`beat()`, or a `Heartbeat` thread). The lock is stale when its process is dead on
@@ -178,6 +181,7 @@ class LockFile:
         has not changed for ttl seconds of our own (monotonic) clock, whatever the clocks say."""
         ttl = h.get("ttl")
         ttl = float(ttl) if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl > 0 else self.ttl
+        ttl = min(ttl, MAX_TTL_FACTOR * self.ttl)  # a lease file is data: one saying 1e308 s blocks no shard for good
         m, now = mtime(self.path), time.monotonic()
         if time.time() - m > ttl:
             return True

@@ -32,6 +32,7 @@ import hashlib
 import importlib
 import math
 import os
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -99,10 +100,12 @@ def read_checkpoint(path: str) -> dict:
     if path.startswith(("http://", "https://")):
         cache_dir = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "img2vec"
         cache_dir.mkdir(parents=True, exist_ok=True)
-        local = cache_dir / Path(path).name
+        # keyed by the whole URL: two URLs that end in one file name never share a download
+        local = cache_dir / f"{hashlib.sha256(path.encode()).hexdigest()[:16]}-{Path(path).name}"
         if not local.exists():
-            tmp = local.with_suffix(".part")
-            urllib.request.urlretrieve(path, tmp)
+            tmp = local.with_name(f"{local.name}.part-{os.getpid()}")
+            with urllib.request.urlopen(path, timeout=60) as r, open(tmp, "wb") as f:  # a stalled server: an error
+                shutil.copyfileobj(r, f)
             tmp.rename(local)
         path = str(local)
     if not Path(path).is_file():

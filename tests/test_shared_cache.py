@@ -111,6 +111,23 @@ def test_a_clock_ahead_of_ours_only_delays_the_takeover(tmp_path):
     lease.release()
 
 
+def test_a_lease_claiming_an_endless_ttl_is_capped(tmp_path):
+    """A lease file is data: another host's lease that claims a ttl of 1e308 s (or infinity) is held to
+    MAX_TTL_FACTOR times ours, so a silent one is taken over instead of blocking its shard for good."""
+    from common.files import MAX_TTL_FACTOR
+
+    for claimed in (1e308, float("inf")):
+        lock = other_host_lease(tmp_path, "x", ttl=claimed)
+        old = time.time() - MAX_TTL_FACTOR * 0.5 - 1
+        os.utime(lock, (old, old))
+        lease = Lease(tmp_path, "x", ttl=0.5)
+        assert lease.acquire() and lease.held()
+        lease.release()
+        lock = other_host_lease(tmp_path, "x", ttl=claimed)  # a fresh heartbeat is still respected
+        assert not Lease(tmp_path, "x", ttl=0.5).acquire()
+        lock.unlink()
+
+
 def _stopped(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
