@@ -59,8 +59,12 @@ def _fd(path: str) -> int:
     fd = _open_files.pop(path, None)
     if fd is None:
         fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        _sizes[path] = os.fstat(fd).st_size
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            _sizes[path] = os.fstat(fd).st_size
+        except OSError:
+            os.close(fd)  # not left open outside the LRU
+            raise
         while len(_open_files) >= open_files_held():
             old, old_fd = _open_files.popitem(last=False)
             os.close(old_fd)
@@ -96,7 +100,8 @@ def hold_open(paths) -> int:
 
 
 def file_size(path) -> int:
-    return os.fstat(_fd(str(path))).st_size
+    _fd(str(path))
+    return _sizes[str(path)]  # as seen when the file was opened (pread reads no further)
 
 
 def pread(path, size: int, offset: int) -> bytes:
