@@ -197,8 +197,12 @@ def test_wandb_offline_run_holds_the_metrics_rows(tmp_path, extracted, monkeypat
     (tmp_path / "wandb-dir").mkdir()
     run = tmp_path / "run-a"
     run_in_process(path, run, "train.max_steps=2", 'train.log_with=["wandb"]', *eval_sets(cfg), "train.eval_every=2")
+    import wandb
+
+    wandb.teardown()  # run.finish() may return before W&B's service has flushed the run file (seen on a loaded CI)
     (run_file,) = (tmp_path / "wandb-dir" / "wandb").glob("offline-run-*/run-*.wandb")
     records = wandb_records(run_file)
+    assert records[-1].WhichOneof("record_type") == "exit", "the run file ends with the run's exit record"
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item} for r in records
                if r.WhichOneof("record_type") == "history"]
     rows = read_metrics(run)
