@@ -10,9 +10,12 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
+
+from common.config import ConfigError
 
 
 def fsync_dir(path: Path) -> None:
@@ -92,6 +95,11 @@ _SEEN: dict[str, tuple[float, float]] = {}  # lock path -> (its mtime, our monot
 MAX_TTL_FACTOR = 10  # the longest ttl another holder may claim, in units of ours
 
 
+class NotALockFile(ConfigError):
+    """A lock's path holds something this program never creates there (a directory, a symbolic link, a FIFO):
+    neither read, followed, nor removed; the message names it and says what to do (exit 2)."""
+
+
 class LockFile:
     """A file created with O_EXCL by the one process that holds it: {"host", "pid", "nonce", **info}. Its mtime
     is the holder's heartbeat (`beat()`, or a `Heartbeat` thread). The lock is stale when its process is dead on
@@ -123,16 +131,35 @@ class LockFile:
         _HELD.add(self.me["nonce"])
         return True
 
+    def _check_kind(self, path: Path | None = None) -> None:
+        """A NotALockFile if the lock's path (or its takeover guard) holds anything but a regular file: a directory
+        is never unlinked (it may hold someone's files), a symbolic link or FIFO never read (to /dev/zero, it would
+        never end)."""
+        path = path or self.path
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode) else \
+                "not a regular file"
+            raise NotALockFile(f"{path} is {kind}, not a lock file (this program only ever creates a small "
+                               "regular file there). Nothing was changed: move it out of the way (it may be someone "
+                               "else's), then rerun")
+
     def acquire(self) -> bool:
-        """True if this process now holds the lock (created, or a stale one taken over)."""
+        """True if this process now holds the lock (created, or a stale one taken over); a NotALockFile if its
+        path holds anything but a regular file."""
         if self._create():
             return True
+        self._check_kind()
         if not self.stale():
             return False
         guard = self.path.with_name(self.path.name + ".takeover")
         try:
             fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:  # another process is taking it over (or died doing so long ago)
+            self._check_kind(guard)
             if time.time() - mtime(guard) > TORN_AFTER:
                 guard.unlink(missing_ok=True)
             return False
@@ -205,6 +232,7 @@ class LockFile:
         return True
 
     def clear_stale(self) -> None:
+        self._check_kind()
         if self.path.exists() and self.stale():
             self.path.unlink(missing_ok=True)
 

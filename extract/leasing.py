@@ -33,18 +33,26 @@ def complete(cache: Path, name: str) -> bool:
 def take_leases(cache: Path, urls: list[str], names: dict[str, str], ttl: float,
                 heartbeat: Heartbeat) -> dict[str, Lease]:
     """The leases of `urls`' shards that this job could take (free, or a dead job's), each on the heartbeat and
-    its shard's leftovers cleaned; a shard finished since it was found pending is let go."""
+    its shard's leftovers cleaned; a shard finished since it was found pending is let go. On an error (a lease
+    path or a leftover that is no job's: a CacheError naming it) every lease taken here is released first."""
     leases = {}
-    for u in urls:
-        lease = Lease(cache, names[u], ttl)
-        if not lease.acquire():
-            continue  # a live job holds it
-        if complete(cache, names[u]):  # another job finished it since we looked
+    try:
+        for u in urls:
+            lease = Lease(cache, names[u], ttl)
+            if not lease.acquire():
+                continue  # a live job holds it
+            leases[names[u]] = lease
+            if complete(cache, names[u]):  # another job finished it since we looked
+                del leases[names[u]]
+                lease.release()
+                continue
+            heartbeat.add(lease)
+            remove_partial(cache, names[u])
+    except BaseException:
+        for lease in leases.values():
+            heartbeat.discard(lease)
             lease.release()
-            continue
-        heartbeat.add(lease)
-        remove_partial(cache, names[u])
-        leases[names[u]] = lease
+        raise
     return leases
 
 

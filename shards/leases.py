@@ -8,11 +8,13 @@ over. On this host a lease is stale as soon as its process is gone."""
 from __future__ import annotations
 
 import glob
+import os
 import shutil
 import time
 from pathlib import Path
 
 from common.files import LockFile, mtime
+from shards.errors import CacheError
 from shards.index import read_record, record_path, record_problems, shard_dir
 
 LEASE_TTL = 60.0   # s without a heartbeat after which another host's lease counts as dead (extract.lease_ttl)
@@ -40,10 +42,16 @@ class Lease(LockFile):
 
 def remove_partial(cache: Path, name: str) -> None:
     """Leftovers of an interrupted writer of this shard (call only while holding its lease): temporaries,
-    a shard directory without a record, and a record whose files are not all there."""
+    a shard directory without a record, and a record whose files are not all there. A symbolic link among them
+    (or a file where the shard's directory goes) is no writer's: a CacheError naming it, before anything is
+    removed, so nothing outside the cache is ever followed or deleted."""
     cache = Path(cache)
     final = shard_dir(cache, name)
-    for p in [*cache.glob(f"{glob.escape(name)}.tmp-*"), *cache.glob(f"{glob.escape(name)}.done.json.tmp-*")]:
+    leftovers = [*cache.glob(f"{glob.escape(name)}.tmp-*"), *cache.glob(f"{glob.escape(name)}.done.json.tmp-*")]
+    for p in leftovers:
+        _check_ours(p)
+    _check_ours(final, directory=True)
+    for p in leftovers:
         shutil.rmtree(p) if p.is_dir() else p.unlink()  # the shard's, or its record's (killed mid-write)
     record = read_record(cache, name)
     if record is not None and record_problems(cache, name, record):
@@ -51,3 +59,17 @@ def remove_partial(cache: Path, name: str) -> None:
         record = None
     if final.exists() and record is None:
         shutil.rmtree(final)
+
+
+def _check_ours(p: Path, directory: bool = False) -> None:
+    """A CacheError if `p` is a symbolic link, or (`directory`: a shard's) not a directory: extract-features makes
+    neither, and removing what a link points to could delete files outside the cache."""
+    if p.is_symlink():
+        what = f"a symbolic link (to {os.readlink(p)})"
+    elif directory and p.exists() and not p.is_dir():
+        what = "not a directory, where the shard's directory goes"
+    else:
+        return
+    raise CacheError(f"{p} is {what}, not something extract-features wrote; it is neither followed nor deleted. "
+                     "Nothing was removed: move it out of the cache (deleting a link leaves what it points to "
+                     "alone), then rerun")

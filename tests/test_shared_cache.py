@@ -164,3 +164,34 @@ def test_a_paused_host_loses_its_shards_to_another_host_without_crashing(tmp_pat
     assert files.keys() == want.keys()  # every shard recorded, no lock or temporary left
     assert {k: v for k, v in files.items() if "/" in k} == {k: v for k, v in want.items() if "/" in k}  # (the
     # records' float sums depend on extract.batch_size, 8 here)
+
+
+@pytest.mark.parametrize("hostile", ["lease is a directory", "lease is a link", "temporary is a link",
+                                     "shard dir is a link"])
+def test_what_no_job_wrote_where_a_lease_or_leftover_goes_is_named_not_followed(tmp_path, source, extracted, capsys,
+                                                                                 hostile):
+    """A cache from elsewhere: a directory (holding a file, an hour old: the lease of a dead job to take over) or a
+    symbolic link (to a file outside: it could be /dev/zero) where shard-000001's lease goes, or a link to a folder
+    outside where its temporary or its shard directory goes (leftovers to delete). Extraction exits 2 naming the
+    path and saying what to do, no traceback; the outside folder, the directory and every other file of the cache
+    are as they were, and no lease is left behind."""
+    cache = half_done(extracted, tmp_path)
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "precious").write_text("keep")
+    path = cache / {"lease is a directory": "shard-000001.lock", "lease is a link": "shard-000001.lock",
+                    "temporary is a link": "shard-000001.tmp-elsewhere", "shard dir is a link": "shard-000001"}[hostile]
+    if hostile == "lease is a directory":
+        shutil.copytree(outside, path)
+        hour_ago = time.time() - 3600
+        os.utime(path, (hour_ago, hour_ago))
+    else:
+        path.symlink_to(outside / "sub" / "precious" if hostile == "lease is a link" else outside)
+    before = cache_files(cache)
+    rc = extract_main(["--config", str(write_config(tmp_path, source, 3)), "--no-progress", "--set",
+                       "extract.wait_for_others=0"])
+    err = capsys.readouterr().err
+    what = "a directory, not a lock file" if hostile == "lease is a directory" else "a symbolic link"
+    assert rc == 2 and f"{path} is {what}" in err and "move it out of the" in err and "Traceback" not in err, err
+    assert cache_files(cache) == before and path.exists() and (outside / "sub" / "precious").read_text() == "keep"
+    assert not [p for p in cache.glob("*.lock") if p != path]  # the leases it took are released
