@@ -293,6 +293,10 @@ def read_manifest(cache: Path) -> Manifest:
     if not isinstance(d, dict):
         raise RefusedFile(f"{p}: is {type(d).__name__}, not a manifest (a JSON object); re-extract into a new cache")
     version = d.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise RefusedFile(f"{p}: format_version is {'missing' if version is None else _show(version)}, not a format "
+                          f"number; this version reads format {FORMAT_VERSION} (the integer {FORMAT_VERSION}): "
+                          "damaged, or not a manifest written by extract-features; re-extract into a new cache")
     if version != FORMAT_VERSION:
         raise CacheError(f"cache {cache} is format {version}; this version reads format "
                          f"{FORMAT_VERSION} (view-major tokens and a per-sample index, so an epoch reads one view). "

@@ -166,3 +166,21 @@ def test_a_bad_token_shape_is_named_as_such(tmp_path):
         with pytest.raises(RefusedFile, match="token_shape") as e:
             read_manifest(tmp_path)
         assert "augment.views" not in str(e.value)
+
+
+def test_a_format_version_of_another_type_is_named_as_such(tmp_path):
+    """format_version "2" (a string), 2.0, true or missing: refused saying what the field holds and that this version
+    reads the integer 2 (not "is format 2; this version reads format 2"); a real other format keeps its message."""
+    from common.codecs import FORMAT_VERSION
+    from shards.errors import CacheError, RefusedFile
+
+    for held, shown in ((str(FORMAT_VERSION), f'"{FORMAT_VERSION}" (str)'), (float(FORMAT_VERSION),
+                        f"{float(FORMAT_VERSION)} (float)"), (True, "true (bool)"), (None, "missing")):
+        (tmp_path / "manifest.json").write_text(json.dumps({} if held is None else {"format_version": held}))
+        with pytest.raises(RefusedFile) as e:
+            read_manifest(tmp_path)
+        assert f"format_version is {shown}, not a format number; this version reads format {FORMAT_VERSION}" in str(
+            e.value) and f"is format {held}" not in str(e.value), e.value
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION - 1}))
+    with pytest.raises(CacheError, match=f"is format {FORMAT_VERSION - 1}; this version reads format {FORMAT_VERSION}"):
+        read_manifest(tmp_path)
