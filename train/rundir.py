@@ -73,9 +73,11 @@ WHY_STREAM = ("A streamed run (train.reader 'stream': pipe: or compressed source
               "used is not a prefix of one sequence that could be dealt again.")
 
 
-def check_identity(run_dir: Path, identity: dict, deal: dict, resuming: bool, elastic: bool) -> None:
+def check_identity(run_dir: Path, identity: dict, deal: dict, resuming: bool, elastic: bool,
+                   other: str = "another train.run_dir") -> None:
     """A resume must match the run dir's recorded identity, and unless `elastic` its deal's world and batch size
-    (a ConfigError naming each difference); an elastic change is printed. run.json records both."""
+    (a ConfigError naming each difference, and saying to resume with the same settings or use `other`); an elastic
+    change is printed. run.json records both."""
     path = run_dir / "run.json"
     if resuming and path.exists():
         old = json.loads(path.read_text())
@@ -87,7 +89,7 @@ def check_identity(run_dir: Path, identity: dict, deal: dict, resuming: bool, el
         if diffs:
             raise ConfigError(f"{run_dir} holds a run that cannot be resumed with these settings:\n  " + "\n  ".join(diffs)
                               + ("\n" + WHY_STREAM if any(d.startswith(STREAM_KEYS) for d in diffs) else "")
-                              + "\nResume with the same ones, or use another train.run_dir.")
+                              + f"\nResume with the same ones, or use {other}.")
         changed = [f"{k} {old['deal'].get(k)} -> {v}" for k, v in deal.items() if old["deal"].get(k) != v]
         if changed:
             print(f"elastic resume: {', '.join(changed)}: the rest of the epoch is dealt again over this run's "
