@@ -146,22 +146,31 @@ def test_tracker_names_and_packages_are_checked_before_any_step(tmp_path, extrac
 @pytest.mark.slow
 def test_tensorboard_event_files_hold_the_metrics_rows(tmp_path, extracted):
     """log_with = ["tensorboard"]: event files under <run_dir>/img2vec whose loss and knn_top1 scalars are the
-    metrics.jsonl rows', step by step."""
+    metrics.jsonl rows', step by step. Killed after step 3's row but before its checkpoint (step 3's checkpoint
+    removed), then resumed from step 2 to 4, the run appends to the same log dir, the replayed step 3 replacing the
+    killed one (TensorBoard drops a tag's events from a step logged again on), as metrics.jsonl's rows do."""
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install -e '.[test]')")
+    import shutil
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     path, cfg = extracted
-    run = tmp_path / "run"
-    run_in_process(path, run, "train.max_steps=3", 'train.log_with=["tensorboard"]', *eval_sets(cfg),
-                   "train.eval_every=2")
+    run, sets = tmp_path / "run", ['train.log_with=["tensorboard"]', *eval_sets(cfg), "train.eval_every=2",
+                                   "train.checkpoint_every=2"]
+    run_in_process(path, run, "train.max_steps=3", *sets)
+    killed = {r["step"]: r["samples_per_s"] for r in read_metrics(run)}
+    shutil.rmtree(run / "checkpoints" / "step_00000003")
+    run_in_process(path, run, "train.max_steps=4", *sets)
     rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[2]["samples_per_s"] != killed[3]  # step 3 replayed
     events = EventAccumulator(str(run / "img2vec"))
     events.Reload()
-    for key in ("loss", "global_loss", "lr", "knn_top1"):
-        logged = {e.step: e.value for e in events.Scalars(key)}
-        assert logged == pytest.approx({r["step"]: r[key] for r in rows if key in r}, rel=1e-6), key
-    assert sorted({e.step for e in events.Scalars("knn_top1")}) == [2, 3]
-    assert list((run / "img2vec").glob("events.out.tfevents.*"))
+    for key in ("loss", "global_loss", "lr", "knn_top1", "samples_per_s"):
+        scalars = events.Scalars(key)  # in the order read: a step logged twice would be here twice
+        assert [e.step for e in scalars] == [r["step"] for r in rows if key in r], key
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in rows if key in r], rel=1e-6), key
+    assert [e.step for e in events.Scalars("knn_top1")] == [2, 4]
+    assert len(list((run / "img2vec").glob("events.out.tfevents.*"))) == 2
 
 
 def wandb_records(run_file: Path) -> list:
@@ -188,27 +197,35 @@ def wandb_records(run_file: Path) -> list:
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics_rows(tmp_path, extracted, monkeypatch):
     """log_with = ["wandb"] with WANDB_MODE=offline: an offline run under WANDB_DIR whose history rows are the
-    metrics.jsonl rows (loss and k-NN), named after the run dir."""
+    metrics.jsonl rows (loss and k-NN), named after the run dir. Resumed (max_steps 2, then 3), the run logs to the
+    same W&B run (the id in <run_dir>/wandb_run_id, resume "allow"): two run files, one id, the steps continuing."""
     pytest.importorskip("wandb", reason="the wandb extra is not installed (pip install -e '.[test]')")
     path, cfg = extracted
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    (tmp_path / "wandb-dir").mkdir()
     run = tmp_path / "run-a"
-    run_in_process(path, run, "train.max_steps=2", 'train.log_with=["wandb"]', *eval_sets(cfg), "train.eval_every=2")
     import wandb
 
-    wandb.teardown()  # run.finish() may return before W&B's service has flushed the run file (seen on a loaded CI)
-    (run_file,) = (tmp_path / "wandb-dir" / "wandb").glob("offline-run-*/run-*.wandb")
-    records = wandb_records(run_file)
-    assert records[-1].WhichOneof("record_type") == "exit", "the run file ends with the run's exit record"
-    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item} for r in records
-               if r.WhichOneof("record_type") == "history"]
+    for steps in (2, 3):  # a WANDB_DIR each: W&B names an offline run's dir by its start's second and id
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path / f"wandb-{steps}"))
+        (tmp_path / f"wandb-{steps}").mkdir()
+        run_in_process(path, run, f"train.max_steps={steps}", 'train.log_with=["wandb"]', *eval_sets(cfg),
+                       "train.eval_every=2")
+        wandb.teardown()  # as a rerun's new process would (W&B keeps its settings); run.finish() may return
+        # before W&B's service has flushed the run file (seen on a loaded CI)
+    history, starts = [], []
+    for steps in (2, 3):
+        (run_file,) = (tmp_path / f"wandb-{steps}" / "wandb").glob("offline-run-*/run-*.wandb")
+        records = wandb_records(run_file)
+        assert records[-1].WhichOneof("record_type") == "exit", "the run file ends with the run's exit record"
+        history += [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+                    for r in records if r.WhichOneof("record_type") == "history"]
+        starts += [r.run for r in records if r.WhichOneof("record_type") == "run"][:1]
     rows = read_metrics(run)
-    assert [h["step"] for h in history] == [r["step"] for r in rows] == [1, 2]
+    assert [h["step"] for h in history] == [r["step"] for r in rows] == [1, 2, 3]
     for h, r in zip(history, rows):
         assert {k: h[k] for k in r} == pytest.approx(r, rel=1e-6)
-    assert "knn_top1" in history[-1]
-    assert [r.run.display_name for r in records if r.WhichOneof("record_type") == "run"][:1] == ["run-a"]
-    assert [r.run.project for r in records if r.WhichOneof("record_type") == "run"][:1] == ["img2vec"]
+    assert "knn_top1" in history[1] and "knn_top1" in history[2]
+    assert [(s.run_id, s.resume, s.display_name, s.project) for s in starts] == [
+        ((run / "wandb_run_id").read_text().strip() if (run / "wandb_run_id").exists() else None, True, "run-a",
+         "img2vec")] * 2, "both starts log to the run dir's W&B run"

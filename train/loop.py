@@ -193,7 +193,7 @@ def setup(cfg: Config, manifest: Manifest, index: data.CacheIndex, mode: str, st
     ckpts = Checkpoints(run_dir, t.keep_checkpoints)
     # the run's identity checked (the data plan's too), its newest usable checkpoint loaded
     pos = open_run(accelerator, cfg, manifest, ckpts, index.plan_identity(mode, t.workers, t.shuffle_buffer), sched)
-    start_trackers(accelerator, cfg)
+    start_trackers(accelerator, cfg, pos.step)
     # rows of steps a killed run took past its last checkpoint, and a torn last row, are dropped
     log = MetricsLog(run_dir / "metrics.jsonl", pos.step) if is_main else None
     guard = StepGuard(accelerator, stop, t.on_nonfinite, ckpts.latest)
