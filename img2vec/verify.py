@@ -22,7 +22,8 @@ from common.runtime import pick_device, write_json_output
 from shards.check import REDO_HINT, Checks, Problem, check_manifest, check_records, check_shards
 from shards.errors import CacheError
 from shards.index import read_index
-from shards.manifest import Manifest, TeacherMismatch, cache_teacher, source_urls
+from shards.manifest import Manifest, source_urls
+from shards.teacher import TeacherMismatch, cache_teacher
 from shards.urlpath import as_path
 
 
@@ -76,7 +77,7 @@ def pick_triples(cache: Path, records: dict[str, dict], views: int, n: int, seed
 
 
 def rebuild_teacher(manifest: Manifest, weights: str | None, seed: int | None, device, report: Report):
-    """The cache's teacher (shards.manifest.cache_teacher), or None with the problem noted."""
+    """The cache's teacher (shards.teacher.cache_teacher), or None with the problem noted."""
     from common.config import ConfigError
 
     try:

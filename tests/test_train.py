@@ -19,8 +19,9 @@ from common.config import load_config
 from common.teacher import IMAGENET_MEAN, IMAGENET_STD
 from shards.errors import CorruptSample
 from shards.index import read_index
-from shards.manifest import cache_teacher, read_manifest
+from shards.manifest import read_manifest
 from shards.reader import iter_feature_shard
+from shards.teacher import cache_teacher
 from tests.conftest import (UNEVEN, epoch_batches, launch, read_metrics, read_trace, run_cli,
                             run_in_process,
                             write_config)

@@ -31,8 +31,9 @@ from common.config import Train as TrainConfig
 from common.faults import fault_point
 from common.signals import StopSignals, status_of
 from shards.errors import CacheError
-from shards.manifest import Manifest, cache_teacher, check_replay, read_manifest, source_urls
+from shards.manifest import Manifest, check_replay, read_manifest, source_urls
 from shards.source import ShardError
+from shards.teacher import cache_teacher
 from shards.urlpath import as_path
 from train import data
 from train.checkpoints import Checkpoints, DiskFull, NonFinite
