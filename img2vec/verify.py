@@ -32,11 +32,13 @@ class Report(Checks):
     recompute: list[dict] = field(default_factory=list)   # one row per recomputed view
     teacher: dict | None = None                            # the rebuilt teacher's fingerprint
     recompute_requested: int = 0
+    teacher_error: str | None = None                       # why the manifest's teacher cannot be rebuilt (exit 2)
 
     def to_dict(self) -> dict:
         d = {"cache": self.cache, "ok": self.ok, "shards": self.shards, "recompute": self.recompute,
              "recompute_requested": self.recompute_requested,
-             "teacher": self.teacher, "problems": [asdict(p) for p in self.problems], "warnings": self.warnings,
+             "teacher": self.teacher, "teacher_error": self.teacher_error,
+             "problems": [asdict(p) for p in self.problems], "warnings": self.warnings,
              "refused": [p.line() for p in self.refused]}
         if self.recompute:
             d["max_abs_error"] = max(r["max_abs_err"] for r in self.recompute)
@@ -76,15 +78,23 @@ def pick_triples(cache: Path, records: dict[str, dict], views: int, n: int, seed
     return [(*keys[i // views], int(i % views)) for i in flat]
 
 
+REBUILD_HINT = ("A checkpoint that moved: pass --teacher-weights PATH. A teacher.arch this timm lacks, or a hub name "
+                "(never fetched on a cache's word): verify the bytes only (no --recompute), or recompute where that "
+                "timm model is installed")
+
+
 def rebuild_teacher(manifest: Manifest, weights: str | None, seed: int | None, device, report: Report):
-    """The cache's teacher (shards.teacher.cache_teacher), or None with the problem noted."""
+    """The cache's teacher (shards.teacher.cache_teacher), or None with the problem noted: one that cannot be
+    built here is report.teacher_error (exit 2, the check was not done), weights that hash otherwise a problem."""
     from common.config import ConfigError
 
     try:
         teacher = cache_teacher(manifest, weights, seed, device)
     except ConfigError as e:
-        report.problems.append(Problem(None, None, f"cannot rebuild the teacher for --recompute: {e} "
-                                                   "(a checkpoint that moved: pass --teacher-weights PATH)", False))
+        report.teacher_error = str(e)
+        report.problems.append(Problem(None, None, f"cannot rebuild the teacher for --recompute: {str(e).rstrip('.')}. "
+                                                   f"{REBUILD_HINT}",
+                                       False))
         return None
     except TeacherMismatch as e:
         report.teacher = e.fingerprint
@@ -306,7 +316,8 @@ def main(argv: list[str] | None = None, prog: str = "img2vec verify") -> int:
                                 "sha256 of every shard, crc32 of every sample, and (with --recompute) a random "
                                 "sample of views recomputed with the teacher. Exit status 0 only if all is well, 1 "
                                 "if a problem was found, 2 if a file was refused (torn, or naming something outside "
-                                "the cache) or a source is a command the cache names.",
+                                "the cache), a source is a command the cache names, or (--recompute) the teacher it "
+                                "names cannot be rebuilt here.",
                                 epilog=REDO_HINT)
     p.add_argument("cache", metavar="CACHE", help="cache directory (the cache.path of extract-features)")
     p.add_argument("--recompute", type=int, default=0, metavar="N",
@@ -334,7 +345,7 @@ def main(argv: list[str] | None = None, prog: str = "img2vec verify") -> int:
     print(format_report(report, args.seed))
     if args.json:
         write_json_output(args.json, report.to_dict())
-    return 2 if report.refused else 0 if report.ok else 1
+    return 2 if report.refused or report.teacher_error else 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -184,3 +184,24 @@ def test_a_format_version_of_another_type_is_named_as_such(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION - 1}))
     with pytest.raises(CacheError, match=f"is format {FORMAT_VERSION - 1}; this version reads format {FORMAT_VERSION}"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("arch", "hf-hub:someone/model", "teacher.arch 'hf-hub:someone/model' is a model hub name"),
+    ("arch", "no_such_net", "teacher.arch 'no_such_net' is not an architecture of this timm"),
+    ("precision", "float8", "teacher.precision 'float8' is none of bfloat16, float16, float32"),
+    ("weights", "/moved/teacher.pth", "teacher_weights '/moved/teacher.pth') cannot be built: teacher.weights: no such"),
+])
+def test_a_teacher_the_manifest_names_that_cannot_be_rebuilt_is_exit_2(tmp_path, extracted, capsys, field, value,
+                                                                       named):
+    """A manifest naming a hub model (never fetched), an architecture this timm lacks, an unknown precision or a
+    checkpoint that moved: `verify --recompute` exits 2 (the check could not be done), naming the field and what
+    to do, no traceback; the same cache without --recompute still verifies (exit 0)."""
+    cache = copy_cache(extracted, tmp_path)
+    edit_json(cache / "manifest.json", lambda m: m.update(teacher_weights=value) if field == "weights"
+              else m["teacher"].update({field: value}))
+    rc, out = tool(capsys, "verify", cache, "--recompute", "1", "--json", tmp_path / "v.json")
+    assert rc == 2 and named in out and "Traceback" not in out, out
+    assert ("--teacher-weights PATH" if field == "weights" else "verify the bytes only (no --recompute)") in out
+    assert named in json.loads((tmp_path / "v.json").read_text())["teacher_error"]
+    assert tool(capsys, "verify", cache)[0] == 0
