@@ -37,8 +37,10 @@ from torch import nn
 
 from common.augment import IMAGENET_MEAN, IMAGENET_STD
 from common.config import ConfigError
-from img2vec.supervised import (check_arguments, cosine_schedule, make_parser, result_fields, run_command, start, top1,
-                                train_data, train_epochs, update)
+from common.signals import StopSignals
+from img2vec.evalrun import (check_arguments, make_parser, result_fields, run_command, run_identity, start,
+                             train_epochs, update)
+from img2vec.supervised import cosine_schedule, top1, train_data
 
 @dataclass(frozen=True)
 class Recipe:
@@ -111,8 +113,9 @@ def adamw(model: nn.Module, lr: float, layer_decay: float):
                                betas=MAE_FINETUNE["betas"])
 
 
-def finetune(args: argparse.Namespace) -> tuple[dict, nn.Module]:
-    """Fine-tune as `args` say; -> (the result, the fine-tuned timm model in eval mode)."""
+def finetune(args: argparse.Namespace, stop: StopSignals | None = None) -> tuple[dict, nn.Module]:
+    """Fine-tune as `args` say, resuming from --out's newest checkpoint (img2vec/evalrun.py), stopping when `stop`
+    is; -> (the result, the fine-tuned timm model in eval mode)."""
     from timm.data import Mixup
     from timm.layers import trunc_normal_
     from timm.loss import SoftTargetCrossEntropy
@@ -122,7 +125,7 @@ def finetune(args: argparse.Namespace) -> tuple[dict, nn.Module]:
     t0, accelerator = time.perf_counter(), start(args.seed)
     run = run_info(args.path)
     recipe, size = recipe_for(run["arch"]), run["img_size"]
-    batches, plan = train_data(accelerator, args, train_transform(size), recipe.epochs, recipe.warmup_epochs, recipe.blr,
+    data, plan = train_data(accelerator, args, train_transform(size), recipe.epochs, recipe.warmup_epochs, recipe.blr,
                                multiple=2)  # mixup pairs a batch's images
     model, info = timm_encoder(args.path, "avg", num_classes=plan.classes, drop_path_rate=recipe.drop_path)
     trunc_normal_(model.head.weight, std=MAE_FINETUNE["head_std"])
@@ -147,7 +150,8 @@ def finetune(args: argparse.Namespace) -> tuple[dict, nn.Module]:
     accelerator.print(f"fine-tuning {info['arch']} from {info['checkpoint']} ({recipe.source}): {plan}, AdamW, layer "
                       f"decay {recipe.layer_decay}, drop path {recipe.drop_path}")
     model.train()
-    history = train_epochs(accelerator, batches, step, scheduler, plan, evaluate, args.eval_every, args.log_every)
+    identity = run_identity("finetune", info, args, plan, recipe=dataclasses.asdict(recipe), **MAE_FINETUNE)
+    history = train_epochs(accelerator, data, step, scheduler, plan, evaluate, args, identity, stop)
     result = result_fields(info, evaluate(), plan, history, t0, protocol="finetune (MAE main_finetune.py)",
                            recipe=dataclasses.asdict(recipe), **{k: v for k, v in MAE_FINETUNE.items() if k != "batch"})
     return result, accelerator.unwrap_model(model).eval()

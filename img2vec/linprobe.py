@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.augment import IMAGENET_MEAN, IMAGENET_STD
-from img2vec.supervised import (check_arguments, cosine_schedule, make_parser, result_fields, run_command, start, top1,
-                                train_data, train_epochs, update)
+from common.signals import StopSignals
+from img2vec.evalrun import (check_arguments, make_parser, result_fields, run_command, run_identity, start,
+                             train_epochs, update)
+from img2vec.supervised import cosine_schedule, top1, train_data
 
 LINPROBE = {"blr": 0.1, "epochs": 90, "warmup_epochs": 10, "weight_decay": 0.0, "min_lr": 0.0, "head_std": 0.01}
 POOLS = {"cls": "token", "avg": "avg"}  # --pool -> the exported timm model's global_pool
@@ -77,13 +79,14 @@ def train_transform(img_size: int):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def probe(args: argparse.Namespace) -> tuple[dict, nn.Module]:
-    """Train the probe as `args` say; -> (the result, the classifier: frozen encoder + head, in eval mode)."""
+def probe(args: argparse.Namespace, stop: StopSignals | None = None) -> tuple[dict, nn.Module]:
+    """Train the probe as `args` say, resuming from --out's newest checkpoint (img2vec/evalrun.py), stopping when
+    `stop` is; -> (the result, the classifier: frozen encoder + head, in eval mode)."""
     from img2vec.export import run_info, timm_encoder
 
     t0, accelerator = time.perf_counter(), start(args.seed)
     size = run_info(args.path)["img_size"]
-    batches, plan = train_data(accelerator, args, train_transform(size), LINPROBE["epochs"], LINPROBE["warmup_epochs"],
+    data, plan = train_data(accelerator, args, train_transform(size), LINPROBE["epochs"], LINPROBE["warmup_epochs"],
                                LINPROBE["blr"])
     encoder, info = timm_encoder(args.path, POOLS[args.pool])
     encoder.requires_grad_(False).eval().to(accelerator.device)
@@ -108,7 +111,8 @@ def probe(args: argparse.Namespace) -> tuple[dict, nn.Module]:
 
     accelerator.print(f"linear probe of {info['arch']} ({args.pool} pooled) from {info['checkpoint']}: {plan}, LARS")
     head.train()
-    history = train_epochs(accelerator, batches, step, scheduler, plan, evaluate, args.eval_every, args.log_every)
+    identity = run_identity("linprobe", info, args, plan, pool=args.pool, optimizer="LARS", **LINPROBE)
+    history = train_epochs(accelerator, data, step, scheduler, plan, evaluate, args, identity, stop)
     result = result_fields(info, evaluate(), plan, history, t0, protocol="linprobe (MAE main_linprobe.py)", pool=args.pool,
                            optimizer="LARS", weight_decay=LINPROBE["weight_decay"])
     return result, nn.Sequential(encoder, accelerator.unwrap_model(head)).eval()

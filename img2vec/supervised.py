@@ -1,6 +1,6 @@
 """What `img2vec linprobe` and `img2vec finetune` share: labelled shards as each process's stream of augmented
-batches, MAE's per-iteration learning-rate schedule, the training cadence, the top-1 on the val shards, and
-the result JSON. One process, or several through accelerate:
+batches, MAE's per-iteration learning-rate schedule and the top-1 on the val shards (img2vec/evalrun.py: the
+command line, the output dir and the training cadence around them). One process, or several through accelerate:
 
     accelerate launch --num_processes 8 -m img2vec.cli finetune RUN_DIR --train-shards ... --val-shards ...
 
@@ -11,7 +11,9 @@ every process) and deals them to the processes (shard i to rank i % W; with fewe
 every process reads every shard and keeps its every W-th sample); a process's DataLoader workers split its
 share the same way (whole shards, or every n-th sample of each when it has fewer shards than workers: at 256
 GPUs, ImageNet's 1,282 shards are 5 a process, read by 10 workers), shuffle the samples in a buffer of 1,000,
-decode them through the house's decode-and-skip stage (train/probe.py's EvalCrops) and augment them. Every
+decode them through the house's decode-and-skip stage (train/probe.py's EvalCrops) and augment them, each
+image's augmentation seeded by (seed, pass, key), whichever worker reads it: a resume that reads the used samples
+again without decoding them augments the rest as the stopped run did (FullBatches). Every
 process takes the same number of full batches an epoch from its own endless stream: one whose share ran out
 goes on into its next pass (as DistributedSampler pads), so no process waits at a collective for another.
 The val shards are dealt the same way, in order and read once: each image is classified by one process, and
@@ -21,25 +23,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import random
-import sys
-import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from common.augment import IMAGENET_MEAN, IMAGENET_STD
 from common.config import ConfigError
-from common.runtime import seed_from, write_json_output
-from shards.source import IMAGE_EXTS, ShardError, iter_members, iter_samples
+from common.runtime import seed_from
+from common.signals import ignore_stop_signals
+from shards.source import IMAGE_EXTS, iter_members, iter_samples
 from train.data import shard_order, shuffle_buffer
-from train.probe import EvalCrops, collate_crops, labelled_shards
+from train.probe import EvalCrops, collate_crops, kept_rng, labelled_shards
 
 SHUFFLE_BUFFER = 1000  # samples (their encoded bytes) per DataLoader worker, shuffled before decoding
 
@@ -67,12 +68,31 @@ def _dealt(part: int, parts: int, i: int) -> bool:
 
 class LabelledImages(EvalCrops):
     """(transform(image), label, key) of this process's share of the labelled samples of `urls`; `shuffle`:
-    another shard order every pass (`epoch`) and a shuffle buffer, for training."""
+    another shard order every pass (`epoch`) and a shuffle buffer, for training. `skip` = (pass, per worker n): in
+    that pass, each worker's first n samples come out as skipped ones, read but not decoded (a resume: FullBatches)."""
 
     def __init__(self, urls: list[str], transform: Callable, rank: int = 0, world: int = 1, seed: int = 0,
                  shuffle: bool = False):
         super().__init__(urls, img_size=0, crop_pct=1.0, seed=seed)
         self.transform, self.rank, self.world, self.shuffle, self.epoch = transform, rank, world, shuffle, 0
+        self.skip: tuple[int, list[int]] | None = None
+
+    def __iter__(self):
+        for img, label, key in super().__iter__():  # view(): the decoded image as it is
+            yield (None if img is None else self.augment(img, key)), label, key
+
+    def augment(self, img, key: str):
+        """transform(img); in training with the RNGs it draws from (Python's, NumPy's, torch's) seeded by (seed, pass,
+        key) and given back after: an image's augmentation does not depend on which worker or process reads it nor
+        on what was read before it (a resume skips samples), and draws nothing from the training's RNGs."""
+        if not self.shuffle:
+            return self.transform(img)
+        n = seed_from(self.seed, self.epoch, key)
+        with kept_rng():
+            random.seed(n)
+            np.random.seed(n % 2**32)
+            torch.random.default_generator.manual_seed(n)
+            return self.transform(img)
 
     def shares(self) -> list[tuple[str, int, int]]:
         """(shard, part, parts) that this process reads: of the shard, the samples i with i % parts == part."""
@@ -90,37 +110,103 @@ class LabelledImages(EvalCrops):
         mine = mine[worker::workers] if len(mine) >= workers else [(u, k + m * worker, m * workers) for u, k, m in mine]
         read = (s for url, k, m in mine for s in iter_samples(url, None if m == 1 else partial(_dealt, k, m))
                 if s is not None)
-        if not self.shuffle:
-            return read
-        return shuffle_buffer(read, SHUFFLE_BUFFER, random.Random(seed_from(self.seed, self.epoch, self.rank, worker)))
+        if self.shuffle:
+            read = shuffle_buffer(read, SHUFFLE_BUFFER, random.Random(seed_from(self.seed, self.epoch, self.rank, worker)))
+        skip = self.skip[1][worker] if self.skip and self.skip[0] == self.epoch else 0
+        return (dict(s, image=None) if i < skip else s for i, s in enumerate(read)) if skip else read
 
     def view(self, img):
-        return self.transform(img)
+        return img
 
 
-def loader(data: LabelledImages, batch_size: int, workers: int) -> DataLoader:
-    """Batches of `data` (collate_crops: images, labels, keys, skipped), decoded by `workers` processes (at most
-    one per CPU this process may use)."""
-    return DataLoader(data, batch_size=batch_size, collate_fn=collate_crops,
-                      num_workers=min(workers, len(os.sched_getaffinity(0))), pin_memory=torch.cuda.is_available())
+def usable_workers(workers: int) -> int:
+    """DataLoader workers per process: `workers`, at most one per CPU this process may use."""
+    return min(workers, len(os.sched_getaffinity(0)))
 
 
-def full_batches(data: LabelledImages, batch_size: int, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless batches of exactly `batch_size` images from this process's share, pass after pass (data.epoch
-    counts the passes); images that do not decode are left out, not padded."""
-    images, labels = torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    while True:
-        got = 0
-        for x, y, _, _ in loader(data, batch_size, workers):
-            got += len(y)
-            images, labels = (torch.cat([images, x]), torch.cat([labels, y])) if len(labels) else (x, y)
-            while len(labels) >= batch_size:
-                yield images[:batch_size], labels[:batch_size]
-                images, labels = images[batch_size:], labels[batch_size:]
-        if not got:
-            raise ConfigError(f"process {data.rank} of {data.world}: its share of the train shards holds no labelled "
-                              "image that decodes")
-        data.epoch += 1
+def loader(data: LabelledImages, batch_size: int, workers: int, collate: Callable = collate_crops) -> DataLoader:
+    """Batches of `data` (collate_crops: images, labels, keys, skipped), decoded by usable_workers(workers) processes
+    that leave the stop signals to this one (common/signals.py); their base seed is not drawn from the global RNG."""
+    return DataLoader(data, batch_size=batch_size, collate_fn=collate, num_workers=usable_workers(workers),
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator(),
+                      pin_memory=torch.cuda.is_available())
+
+
+def collate_tagged(items):
+    """collate_crops, then the id of the worker that made the batch (0 in the main process)."""
+    info = get_worker_info()
+    return (*collate_crops(items), info.id if info else 0)
+
+
+class FullBatches:
+    """Endless batches of exactly `batch_size` images from this process's share, pass after pass (data.epoch counts
+    the passes); images that do not decode are left out, not padded. `position()` says where the next batch starts:
+    the pass, how many of its loader batches each worker made that are all used, and how many images of the next one
+    are; `FullBatches(..., at=position)` hands over the same batches from there on: the workers read the used samples
+    without decoding them (same loader batches, so the same interleaving) and every augmentation is seeded per
+    sample (LabelledImages.augment)."""
+
+    def __init__(self, data: LabelledImages, batch_size: int, workers: int, at: dict | None = None):
+        self.data, self.batch_size, self.workers = data, batch_size, workers
+        self.images, self.labels = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        self.pending: deque[list[int]] = deque()  # [worker, images not used yet] of loader batches not all used
+        self.used, self.carry = [0] * max(usable_workers(workers), 1), 0  # carry: images of the previous pass
+        if at:
+            data.epoch, self.used = at["pass"], list(at["used"])
+            data.skip = (data.epoch, [n * batch_size for n in self.used])
+        self.got, self.batches = 0, iter(loader(data, batch_size, workers, collate_tagged))
+        if at:
+            self.got = sum(self.used) + at["drop"]  # images of this pass were used before the stop
+            for _ in range(sum(self.used)):  # the used loader batches, read again without decoding
+                next(self.batches)
+            self._fill(at["drop"])
+            self._take(at["drop"])
+
+    def position(self) -> dict:
+        assert not self.carry  # a batch takes all of the previous pass's images first, and they are fewer
+        return {"pass": self.data.epoch, "used": list(self.used),
+                "drop": self.pending[0][2] - self.pending[0][1] if self.pending else 0}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._fill(self.batch_size)
+        return self._take(self.batch_size)
+
+    def _fill(self, n: int) -> None:
+        while len(self.labels) < n:
+            try:
+                x, y, _, _, worker = next(self.batches)
+            except StopIteration:
+                self._next_pass()
+                continue
+            self.got += len(y)
+            self.pending.append([worker, len(y), len(y)])
+            self.images, self.labels = (torch.cat([self.images, x]), torch.cat([self.labels, y])) if len(
+                self.labels) else (x, y)
+
+    def _next_pass(self) -> None:
+        if not self.got:
+            raise ConfigError(f"process {self.data.rank} of {self.data.world}: its share of the train shards holds "
+                              "no labelled image that decodes")
+        self.data.epoch += 1
+        self.carry, self.got, self.used = len(self.labels), 0, [0] * len(self.used)
+        self.pending.clear()
+        self.batches = iter(loader(self.data, self.batch_size, self.workers, collate_tagged))
+
+    def _take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n images; the loader batches they finish count as used."""
+        out = self.images[:n], self.labels[:n]
+        self.images, self.labels = self.images[n:], self.labels[n:]
+        n, self.carry = n - min(n, self.carry), max(self.carry - n, 0)
+        while self.pending and (n or not self.pending[0][1]):
+            k = min(n, self.pending[0][1])
+            self.pending[0][1] -= k
+            n -= k
+            if not self.pending[0][1]:
+                self.used[self.pending.popleft()[0]] += 1
+        return out
 
 
 def shard_labels(url: str) -> list[int]:
@@ -136,7 +222,8 @@ def shard_labels(url: str) -> list[int]:
 
 def count_labelled(urls: list[str], workers: int) -> tuple[int, int]:
     """(labelled samples, classes = largest label + 1) of the shards, read by `workers` DataLoader workers."""
-    counts = DataLoader(urls, batch_size=None, collate_fn=shard_labels, num_workers=min(workers, len(urls)))
+    counts = DataLoader(urls, batch_size=None, collate_fn=shard_labels, num_workers=min(workers, len(urls)),
+                        worker_init_fn=ignore_stop_signals)
     n, top = 0, -1
     for labels in counts:
         n, top = n + len(labels), max([top, *labels])
@@ -173,10 +260,10 @@ class Plan:
 
 
 def train_data(accelerator, args: argparse.Namespace, transform, epochs: int, warmup_epochs: float, blr: float,
-               multiple: int = 1) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], Plan]:
-    """-> (this process's endless batch stream, the plan) from the recipe's epochs, warmup and base lr and the
-    arguments that override them; the main process counts the shards, every process gets its count. A batch
-    larger than a process's share of the images shrinks to it (a multiple of `multiple`), with a note."""
+               multiple: int = 1) -> tuple[LabelledImages, Plan]:
+    """-> (this process's share of the train images, for FullBatches; the plan) from the recipe's epochs, warmup and
+    base lr and the arguments that override them; the main process counts the shards, every process gets its count.
+    A batch larger than a process's share of the images shrinks to it (a multiple of `multiple`), with a note."""
     from accelerate.utils import broadcast_object_list
 
     urls = labelled_shards(args.train_shards, "--train-shards")
@@ -198,11 +285,11 @@ def train_data(accelerator, args: argparse.Namespace, transform, epochs: int, wa
     warmup = args.warmup_epochs if args.warmup_epochs is not None else warmup_epochs * n / epochs
     plan = Plan(args.num_classes or found, samples, n, warmup, samples // (world * batch), batch, world, args.blr or blr)
     data = LabelledImages(urls, transform, accelerator.process_index, world, args.seed, shuffle=True)
-    return full_batches(data, batch, args.workers), plan
+    return data, plan
 
 
 # --------------------------------------------------------------------------------------------------------
-# schedule, cadence, evaluation
+# schedule, evaluation
 
 
 def cosine_schedule(optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float, min_lr: float):
@@ -214,46 +301,6 @@ def cosine_schedule(optimizer, steps_per_epoch: int, epochs: int, warmup_epochs:
     warmup, total = round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch
     return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=min_lr, warmup_t=warmup,
                              warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
-
-
-def train_epochs(accelerator, batches: Iterator, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 scheduler, plan: Plan, evaluate: Callable[[], dict], eval_every: int = 0, log_every: int = 50
-                 ) -> list[dict]:
-    """The cadence: the plan's epochs x updates (`step(images, labels)` -> its loss), the lr set before each; one row
-    per epoch (mean loss over processes, the epoch's last lr), with `evaluate()` every `eval_every` epochs."""
-    history, i, steps_per_epoch, epochs = [], 0, plan.steps_per_epoch, plan.epochs
-    for epoch in range(1, epochs + 1):
-        t0, total = time.perf_counter(), torch.zeros((), device=accelerator.device)
-        for _ in range(steps_per_epoch):
-            scheduler.step_update(i)
-            images, labels = next(batches)
-            loss = step(images.to(accelerator.device, non_blocking=True), labels.to(accelerator.device, non_blocking=True))
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, update {i}: stopping")
-            total += loss.detach()
-            i += 1
-            if log_every and i % log_every == 0:
-                accelerator.print(f"  epoch {epoch} update {i}: loss {loss.item():.4f}, lr {_lr(scheduler):.3g}")
-        row = {"epoch": epoch, "loss": accelerator.reduce(total, "mean").item() / steps_per_epoch, "lr": _lr(scheduler),
-               "seconds": round(time.perf_counter() - t0, 2)}
-        if eval_every and epoch % eval_every == 0 and epoch < epochs:
-            row.update(evaluate())
-        accelerator.print(f"epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-        history.append(row)
-    return history
-
-
-def update(accelerator, optimizer, loss: torch.Tensor) -> torch.Tensor:
-    """One optimizer update from `loss` (gradients synchronised by accelerate's DDP); -> the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    optimizer.step()
-    return loss
-
-
-def _lr(scheduler) -> float:
-    """The lr of the group without layer decay (the head's)."""
-    return max(g["lr"] for g in scheduler.optimizer.param_groups)
 
 
 @torch.no_grad()
@@ -277,82 +324,3 @@ def top1(accelerator, classify: Callable[[torch.Tensor], torch.Tensor], shards, 
         raise ConfigError(f"--val-shards {shards!r}: no labelled image that decodes")
     out = {"top1": 100.0 * right1 / n, "val_samples": n, "val_skipped": skipped}
     return dict(out, top5=100.0 * right5 / n) if classes > 5 else out
-
-
-# --------------------------------------------------------------------------------------------------------
-# command line and result
-
-
-def make_parser(prog: str, description: str, doc: str, batch_size: int) -> argparse.ArgumentParser:
-    """The arguments both commands take; `doc` (the module's docstring) ends with the usage examples."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n" + "\n".join(doc.splitlines()[-3:]))
-    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="a training run dir (its latest complete checkpoint) or a checkpoints/step_XXXXXXXX dir")
-    p.add_argument("--train-shards", required=True, metavar="PATTERN", help="labelled (.cls) train shards, brace pattern")
-    p.add_argument("--val-shards", required=True, metavar="PATTERN", help="labelled (.cls) val shards, brace pattern")
-    p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
-    p.add_argument("--warmup-epochs", type=float,
-                   help="epochs of linear warmup from 0 (default: the recipe's share of --epochs)")
-    p.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"images per process and update ({batch_size}); the lr scales with processes x batch / 256")
-    p.add_argument("--blr", type=float, help="base lr per 256 images (default: the recipe's)")
-    p.add_argument("--num-classes", type=int, help="classifier outputs (default: the train shards' largest label + 1)")
-    p.add_argument("--workers", type=int, default=10, help="DataLoader workers per process (10, as MAE)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0, metavar="EPOCHS",
-                   help="also evaluate every N epochs (0: only after the last)")
-    p.add_argument("--log-every", type=int, default=50, metavar="UPDATES", help="print the loss every N updates (0: off)")
-    p.add_argument("--json", metavar="FILE", help="also write the result here (it is always written into the run dir)")
-    return p
-
-
-def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.batch_size < 1 or (args.epochs is not None and args.epochs < 1) or args.workers < 0:
-        p.error("--batch-size and --epochs must be >= 1, --workers >= 0")
-    if args.warmup_epochs is not None and args.warmup_epochs < 0:
-        p.error("--warmup-epochs must be >= 0")
-
-
-def start(seed: int):
-    """The Accelerator (one process, or accelerate launch's), every RNG seeded with seed + rank, as MAE."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    accelerator = Accelerator()
-    set_seed(seed + accelerator.process_index)
-    return accelerator
-
-
-def result_fields(info: dict, evaluation: dict, plan: Plan, history: list[dict], t0: float, **more) -> dict:
-    """The result JSON: the student, the top-1, the plan, what the command adds, the epochs' rows."""
-    return {**{k: info[k] for k in ("arch", "img_size", "run_dir", "checkpoint", "step")}, **evaluation, **plan.fields(),
-            **more, "history": history, "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def finish(result: dict, name: str, json_out: str | None) -> None:
-    """Print the top-1 and write the result as `<run dir>/<name>.json` (and --json), from the main process."""
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
-        return
-    top5 = f", top-5 {result['top5']:.2f}%" if "top5" in result else ""
-    print(f"{name} of {result['arch']} (pretraining step {result['step']}): top-1 {result['top1']:.2f}%{top5} "
-          f"({result['val_samples']} val images, {result['classes']} classes; {result['epochs']} epochs of "
-          f"{result['steps_per_epoch']} updates, batch {result['global_batch']})")
-    for path in [Path(result["run_dir"]) / f"{name}.json", *([json_out] if json_out else [])]:
-        write_json_output(path, result)
-    print(f"  -> {Path(result['run_dir']) / f'{name}.json'}")
-
-
-def run_command(train: Callable[[argparse.Namespace], tuple[dict, torch.nn.Module]], args: argparse.Namespace,
-                name: str, prog: str) -> int:
-    """train(args), then finish; an error a user can act on (a shard, a run dir, an argument) is one line, exit 2."""
-    from img2vec.export import ExportError
-
-    try:
-        finish(train(args)[0], name, args.json)
-    except (ConfigError, ExportError, ShardError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0

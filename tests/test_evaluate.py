@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +24,11 @@ from img2vec.finetune import (HEAD_INIT_SCALE, MAE_FINETUNE, RECIPES, TIMM_AA, a
 from img2vec.finetune import main as finetune_main
 from img2vec.linprobe import LARS, parse_args, probe, probe_head
 from img2vec.linprobe import main as linprobe_main
-from img2vec.supervised import (LabelledImages, cosine_schedule, count_labelled, eval_transform, full_batches, loader,
+from img2vec.supervised import (FullBatches, LabelledImages, cosine_schedule, count_labelled, eval_transform, loader,
                                 shard_labels)
 from shards.source import expand_shards, iter_samples
+from common import faults
+from common.signals import PREEMPTED
 from tests.conftest import run_cli, train_py_flags, train_py_model
 from train.model import STUDENTS
 
@@ -37,10 +45,37 @@ def run_tool(main, run, pattern: str, out, *more: str) -> dict:
     """`img2vec linprobe|finetune RUN --train-shards P --val-shards P --batch-size 4 --json OUT ...` on the one set of
     tiny shards: its result, which it also wrote into the run dir."""
     assert main([str(run), "--train-shards", pattern, "--val-shards", pattern, "--batch-size", "4", "--workers", "0",
-                 "--json", str(out), *more]) == 0
+                 "--json", str(out), "--out", str(out.with_suffix("")), *more]) == 0
     result = json.loads(out.read_text())
     assert result == json.loads((run / f"{main.__module__.rsplit('.', 1)[1]}.json").read_text())
     return result
+
+
+def fork_in_own_group(main, argv: list[str], stderr: Path, **env: str) -> int:
+    """`main(argv)` in a child of this process (its modules already imported: no interpreter to start) in a session,
+    so a process group, of its own, as a job step is; its stderr to a file. -> its pid; it exits with main's status."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 99
+    try:
+        os.setsid()
+        os.environ.update(env)
+        faults.MAIN_PID = None  # an extraction in this process may have set it to the parent's
+        sys.stdout, sys.stderr = open(os.devnull, "w"), open(stderr, "w", buffering=1)
+        code = main(argv)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def assert_same_run(a: dict, out_a, b: dict, out_b) -> None:
+    """Two runs' results and the weights of their last checkpoints: the same but for the time taken."""
+    assert (b["top1"], [(r["loss"], r["lr"]) for r in b["history"]]) == (
+        a["top1"], [(pytest.approx(r["loss"], rel=1e-6), r["lr"]) for r in a["history"]])
+    wa, wb = (load_file(sorted((out / "checkpoints").iterdir())[-1] / "model.safetensors") for out in (out_a, out_b))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-6, atol=1e-7) for k in wa)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,7 +225,7 @@ def test_labelled_images_deal_every_sample_to_one_process(extracted):
     one.epoch = 1
     assert sorted(first) == sorted(keys_of(one)) == every and first != keys_of(one)  # another order each pass
 
-    batches = full_batches(LabelledImages(urls, lambda img: torch.zeros(1), shuffle=True), batch_size=4, workers=0)
+    batches = FullBatches(LabelledImages(urls, lambda img: torch.zeros(1), shuffle=True), batch_size=4, workers=0)
     sizes = [len(next(batches)[1]) for _ in range(10)]  # 40 images: two and a bit passes over the 18
     assert sizes == [4] * 10
 
@@ -237,7 +272,8 @@ def test_linprobe_trains_only_the_head_and_its_top1_is_the_count(tmp_path, extra
     assert len(r["history"]) == 2 and r["optimizer"] == "LARS" and r["weight_decay"] == 0.0
 
     result, classifier = probe(parse_args([str(student_run), "--train-shards", pattern, "--val-shards", pattern,
-                                           "--epochs", "2", "--workers", "0", "--pool", "avg"], "t"))
+                                           "--epochs", "2", "--workers", "0", "--pool", "avg", "--out",
+                                           str(tmp_path / "avg")], "t"))
     assert "note: --batch-size 512 x 1 processes is more than the 18 train images: batch 18" in capsys.readouterr().out
     encoder, head = classifier
     frozen = timm_encoder(student_run, "avg")[0].state_dict()
@@ -253,6 +289,42 @@ def test_linprobe_trains_only_the_head_and_its_top1_is_the_count(tmp_path, extra
     assert result["top1"] == pytest.approx(100.0 * right / 18)
 
 
+@pytest.mark.slow
+def test_linprobe_stopped_by_a_group_sigterm_resumes_to_the_result_of_a_run_never_stopped(tmp_path, extracted,
+                                                                                          student_run):
+    """SIGTERM to the whole process group (as SLURM, `kill -- -PGID` and `timeout` send it) of `img2vec linprobe`
+    with 2 loader workers, held (SIGSTOP) after update 6 of 3 epochs x 4: the workers ignore it, the run checkpoints
+    update 7 and exits 75; the same command resumes there, mid-pass over the shards, and ends with the rows, top-1
+    and weights of a run never stopped."""
+    pattern, out = shards(extracted), tmp_path / "stopped"
+    argv = [str(student_run), "--train-shards", pattern, "--val-shards", pattern, "--batch-size", "4", "--workers", "2",
+            "--epochs", "3", "--log-every", "0"]
+    pid = fork_in_own_group(linprobe_main, [*argv, "--out", str(out)], tmp_path / "stderr", IMG2VEC_FAULT="step:6:STOP")
+    try:
+        deadline = time.time() + 120
+        while Path(f"/proc/{pid}/stat").read_text().split()[2] != "T":  # stopped by itself after update 6
+            assert time.time() < deadline, (tmp_path / "stderr").read_text()[-3000:]
+            time.sleep(0.02)
+        workers = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        os.killpg(pid, signal.SIGTERM)
+        time.sleep(0.2)
+        alive = [w for w in workers if Path(f"/proc/{w}").exists() and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+        os.killpg(pid, signal.SIGCONT)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == PREEMPTED, (tmp_path / "stderr").read_text()[-3000:]
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.killpg(pid, signal.SIGKILL)
+    assert len(workers) == 2 and alive == workers
+    assert "stopping at update 7 (epoch 2) on SIGTERM" in (tmp_path / "stderr").read_text()
+    assert (out / "exit_status").read_text() == f"{PREEMPTED}\n"
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step_00000004", "step_00000007"]
+
+    assert linprobe_main([*argv, "--out", str(out)]) == 0
+    resumed = json.loads((student_run / "linprobe.json").read_text())
+    assert linprobe_main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    assert_same_run(json.loads((student_run / "linprobe.json").read_text()), tmp_path / "whole", resumed, out)
+
+
 def test_probe_head_is_maes(tmp_path):
     head = probe_head(192, 1000)
     assert isinstance(head[0], torch.nn.BatchNorm1d) and head[0].weight is None and head[0].eps == 1e-6
@@ -260,12 +332,29 @@ def test_probe_head_is_maes(tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_command_on_tiny_shards(tmp_path, extracted, student_run, capsys):
+def test_finetune_command_on_tiny_shards_stopped_and_resumed(tmp_path, extracted, student_run, capsys, monkeypatch):
     r = run_tool(finetune_main, student_run, shards(extracted), tmp_path / "ft.json", "--epochs", "1")
     assert re.search(r"finetune of vit_tiny_patch16 \(pretraining step 2\): top-1 \d+\.\d\d%", capsys.readouterr().out)
     assert (r["classes"], r["train_samples"], r["val_samples"], r["steps_per_epoch"], r["processes"]) == (4, 18, 18, 4, 1)
     assert r["recipe"]["layer_decay"] == 0.85 and r["lr"] == pytest.approx(1e-3 * 4 / 256) and r["head_std"] == 2e-5
     assert 0.0 <= r["top1"] <= 100.0 and len(r["history"]) == 1 and math.isfinite(r["history"][0]["loss"])
+
+    # SIGUSR1 after update 1 of 4: a checkpoint of update 2 (mid-epoch), exit 75; a rerun with another seed is refused;
+    # the same command resumes there (drop path and mixup draw on from the RNG states it saved) and ends as `r`
+    out = tmp_path / "stopped"
+    argv = [str(student_run), "--train-shards", shards(extracted), "--val-shards", shards(extracted), "--batch-size", "4",
+            "--workers", "0", "--epochs", "1", "--out", str(out)]
+    monkeypatch.setenv("IMG2VEC_FAULT", "step:1:USR1")
+    assert finetune_main(argv) == PREEMPTED and (out / "exit_status").read_text() == f"{PREEMPTED}\n"
+    monkeypatch.delenv("IMG2VEC_FAULT")
+    assert "stopping at update 2 (epoch 1) on SIGUSR1" in capsys.readouterr().err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+    assert finetune_main([*argv, "--seed", "1"]) == 2
+    assert re.search(r"cannot be resumed with these settings:\n  seed: run dir has 0, this run has 1\n.*another --out",
+                     capsys.readouterr().err)
+    assert finetune_main(argv) == 0 and (out / "exit_status").read_text() == "0\n"
+    assert f"resuming from {out / 'checkpoints' / 'step_00000002'} at update 2" in capsys.readouterr().err
+    assert_same_run(r, tmp_path / "ft", json.loads((student_run / "finetune.json").read_text()), out)
 
 
 @pytest.mark.slow
@@ -276,7 +365,7 @@ def test_finetune_on_two_processes_counts_each_val_image_once(tmp_path, extracte
     p = run_cli(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "img2vec.cli", "finetune", str(student_run),
                  "--train-shards", pattern, "--val-shards", pattern, "--epochs", "1", "--batch-size", "2",
-                 "--workers", "1", "--log-every", "0", "--json", str(out)],
+                 "--workers", "1", "--log-every", "0", "--json", str(out), "--out", str(tmp_path / "ft2")],
                 env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())

@@ -1,0 +1,298 @@
+"""What `img2vec linprobe` and `img2vec finetune` share around their training: the command line, the output dir
+that makes a run resumable, the cadence of epochs and the result (img2vec/supervised.py: the data, the schedule
+and the top-1 inside it).
+
+The output dir (`--out`, by default `<run dir>/linprobe` or `<run dir>/finetune`) is held as pretraining holds its
+run dir, with the same pieces (train/rundir.py, train/checkpoints.py, common/signals.py): a lock; `run.json`, the
+run's identity (the command, the student checkpoint, the shards' names, the seed, the loader workers, the plan and
+the recipe), which a rerun must match or is refused naming each difference (exit 2); `exit_status` ("running", then
+the exit status: behind a launcher, what a job script reads); and `checkpoints/step_XXXXXXXX/`, accelerate's
+save_state (the trained weights, the optimizer, every process's RNG states) renamed into place whole, with
+`position.json`: the update, the epochs' rows, the epoch's loss so far and each process's place in its batch stream
+(supervised.FullBatches). One is written at every epoch's end, and at the update after which a stop signal ends the
+run: SIGTERM / SIGUSR1 (exit 75) or SIGINT (130), to the main process or to the whole group (the loader workers
+ignore them), agreed by every process in one all-reduce per update. The same command resumes from the newest usable
+checkpoint and ends with the weights, rows and top-1 of a run that was never stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from common.config import ConfigError
+from common.faults import fault_point
+from common.runtime import write_json_output
+from common.signals import StopSignals, status_of
+from img2vec.supervised import FullBatches, LabelledImages, Plan, usable_workers
+from shards.source import ShardError, expand_shards
+from train.checkpoints import Checkpoints, DiskFull
+from train.rundir import RunDirLock, check_identity, write_exit_status
+
+KEEP = 2  # checkpoints kept in the output dir: the newest, and the one before in case it is damaged
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after a checkpoint; `status` is its exit status (common/signals.py)."""
+
+    def __init__(self, status: int):
+        super().__init__(f"stopped: exit status {status}")
+        self.status = status
+
+
+# --------------------------------------------------------------------------------------------------------
+# the output dir
+
+
+def out_dir(args: argparse.Namespace, name: str) -> Path:
+    """--out, or `<the student's run dir>/<name>`."""
+    from img2vec.export import run_info
+
+    return Path(args.out) if args.out else Path(run_info(args.path)["run_dir"]) / name
+
+
+@contextmanager
+def held(out: Path) -> Iterator[StopSignals]:
+    """The output dir for one run: its lock and `exit_status` (the main process), and the stop signals' flag."""
+    main, lock = int(os.environ.get("RANK", 0)) == 0, RunDirLock(out)  # accelerate / torchrun set RANK
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    status = 1
+    try:
+        with StopSignals() as stop:
+            if main:
+                write_exit_status(out, "running")
+            yield stop
+        status = 0
+    except BaseException as e:
+        status = error_status(e)
+        raise
+    finally:
+        if main:
+            write_exit_status(out, status)
+        lock.release()
+
+
+def error_status(e: BaseException) -> int:
+    from img2vec.export import ExportError
+
+    if isinstance(e, Stopped):
+        return e.status
+    if isinstance(e, KeyboardInterrupt):
+        return status_of("SIGINT")
+    return 2 if isinstance(e, (ConfigError, ExportError, ShardError)) else 3 if isinstance(e, DiskFull) else 1
+
+
+def run_identity(command: str, info: dict, args: argparse.Namespace, plan: Plan, **recipe) -> dict:
+    """What a resume must share with the run it resumes: all that decides the result (not --eval-every, --log-every
+    nor where the shards are now: their names)."""
+    ckpt = Path(info["checkpoint"])
+    position = ckpt / "position.json"
+    student = {"arch": info["arch"], "step": info["step"], "checkpoint": ckpt.name,
+               "position_sha256": hashlib.sha256(position.read_bytes()).hexdigest() if position.is_file() else None}
+    return json.loads(json.dumps({  # as run.json gives it back (a tuple is a list)
+        "command": command, "student": student, "train_shards": _names(args.train_shards),
+        "val_shards": _names(args.val_shards), "seed": args.seed, "loader_workers": usable_workers(args.workers),
+        "plan": plan.fields(), "recipe": recipe}))
+
+
+def _names(pattern: str) -> dict:
+    names = [Path(url).name for url in expand_shards(pattern)]
+    return {"shards": len(names), "names_sha256": hashlib.sha256(json.dumps(names).encode()).hexdigest()}
+
+
+def resume(accelerator, ckpts: Checkpoints, identity: dict) -> dict:
+    """The main process checks the output dir's identity and picks its newest usable checkpoint; every process loads
+    it. -> its position.json, with this process's place in its batch stream as "data" ({} for a fresh run)."""
+    from accelerate.utils import broadcast_object_list
+
+    latest = [None]
+    if accelerator.is_main_process:
+        out = ckpts.dir.parent
+        out.mkdir(parents=True, exist_ok=True)
+        check_identity(out, identity, {}, resuming=bool(ckpts.complete()), elastic=False, other="another --out")
+        latest = [ckpts.latest_valid()]
+    broadcast_object_list(latest)
+    if latest[0] is None:
+        return {}
+    accelerator.load_state(str(latest[0]))
+    at = json.loads((latest[0] / "position.json").read_text())
+    accelerator.print(f"resuming from {latest[0]} at update {at['step']}", file=sys.stderr)
+    return dict(at, data=at["data"][accelerator.process_index])
+
+
+# --------------------------------------------------------------------------------------------------------
+# the cadence
+
+
+def train_epochs(accelerator, data: LabelledImages, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 scheduler, plan: Plan, evaluate: Callable[[], dict], args: argparse.Namespace, identity: dict,
+                 stop: StopSignals | None = None) -> list[dict]:
+    """The plan's epochs x updates (`step(images, labels)` -> its loss), the lr set before each, from the output dir's
+    newest checkpoint on; one row per epoch (mean loss over processes, the epoch's last lr), with `evaluate()` every
+    --eval-every epochs, and a checkpoint. A stop signal: a checkpoint after the update in flight, then Stopped."""
+    ckpts = Checkpoints(out_dir(args, identity["command"]), KEEP)
+    at = resume(accelerator, ckpts, identity)
+    batches = FullBatches(data, plan.batch_size, args.workers, at.get("data"))
+    i, history, per_epoch = at.get("step", 0), at.get("history", []), plan.steps_per_epoch
+    total, t0 = torch.tensor(at.get("loss_sum", 0.0), device=accelerator.device), time.perf_counter()
+    while i < plan.epochs * per_epoch:
+        epoch = i // per_epoch + 1
+        scheduler.step_update(i)
+        images, labels = next(batches)
+        loss = step(images.to(accelerator.device, non_blocking=True), labels.to(accelerator.device, non_blocking=True))
+        stopping = agree(accelerator, loss, stop, i)
+        total += loss.detach()
+        i += 1
+        if args.log_every and i % args.log_every == 0:
+            accelerator.print(f"  epoch {epoch} update {i}: loss {loss.item():.4f}, lr {_lr(scheduler):.3g}")
+        if i % per_epoch == 0:
+            row = {"epoch": epoch, "loss": accelerator.reduce(total, "mean").item() / per_epoch, "lr": _lr(scheduler),
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            if args.eval_every and epoch % args.eval_every == 0 and epoch < plan.epochs:
+                row.update(evaluate())
+            accelerator.print(f"epoch {epoch}/{plan.epochs}: "
+                              + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+            history.append(row)
+            total, t0 = torch.zeros_like(total), time.perf_counter()
+        if i % per_epoch == 0 or stopping:
+            checkpoint(accelerator, ckpts, i, batches, history, total)
+        fault_point("step", str(i))
+        if stopping:
+            received = stop.received if stop else None
+            accelerator.print(f"stopping at update {i} (epoch {epoch}) on {received or 'a signal to another process'}: "
+                              f"checkpoint {ckpts.latest()}; rerun the same command to resume", file=sys.stderr)
+            raise Stopped(status_of(received))
+    return history
+
+
+def agree(accelerator, loss: torch.Tensor, stop: StopSignals | None, i: int) -> bool:
+    """Stop after this update? Asked on any process; in the same all-reduce, a loss not finite on any process stops
+    every process with an error (none stops alone: the others would wait for it at the next collective)."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                         torch.tensor(float(stop is not None and stop.requested), device=loss.device)])
+    nonfinite, stopping = (accelerator.reduce(flags, "sum") > 0).tolist()
+    if nonfinite:
+        raise FloatingPointError(f"the loss of update {i + 1} is not finite (here: {loss.item()}): stopping")
+    return stopping
+
+
+def checkpoint(accelerator, ckpts: Checkpoints, step: int, batches: FullBatches, history: list[dict],
+               total: torch.Tensor) -> None:
+    """A checkpoint after `step` updates: the weights, optimizer and RNGs, the rows, the epoch's loss so far (its mean
+    over processes) and every process's place in its batch stream."""
+    from accelerate.utils import gather_object
+
+    places = gather_object([batches.position()])
+    loss_sum = accelerator.reduce(total.clone(), "mean").item()
+    ckpts.save(accelerator, step, {"step": step, "data": places, "history": history, "loss_sum": loss_sum})
+
+
+def update(accelerator, optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """One optimizer update from `loss` (gradients synchronised by accelerate's DDP); -> the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    return loss
+
+
+def _lr(scheduler) -> float:
+    """The lr of the group without layer decay (the head's)."""
+    return max(g["lr"] for g in scheduler.optimizer.param_groups)
+
+
+# --------------------------------------------------------------------------------------------------------
+# command line and result
+
+
+def make_parser(prog: str, description: str, doc: str, batch_size: int) -> argparse.ArgumentParser:
+    """The arguments both commands take; `doc` (the module's docstring) ends with the usage examples."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n" + "\n".join(doc.splitlines()[-3:]))
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a training run dir (its latest complete checkpoint) or a checkpoints/step_XXXXXXXX dir")
+    p.add_argument("--train-shards", required=True, metavar="PATTERN", help="labelled (.cls) train shards, brace pattern")
+    p.add_argument("--val-shards", required=True, metavar="PATTERN", help="labelled (.cls) val shards, brace pattern")
+    p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
+    p.add_argument("--warmup-epochs", type=float,
+                   help="epochs of linear warmup from 0 (default: the recipe's share of --epochs)")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"images per process and update ({batch_size}); the lr scales with processes x batch / 256")
+    p.add_argument("--blr", type=float, help="base lr per 256 images (default: the recipe's)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (default: the train shards' largest label + 1)")
+    p.add_argument("--workers", type=int, default=10, help="DataLoader workers per process (10, as MAE)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, metavar="EPOCHS",
+                   help="also evaluate every N epochs (0: only after the last)")
+    p.add_argument("--log-every", type=int, default=50, metavar="UPDATES", help="print the loss every N updates (0: off)")
+    p.add_argument("--json", metavar="FILE", help="also write the result here (it is always written into the run dir)")
+    p.add_argument("--out", metavar="DIR", help=f"the checkpoints, kept so that the same command resumes a stopped run "
+                   f"(default: RUN_DIR/{prog.split()[-1]})")
+    return p
+
+
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.batch_size < 1 or (args.epochs is not None and args.epochs < 1) or args.workers < 0:
+        p.error("--batch-size and --epochs must be >= 1, --workers >= 0")
+    if args.warmup_epochs is not None and args.warmup_epochs < 0:
+        p.error("--warmup-epochs must be >= 0")
+
+
+def start(seed: int):
+    """The Accelerator (one process, or accelerate launch's), every RNG seeded with seed + rank, as MAE."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator()
+    set_seed(seed + accelerator.process_index)
+    return accelerator
+
+
+def result_fields(info: dict, evaluation: dict, plan: Plan, history: list[dict], t0: float, **more) -> dict:
+    """The result JSON: the student, the top-1, the plan, what the command adds, the epochs' rows."""
+    return {**{k: info[k] for k in ("arch", "img_size", "run_dir", "checkpoint", "step")}, **evaluation, **plan.fields(),
+            **more, "history": history, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def finish(result: dict, name: str, json_out: str | None) -> None:
+    """Print the top-1 and write the result as `<run dir>/<name>.json` (and --json), from the main process."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    top5 = f", top-5 {result['top5']:.2f}%" if "top5" in result else ""
+    print(f"{name} of {result['arch']} (pretraining step {result['step']}): top-1 {result['top1']:.2f}%{top5} "
+          f"({result['val_samples']} val images, {result['classes']} classes; {result['epochs']} epochs of "
+          f"{result['steps_per_epoch']} updates, batch {result['global_batch']})")
+    for path in [Path(result["run_dir"]) / f"{name}.json", *([json_out] if json_out else [])]:
+        write_json_output(path, result)
+    print(f"  -> {Path(result['run_dir']) / f'{name}.json'}")
+
+
+def run_command(train: Callable[..., tuple[dict, torch.nn.Module]], args: argparse.Namespace, name: str,
+                prog: str) -> int:
+    """train(args, stop) holding the output dir, then finish; an error a user can act on (a shard, a run dir, an
+    argument, a resume with other settings) is one line, exit 2; a full disk 3; a stop 75 (130 on SIGINT)."""
+    from img2vec.export import ExportError
+
+    try:
+        with held(out_dir(args, name)) as stop:
+            finish(train(args, stop)[0], name, args.json)
+    except Stopped as e:
+        return e.status
+    except DiskFull as e:
+        print(f"{prog}: error: {e.strerror}", file=sys.stderr)
+        return 3
+    except (ConfigError, ExportError, ShardError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
