@@ -7,13 +7,10 @@ of the file name). Only plain bytes are read: nothing from a shard is ever unpic
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
 import os
-import select
-import signal
-import subprocess
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +21,7 @@ import braceexpand
 from tqdm import tqdm
 from webdataset.gopen import gopen
 
+from shards.pipes import Command
 from shards.remote import RemoteError, is_url, open_stream, probe_range
 from shards.trust import name_problem
 
@@ -112,17 +110,18 @@ def iter_members(url: str, stall_timeout: float | None = None) -> Iterator[tuple
     end-of-archive marker) or inside a member, whether or not its bytes were read. The offset is into the
     uncompressed tar: with an uncompressed tar it is where a ranged read finds the bytes again (pread, or
     remote.read_range). A local uncompressed tar is read by seeking (only the headers and the members read);
-    `pipe:` and compressed tars through webdataset's gopen, http(s)://, s3://, gs://, hf:// through shards.remote,
-    as streams that read every byte. A `pipe:` command that sends nothing for `stall_timeout` seconds is stopped
-    and the shard fails (a ShardError saying so), so one stalled source never holds up the others for good."""
+    `pipe:` commands through shards.pipes, compressed tars through webdataset's gopen, http(s)://, s3://, gs://,
+    hf:// through shards.remote, as streams that read every byte. A `pipe:` command that sends nothing for
+    `stall_timeout` seconds is stopped and the shard fails (a ShardError saying so), so one stalled source never
+    holds up the others for good. The stream is closed however the generator ends: closed early (a reader that
+    needed only some samples, `close()`, or dropped), a `pipe:` command is stopped at once, not waited for."""
     if not url.startswith("pipe:") and not is_url(url) and not Path(url).exists():
         raise ShardError(url, "file not found (check data.shards)")
     stream = None
     try:
         seek = local_tar(url)
-        stream = open(url, "rb") if seek else open_stream(url) if is_url(url) else gopen(url, "rb")
-        if url.startswith("pipe:") and stall_timeout is not None and math.isfinite(stall_timeout):
-            stream = Watched(stream, stall_timeout)
+        stream = open(url, "rb") if seek else open_stream(url) if is_url(url) else \
+            Command(url, stall_timeout) if url.startswith("pipe:") else gopen(url, "rb")
         with tarfile.open(fileobj=stream, mode="r:" if seek else "r|*") as tar:
             for info in tar:  # "r:" checks that the previous member's bytes are all there before each header
                 if not info.isreg():
@@ -135,7 +134,7 @@ def iter_members(url: str, stall_timeout: float | None = None) -> Iterator[tuple
             if seek:
                 size = os.fstat(stream.fileno()).st_size
             else:
-                while tar.fileobj.read(1 << 16):
+                while tar.fileobj.read(1 << 16):  # to the end: a command's exit status is checked there
                     pass
                 size = tar.fileobj.pos
             if size < end + 2 * tarfile.BLOCKSIZE:
@@ -145,56 +144,15 @@ def iter_members(url: str, stall_timeout: float | None = None) -> Iterator[tuple
     except RemoteError as e:
         raise ShardError(url, e.reason) from None
     except (tarfile.TarError, OSError, EOFError) as e:
-        if isinstance(stream, Watched) and stream.stalled:
+        if isinstance(stream, Command) and stream.stalled:
             raise ShardError(url, f"stalled: its command sent nothing for {stream.timeout:g} s "
                                   "(extract.stall_timeout) and was stopped; check that the source is reachable, "
                                   "then rerun: complete shards are skipped") from None
         raise ShardError(url, f"{type(e).__name__}: {e} (truncated or not a tar?)") from None
-
-
-class Watched:
-    """A `pipe:` command's output (webdataset's Pipe), read without blocking for more than `timeout` seconds:
-    a read that waits longer stops the command and everything it started, and ends the stream (`stalled`)."""
-
-    def __init__(self, pipe, timeout: float):
-        self.pipe, self.timeout, self.stalled = pipe, timeout, False
-        self.fd = pipe.stream.fileno()
-
-    def read(self, n: int = -1) -> bytes:
-        """Up to n bytes, as soon as some are there (tarfile's stream reader asks again for the rest)."""
-        if not select.select([self.fd], [], [], self.timeout)[0]:
-            self.stalled = True
-            stop_command(self.pipe.proc.pid)
-            try:
-                self.pipe.proc.wait(timeout=10)  # reaped, not left a zombie
-            except subprocess.TimeoutExpired:
-                pass
-            raise OSError(f"no data for {self.timeout:g} s")
-        return os.read(self.fd, n if n > 0 else 1 << 20)
-
-    def close(self) -> None:
-        if not self.stalled:
-            self.pipe.close()  # waits for the command and raises on its failure, as gopen's pipe does
-
-
-def stop_command(pid: int) -> None:
-    """SIGKILL a process and its descendants (a shell's `aws s3 cp`, `curl`, `sleep`), found in /proc: the shell's
-    children would keep its output open, and a read on it blocked."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    finally:
+        if stream is not None:
+            with contextlib.suppress(Exception):  # closing never hides why the generator ended
+                stream.close()
 
 
 def _member_bytes(url: str, tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
@@ -229,17 +187,18 @@ def iter_groups(url: str, wanted: Callable[[int], bool] | None = None, stall_tim
     WebDataset. A key met again later, or one ext twice, yields the key again with "__duplicate__".
     With `wanted`, sample i's members are read only if wanted(i); the others yield (key, None)."""
     key, members, seen, i = None, {}, set(), -1
-    for k, ext, read, offset in iter_members(url, stall_timeout):
-        new = not members or k != key or ext in members  # a new key, or this key's ext again: a new group
-        if new and members:
-            yield key, members if wanted is None or wanted(i) else None
-            members = {}
-        i += new
-        if k in seen and not members:
-            members["__duplicate__"] = (ext.encode(), offset)
-        key = k
-        seen.add(k)
-        members.setdefault(ext, (read() if wanted is None or wanted(i) else b"", offset))
+    with contextlib.closing(iter_members(url, stall_timeout)) as stream:  # closed with this generator
+        for k, ext, read, offset in stream:
+            new = not members or k != key or ext in members  # a new key, or this key's ext again: a new group
+            if new and members:
+                yield key, members if wanted is None or wanted(i) else None
+                members = {}
+            i += new
+            if k in seen and not members:
+                members["__duplicate__"] = (ext.encode(), offset)
+            key = k
+            seen.add(k)
+            members.setdefault(ext, (read() if wanted is None or wanted(i) else b"", offset))
     if members:
         yield key, members if wanted is None or wanted(i) else None
 
@@ -249,18 +208,19 @@ def iter_samples(url: str, wanted: Callable[[int], bool] | None = None,
     """Samples of one source shard: the first image entry (bytes, data offset in the tar) and the `.cls`
     label of each key; `duplicate` is True for a key already seen in this shard. With `wanted`, sample i is
     read only if wanted(i); the others yield None (counted, their bytes not read from a local tar)."""
-    for key, members in iter_groups(url, wanted, stall_timeout):
-        if members is None:
-            yield None
-            continue
-        ext = next((e for e in IMAGE_EXTS if e in members), None)
-        try:
-            cls = int(members["cls"][0].decode().strip()) if "cls" in members else None
-        except ValueError:
-            cls = None
-        image, offset = members[ext] if ext else (None, -1)
-        yield {"key": key, "image": image, "ext": ext, "cls": cls, "offset": offset,
-               "duplicate": "__duplicate__" in members}
+    with contextlib.closing(iter_groups(url, wanted, stall_timeout)) as groups:  # closed with this generator
+        for key, members in groups:
+            if members is None:
+                yield None
+                continue
+            ext = next((e for e in IMAGE_EXTS if e in members), None)
+            try:
+                cls = int(members["cls"][0].decode().strip()) if "cls" in members else None
+            except ValueError:
+                cls = None
+            image, offset = members[ext] if ext else (None, -1)
+            yield {"key": key, "image": image, "ext": ext, "cls": cls, "offset": offset,
+                   "duplicate": "__duplicate__" in members}
 
 
 def rank_shards(urls: list[str], rank: int, world: int) -> list[str]:

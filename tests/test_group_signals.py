@@ -1,8 +1,9 @@
 """Signals as clusters send them, to every process: a terminal's Ctrl-C, `kill -- -PGID` and SLURM reach the loader
-workers too. Each run is started in its own session and signalled with os.killpg (or, for the README's SLURM
-script, through a stand-in `srun` that signals its whole step as slurmstepd does). Also: a loader worker killed as
-the OOM killer kills it, an open-file limit too low for the workers, an unfinalised manifest with channel targets,
-and the summary after a stop."""
+workers too, and the commands of `pipe:` sources. Each run is started in its own session and signalled with
+os.killpg (or, for the README's SLURM script, through a stand-in `srun` that signals its whole step as slurmstepd
+does). Also: a loader worker killed as the OOM killer kills it, an open-file limit too low for the workers, an
+unfinalised manifest with channel targets, the summary after a stop, and `pipe:` commands stopped at once when their
+readers close early."""
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from common.signals import INTERRUPTED, PREEMPTED
-from tests.conftest import (BIN, REPO, assert_one_epoch, cache_files, epoch_order, free_port, launch, run_in_process,
-                            write_config)
+from shards.source import expand_shards, iter_samples
+from tests.conftest import (BIN, REPO, UNEVEN, assert_one_epoch, cache_files, epoch_order, free_port, launch,
+                            run_in_process, write_config)
+from train.data import shard_order
 from train.loop import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -279,6 +282,89 @@ raise RuntimeError("a bug")
     while any(map(alive, workers)):
         assert time.time() < deadline, "a loader worker outlived its process"
         time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_group_with_pipe_sources_and_no_workers_checkpoints_and_the_resume_finishes(tmp_path, uneven,
+                                                                                                    capsys):
+    """train.workers 0 and `pipe:` sources: the main process reads them itself, so their commands are its children.
+    The first shard the epoch streams is a plain `cat`; the others wait for a gate file. SIGTERM to the whole group
+    while the run waits on one: the commands ignore it (their own session, the signals ignored), the gate opens, the
+    step is checkpointed, exit 75 (before: the waiting command died, its shard failed mid-read, exit 2), and no
+    command of the run is left running. Resumed in this process, the epoch is finished: exit 0, each of the 28 samples
+    trained once over both runs."""
+    path, cfg = uneven
+    run, gate = tmp_path / "run", tmp_path / "gate"
+    first = int(shard_order(len(UNEVEN), seed=0, epoch=0)[0])
+    urls = [f"pipe:cat {u}" if i == first else f"pipe:while [ ! -e {gate} ]; do sleep 0.05; done; cat {u}"
+            for i, u in enumerate(expand_shards(cfg.data.shards))]
+    overrides = [f"train.run_dir={json.dumps(str(run))}", f"data.shards={json.dumps(urls)}", *EPOCH]
+    p = start([sys.executable, "-m", "train", "--config", str(path), "--no-progress", *sets(*overrides)], tmp_path / "1")
+    deadline = time.time() + 240
+    while not any(str(gate) in command_line(c) for c in descendants(p.pid)):  # the run waits on a gated shard
+        assert p.poll() is None and time.time() < deadline, (tmp_path / "1" / "stderr").read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGTERM)
+    gate.touch()
+    code, out, err = finish(p, tmp_path / "1")
+    assert code == PREEMPTED and "Traceback" not in err, err[-3000:]
+    step = stopped_checkpoint(run)
+    assert f"stopping at step {step} on SIGTERM" in err and step < 14 and (run / "exit_status").read_text() == "75\n"
+    assert not [pid for pid in Path("/proc").iterdir() if str(gate) in command_line(pid.name)]
+
+    capsys.readouterr()
+    assert train_main(["--config", str(path), "--no-progress", *sets(*overrides)]) == 0
+    assert f"at step {step}" in capsys.readouterr().err
+    keys = trained_keys(run, 1)
+    every = {s["key"] for u in expand_shards(cfg.data.shards) for s in iter_samples(u)}
+    assert sorted(keys) == sorted(every) and len(every) == sum(UNEVEN)
+
+
+def command_line(pid) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:  # ended
+        return ""
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, found by reading all of /proc (a zombie has ended)."""
+    below: dict[int, list[int]] = {}
+    for f in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = f.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            below.setdefault(int(fields[1]), []).append(int(f.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        found.update(kids := below.get(todo.pop(), []))
+        todo += kids
+    return found
+
+
+def test_pipe_sources_read_in_part_are_stopped_at_once_when_their_readers_close(source):
+    """Four `pipe:` sources, one sample read from each, then the readers closed (`close()`, or dropped as a `break`
+    drops them): two commands still writing (`cat` of an 80 KB shard into a 64 KB pipe) and two that outlive their
+    tar (`cat; sleep 5`: a producer busy elsewhere). Every process they started (one or two a source while read,
+    found by reading all of /proc) has ended within a second of the readers' close, and nothing is raised (before: each
+    close waited for its command to end, 5 s a source)."""
+    shards = [source / f"shard-00000{k}.tar" for k in (0, 1, 2, 0)]
+    urls = [f"pipe:cat {shards[0]}", f"pipe:cat {shards[1]}; sleep 5", f"pipe:cat {shards[2]}; sleep 5",
+            f"pipe:cat {shards[3]}"]
+    others = descendants(os.getpid())
+    readers = [iter_samples(u) for u in urls]
+    assert all(next(r)["key"] for r in readers)
+    started = descendants(os.getpid()) - others
+    assert len(started) >= len(urls), started  # a shell, its `cat` or `sleep`; or the `cat` the shell became
+    t = time.monotonic()
+    readers[0].close(), readers[1].close()
+    del readers[2:]
+    while [p for p in started if alive(p)]:  # SIGKILLed: they end as soon as the kernel schedules them
+        assert time.monotonic() - t < 1, [command_line(p) for p in started if alive(p)]
+        time.sleep(0.01)
+    assert time.monotonic() - t < 1  # the closes themselves waited for nothing
 
 
 # ---------------------------------------------------------------------------------------------------- extraction
