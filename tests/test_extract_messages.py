@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -57,13 +58,14 @@ def _alive(marker: str) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_stalled_pipe_source_fails_alone_and_the_others_are_recorded_meanwhile(tmp_path, source, workers):
-    """The second of three sources sends 3,000 bytes and then nothing (`sleep 607` keeps its pipe open). After
+    """The second of three sources sends 3,000 bytes and then nothing (a `sleep 607.N` keeps its pipe open). After
     extract.stall_timeout the stalled command and its children are stopped, that shard fails naming its source and
     the stall, the others are done: exit 1. Decoding in the main process (workers 0), the first shard's record is
     there while the job waits on the stall (a shard's last batch is committed at once, not with the next one);
     with workers, the stall is in a worker, and the other worker's items keep coming (one worker a team: the loader
     takes items as they come)."""
-    stalled = f"pipe:cat {source}/shard-000001.tar | (head -c 3000; sleep 607)"
+    sleep = f"sleep 607.{zlib.crc32(str(tmp_path).encode())}"  # this test's own: others may run the same test now
+    stalled = f"pipe:cat {source}/shard-000001.tar | (head -c 3000; {sleep})"
     path = write_config(tmp_path, sets={"data.shards": [str(source / "shard-000000.tar"), stalled,
                                                         str(source / "shard-000002.tar")],
                                         "data.workers": workers, "extract.stall_timeout": 4})
@@ -72,7 +74,7 @@ def test_a_stalled_pipe_source_fails_alone_and_the_others_are_recorded_meanwhile
     try:
         record, seen_while_stalled = tmp_path / "cache" / "shard-000000.done.json", False
         while job.poll() is None and not seen_while_stalled:
-            seen_while_stalled = record.exists() and bool(_alive("sleep 607")) and job.poll() is None
+            seen_while_stalled = record.exists() and bool(_alive(sleep)) and job.poll() is None
             time.sleep(0.2)
         out, err = job.communicate(timeout=300)
     finally:
@@ -85,4 +87,4 @@ def test_a_stalled_pipe_source_fails_alone_and_the_others_are_recorded_meanwhile
     assert summary["shards_done"] == 2 and not summary["cache_complete"]
     assert not (tmp_path / "cache" / "shard-000001.done.json").exists()
     assert (tmp_path / "cache" / "shard-000002.done.json").exists()
-    assert not _alive("sleep 607")  # the stalled command's children were stopped too
+    assert not _alive(sleep)  # the stalled command's children were stopped too
