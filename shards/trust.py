@@ -75,6 +75,8 @@ def read_json(path, what: str):
         raise refuse(path, f"{size} bytes, more than any {what} ({MAX_JSON_BYTES})")
     try:
         return json.loads(path.read_bytes())
+    except IsADirectoryError:
+        raise refuse(path, f"is a directory, not a {what}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise RefusedFile(f"{path}: {what} is not valid JSON ({e}): torn or damaged") from None
 

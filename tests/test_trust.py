@@ -147,6 +147,15 @@ def test_a_torn_manifest_is_exit_2_naming_it(tmp_path, extracted, capsys):
     assert rc == 2 and "manifest.json" in out, out
     assert "manifest.json" in train_refuses(tmp_path, capsys)
 
+    shutil.rmtree(cache)  # a completion record that is a directory: refused, not an IsADirectoryError traceback
+    cache = copy_cache(extracted, tmp_path)
+    (cache / "shard-000001.done.json").unlink()
+    (cache / "shard-000001.done.json").mkdir()
+    rc, out = tool(capsys, "verify", cache)
+    assert rc == 2 and "shard-000001.done.json: is a directory, not a completion record" in out, out
+    assert "Traceback" not in out, out
+    assert "shard-000001.done.json" in train_refuses(tmp_path, capsys)
+
 
 def test_a_bad_token_shape_is_named_as_such(tmp_path):
     """token_shape with a negative token count is refused naming token_shape, not augment.views (which is fine)."""
