@@ -196,6 +196,35 @@ def cache_files(cache: Path) -> dict[str, bytes]:
     return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
 
 
+def zarr_python_copy(src: Path, dst: Path, per_file: int) -> None:
+    """tokens.zarr at src written again at dst by zarr-python itself, in shard files of `per_file` samples of one
+    view (the same codecs and attributes): per_file = N is what our streaming writer must match byte for byte,
+    256 the layout Zarr caches had before."""
+    import zarr
+
+    a = zarr.open_array(str(src), path="tokens", mode="r")
+    b = zarr.open_group(str(dst), mode="w", zarr_format=3).create_array(
+        "tokens", shape=a.shape, chunks=a.chunks, shards=(1, per_file, *a.shape[2:]), dtype=a.dtype, fill_value=0,
+        compressors=a.compressors, dimension_names=a.metadata.dimension_names, attributes=a.attrs.asdict())
+    b[...] = a[...]
+
+
+def relayout_zarr_shard(cache: Path, name: str, per_file: int) -> None:
+    """A shard of a Zarr cache rewritten by zarr-python in shard files of `per_file` samples, its record's file list
+    updated: a cache as an older writer made it (per_file = 256)."""
+    import shutil
+
+    from shards.index import tree_files
+
+    shard = cache / name
+    zarr_python_copy(shard / "tokens.zarr", cache / f"{name}.relayout", per_file)
+    shutil.rmtree(shard / "tokens.zarr")
+    (cache / f"{name}.relayout").rename(shard / "tokens.zarr")
+    record = json.loads((cache / f"{name}.done.json").read_text())
+    record["files"] = tree_files(shard)
+    (cache / f"{name}.done.json").write_text(json.dumps(record))
+
+
 def epoch_batches(cache: Path, epoch: int, bs: int, seed: int = 0, world: int = 1, rank: int = 0, workers: int = 0,
                   start: int = 0, **kw) -> tuple[list[dict], np.ndarray]:
     """The batches one rank's loader yields in one epoch (random reader), and the plan they follow."""
