@@ -22,10 +22,11 @@ from train.schedule import Position
 class RunDirLock(LockFile):
     """`<run_dir>/lock` (common.files.LockFile), holding host, pid, nonce and SLURM job id. A lock of a dead
     process on this host, or of this same SLURM job (requeued, maybe on another node), is stale and taken over;
-    a live one, or one of another host, refuses the second training."""
+    a live one, or one of another host, refuses the second training, naming `other` as what to use instead."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, other: str = "another train.run_dir"):
         super().__init__(run_dir / "lock", slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+        self.other = other
 
     def acquire(self) -> None:
         if super().acquire():
@@ -37,7 +38,7 @@ class RunDirLock(LockFile):
         if not owner:  # created a moment ago and not yet written, or released: another training raced us
             raise ConfigError(f"{self.path}: another training took the lock at the same time")
         raise ConfigError(f"{self.path.parent} is in use by another training (host {owner.get('host')}, "
-                          f"pid {owner.get('pid')}): use another train.run_dir, or wait for it. If that "
+                          f"pid {owner.get('pid')}): use {self.other}, or wait for it. If that "
                           f"process is gone, delete {self.path}")
 
     def _stale(self, h: dict) -> bool:
