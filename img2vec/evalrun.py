@@ -2,17 +2,22 @@
 that makes a run resumable, the cadence of epochs and the result (img2vec/supervised.py: the data, the schedule
 and the top-1 inside it).
 
-The output dir (`--out`, by default `<run dir>/linprobe` or `<run dir>/finetune`) is held as pretraining holds its
-run dir, with the same pieces (train/rundir.py, train/checkpoints.py, common/signals.py): a lock; `run.json`, the
-run's identity (the command, the student checkpoint, the shards' names, the seed, the loader workers, the plan and
-the recipe), which a rerun must match or is refused naming each difference (exit 2); `exit_status` ("running", then
-the exit status: behind a launcher, what a job script reads); and `checkpoints/step_XXXXXXXX/`, accelerate's
-save_state (the trained weights, the optimizer, every process's RNG states) renamed into place whole, with
-`position.json`: the update, the epochs' rows, the epoch's loss so far and each process's place in its batch stream
-(supervised.FullBatches). One is written at every epoch's end, and at the update after which a stop signal ends the
-run: SIGTERM / SIGUSR1 (exit 75) or SIGINT (130), to the main process or to the whole group (the loader workers
-ignore them), agreed by every process in one all-reduce per update. The same command resumes from the newest usable
-checkpoint and ends with the weights, rows and top-1 of a run that was never stopped.
+The output dir (`--out`, by default `<run dir>/<command>-<8 hex digits>`, a digest of the settings that decide the
+result: so the same command finds its run again, and a sweep's other pool, lr, epochs or seed, or a later student
+checkpoint, gets a dir of its own) is held as pretraining holds its run dir, with the same pieces (train/rundir.py,
+train/checkpoints.py, common/signals.py): a lock; `run.json`, the run's identity (those settings: the command, the
+student checkpoint, the shards' names, the seed, the arguments and the recipe; and the loader workers and the plan,
+with the processes), which a rerun must match or is refused naming each difference (exit 2; the settings are
+checked before the train shards are counted); `exit_status` ("running", then the exit status: behind a launcher,
+what a job script reads); and `checkpoints/step_XXXXXXXX/`, accelerate's save_state (the trained weights, the
+optimizer, every process's RNG states) renamed into place whole, with `position.json`: the update, the epochs' rows,
+the epoch's loss so far and each process's place in its batch stream (supervised.FullBatches). One is written at
+every epoch's end (before its evaluation), and at the update after which a stop signal ends the run: SIGTERM /
+SIGUSR1 (exit 75) or SIGINT (130), to the main process or to the whole group (the loader workers ignore them),
+agreed by every process in one all-reduce per update; one that comes while the shards are counted or the model is
+built stops the run before its first update, one during an evaluation between two val batches (a resume evaluates
+again). The same command resumes from the newest usable checkpoint and ends with the weights, rows and top-1 of a
+run that was never stopped.
 """
 from __future__ import annotations
 
@@ -52,17 +57,28 @@ class Stopped(Exception):
 # the output dir
 
 
-def out_dir(args: argparse.Namespace, name: str) -> Path:
-    """--out, or `<the student's run dir>/<name>`."""
+SETTINGS = ("command", "student", "train_shards", "val_shards", "seed", "args", "recipe")  # run.json's, digested
+
+
+def out_dir(args: argparse.Namespace, identity: dict) -> Path:
+    """--out, or `<the student's run dir>/<command>-<8 hex digits of the identity's SETTINGS>` (not of the processes
+    nor the loader workers: another number of those in the same dir is refused, as a resume it cannot be)."""
     from img2vec.export import run_info
 
-    return Path(args.out) if args.out else Path(run_info(args.path)["run_dir"]) / name
+    if args.out:
+        return Path(args.out)
+    settings = json.dumps({k: identity[k] for k in SETTINGS}, sort_keys=True).encode()
+    return Path(run_info(args.path)["run_dir"]) / f"{identity['command']}-{hashlib.sha256(settings).hexdigest()[:8]}"
+
+
+def main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0  # accelerate / torchrun set RANK
 
 
 @contextmanager
 def held(out: Path) -> Iterator[StopSignals]:
     """The output dir for one run: its lock and `exit_status` (the main process), and the stop signals' flag."""
-    main, lock = int(os.environ.get("RANK", 0)) == 0, RunDirLock(out)  # accelerate / torchrun set RANK
+    main, lock = main_process(), RunDirLock(out, other="another --out")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         lock.acquire()
@@ -92,22 +108,45 @@ def error_status(e: BaseException) -> int:
     return 2 if isinstance(e, (ConfigError, ExportError, ShardError)) else 3 if isinstance(e, DiskFull) else 1
 
 
-def run_identity(command: str, info: dict, args: argparse.Namespace, plan: Plan, **recipe) -> dict:
-    """What a resume must share with the run it resumes: all that decides the result (not --eval-every, --log-every
-    nor where the shards are now: their names)."""
-    ckpt = Path(info["checkpoint"])
-    position = ckpt / "position.json"
-    student = {"arch": info["arch"], "step": info["step"], "checkpoint": ckpt.name,
-               "position_sha256": hashlib.sha256(position.read_bytes()).hexdigest() if position.is_file() else None}
+def run_settings(command: str, args: argparse.Namespace, **recipe) -> dict:
+    """What decides the result and is known before the shards are read (SETTINGS): the command, the student checkpoint,
+    the shards' names (not where they are now), the seed, the arguments that set the recipe's numbers, the recipe.
+    args.path is pinned to the student checkpoint: the run dir's latest one now, not one pretraining writes later."""
+    from img2vec.export import run_info
+
+    args.path = run_info(args.path)["checkpoint"]
+    info = run_info(args.path)
+    position = Path(args.path) / "position.json"
+    at = position.read_bytes() if position.is_file() else None
+    student = {"arch": info["arch"], "step": json.loads(at).get("step") if at else None,
+               "checkpoint": Path(args.path).name, "position_sha256": hashlib.sha256(at).hexdigest() if at else None}
+    given = {k: getattr(args, k) for k in ("epochs", "warmup_epochs", "batch_size", "blr", "num_classes")}
     return json.loads(json.dumps({  # as run.json gives it back (a tuple is a list)
         "command": command, "student": student, "train_shards": _names(args.train_shards),
-        "val_shards": _names(args.val_shards), "seed": args.seed, "loader_workers": usable_workers(args.workers),
-        "plan": plan.fields(), "recipe": recipe}))
+        "val_shards": _names(args.val_shards), "seed": args.seed, "args": given, "recipe": recipe}))
+
+
+def run_identity(settings: dict, args: argparse.Namespace, plan: Plan) -> dict:
+    """What a resume must share with the run it resumes: the settings, and the loader workers and the plan (with
+    the processes and the shards' count). Not --eval-every, --log-every."""
+    return json.loads(json.dumps(dict(settings, loader_workers=usable_workers(args.workers), plan=plan.fields())))
 
 
 def _names(pattern: str) -> dict:
     names = [Path(url).name for url in expand_shards(pattern)]
     return {"shards": len(names), "names_sha256": hashlib.sha256(json.dumps(names).encode()).hexdigest()}
+
+
+def open_out(out: Path, settings: dict, given: bool) -> None:
+    """The main process, before the shards are counted: which output dir, whether it resumes; a resume with other
+    settings is refused now, not after a read of every train shard (check_identity on run.json with this run's
+    settings in place of its own: the same refusal, naming each difference; run.json is written back as it was)."""
+    resuming = bool(Checkpoints(out, KEEP).complete())
+    print(f"output dir {out} ({'--out' if given else 'of these settings'}): "
+          f"{'resuming the run it holds' if resuming else 'a new run'}")
+    if resuming and (out / "run.json").is_file():
+        recorded = json.loads((out / "run.json").read_text())
+        check_identity(out, dict(recorded, **settings), {}, resuming=True, elastic=False, other="another --out")
 
 
 def resume(accelerator, ckpts: Checkpoints, identity: dict) -> dict:
@@ -138,12 +177,20 @@ def train_epochs(accelerator, data: LabelledImages, step: Callable[[torch.Tensor
                  scheduler, plan: Plan, evaluate: Callable[[], dict], args: argparse.Namespace, identity: dict,
                  stop: StopSignals | None = None) -> list[dict]:
     """The plan's epochs x updates (`step(images, labels)` -> its loss), the lr set before each, from the output dir's
-    newest checkpoint on; one row per epoch (mean loss over processes, the epoch's last lr), with `evaluate()` every
-    --eval-every epochs, and a checkpoint. A stop signal: a checkpoint after the update in flight, then Stopped."""
-    ckpts = Checkpoints(out_dir(args, identity["command"]), KEEP)
+    newest checkpoint on; one row per epoch (mean loss over processes, the epoch's last lr), a checkpoint, then
+    `evaluate()` every --eval-every epochs (one a stop cut short is done at the resume). A stop signal: a checkpoint
+    after the update in flight, then Stopped; one that came before (the shards' count, the model's build): Stopped."""
+    if agree(accelerator, torch.zeros((), device=accelerator.device), stop, -1):  # as between updates
+        received = stop.received if stop else None
+        accelerator.print(f"stopping before the first update on {received or 'a signal to another process'}: "
+                          "rerun the same command", file=sys.stderr)
+        raise Stopped(status_of(received))
+    ckpts = Checkpoints(out_dir(args, identity), KEEP)
     at = resume(accelerator, ckpts, identity)
-    batches = FullBatches(data, plan.batch_size, args.workers, at.get("data"))
     i, history, per_epoch = at.get("step", 0), at.get("history", []), plan.steps_per_epoch
+    if history and evaluation_due(history[-1], args, plan):
+        close_epoch(accelerator, history[-1], evaluate, args, plan)
+    batches = FullBatches(data, plan.batch_size, args.workers, at.get("data"))
     total, t0 = torch.tensor(at.get("loss_sum", 0.0), device=accelerator.device), time.perf_counter()
     while i < plan.epochs * per_epoch:
         epoch = i // per_epoch + 1
@@ -156,16 +203,14 @@ def train_epochs(accelerator, data: LabelledImages, step: Callable[[torch.Tensor
         if args.log_every and i % args.log_every == 0:
             accelerator.print(f"  epoch {epoch} update {i}: loss {loss.item():.4f}, lr {_lr(scheduler):.3g}")
         if i % per_epoch == 0:
-            row = {"epoch": epoch, "loss": accelerator.reduce(total, "mean").item() / per_epoch, "lr": _lr(scheduler),
-                   "seconds": round(time.perf_counter() - t0, 2)}
-            if args.eval_every and epoch % args.eval_every == 0 and epoch < plan.epochs:
-                row.update(evaluate())
-            accelerator.print(f"epoch {epoch}/{plan.epochs}: "
-                              + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-            history.append(row)
-            total, t0 = torch.zeros_like(total), time.perf_counter()
+            history.append({"epoch": epoch, "loss": accelerator.reduce(total, "mean").item() / per_epoch,
+                            "lr": _lr(scheduler), "seconds": round(time.perf_counter() - t0, 2)})
+            total = torch.zeros_like(total)
         if i % per_epoch == 0 or stopping:
             checkpoint(accelerator, ckpts, i, batches, history, total)
+        if i % per_epoch == 0 and not stopping:  # after the checkpoint: a stop during the evaluation loses no update
+            close_epoch(accelerator, history[-1], evaluate, args, plan)
+            t0 = time.perf_counter()
         fault_point("step", str(i))
         if stopping:
             received = stop.received if stop else None
@@ -173,6 +218,29 @@ def train_epochs(accelerator, data: LabelledImages, step: Callable[[torch.Tensor
                               f"checkpoint {ckpts.latest()}; rerun the same command to resume", file=sys.stderr)
             raise Stopped(status_of(received))
     return history
+
+
+def evaluation_due(row: dict, args: argparse.Namespace, plan: Plan) -> bool:
+    """Does the epoch of `row` take an evaluation (every --eval-every epochs, but the last: the result's) not done?"""
+    return bool(args.eval_every) and row["epoch"] % args.eval_every == 0 and row["epoch"] < plan.epochs \
+        and "top1" not in row
+
+
+def close_epoch(accelerator, row: dict, evaluate: Callable[[], dict], args: argparse.Namespace, plan: Plan) -> None:
+    """The epoch's row, with its evaluation when due, printed."""
+    if evaluation_due(row, args, plan):
+        row.update(evaluate())
+    accelerator.print(f"epoch {row['epoch']}/{plan.epochs}: "
+                      + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+
+
+def halt(stop: StopSignals | None) -> None:
+    """Between two val batches: a stop signal ends the run here, on this process (one that did not get it waits at
+    the evaluation's sum until the launcher ends it). Nothing is lost: the epoch's checkpoint was written before its
+    evaluation, and a resume evaluates again."""
+    if stop is not None and stop.requested:
+        print(f"stopping during an evaluation on {stop.received}: rerun the same command to resume", file=sys.stderr)
+        raise Stopped(stop.status)
 
 
 def agree(accelerator, loss: torch.Tensor, stop: StopSignals | None, i: int) -> bool:
@@ -236,7 +304,9 @@ def make_parser(prog: str, description: str, doc: str, batch_size: int) -> argpa
     p.add_argument("--log-every", type=int, default=50, metavar="UPDATES", help="print the loss every N updates (0: off)")
     p.add_argument("--json", metavar="FILE", help="also write the result here (it is always written into the run dir)")
     p.add_argument("--out", metavar="DIR", help=f"the checkpoints, kept so that the same command resumes a stopped run "
-                   f"(default: RUN_DIR/{prog.split()[-1]})")
+                   f"(default: RUN_DIR/{prog.split()[-1]}-XXXXXXXX, 8 hex digits of a digest of the settings that "
+                   "decide the result: the student checkpoint, the shards' names, the seed, the recipe and the "
+                   "arguments that change it)")
     return p
 
 
@@ -278,14 +348,19 @@ def finish(result: dict, name: str, json_out: str | None) -> None:
     print(f"  -> {Path(result['run_dir']) / f'{name}.json'}")
 
 
-def run_command(train: Callable[..., tuple[dict, torch.nn.Module]], args: argparse.Namespace, name: str,
-                prog: str) -> int:
-    """train(args, stop) holding the output dir, then finish; an error a user can act on (a shard, a run dir, an
-    argument, a resume with other settings) is one line, exit 2; a full disk 3; a stop 75 (130 on SIGINT)."""
+def run_command(train: Callable[..., tuple[dict, torch.nn.Module]], settings: Callable[[argparse.Namespace], dict],
+                args: argparse.Namespace, name: str, prog: str) -> int:
+    """train(args, stop) holding the output dir (out_dir of `settings(args)`), then finish; an error a user can act on
+    (a shard, a run dir, an argument, a resume with other settings) is one line, exit 2; a full disk 3; a stop 75
+    (130 on SIGINT)."""
     from img2vec.export import ExportError
 
     try:
-        with held(out_dir(args, name)) as stop:
+        key = settings(args)
+        out = out_dir(args, key)
+        with held(out) as stop:
+            if main_process():
+                open_out(out, key, bool(args.out))
             finish(train(args, stop)[0], name, args.json)
     except Stopped as e:
         return e.status

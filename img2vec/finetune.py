@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -38,8 +39,8 @@ from torch import nn
 from common.augment import IMAGENET_MEAN, IMAGENET_STD
 from common.config import ConfigError
 from common.signals import StopSignals
-from img2vec.evalrun import (check_arguments, make_parser, result_fields, run_command, run_identity, start,
-                             train_epochs, update)
+from img2vec.evalrun import (check_arguments, halt, make_parser, result_fields, run_command, run_identity,
+                             run_settings, start, train_epochs, update)
 from img2vec.supervised import cosine_schedule, top1, train_data
 
 @dataclass(frozen=True)
@@ -113,6 +114,14 @@ def adamw(model: nn.Module, lr: float, layer_decay: float):
                                betas=MAE_FINETUNE["betas"])
 
 
+def settings(args: argparse.Namespace) -> dict:
+    """What decides the fine-tuning's result, known before the shards are read (img2vec/evalrun.py run_settings)."""
+    from img2vec.export import run_info
+
+    recipe = dataclasses.asdict(recipe_for(run_info(args.path)["arch"]))
+    return run_settings("finetune", args, recipe=recipe, **MAE_FINETUNE)
+
+
 def finetune(args: argparse.Namespace, stop: StopSignals | None = None) -> tuple[dict, nn.Module]:
     """Fine-tune as `args` say, resuming from --out's newest checkpoint (img2vec/evalrun.py), stopping when `stop`
     is; -> (the result, the fine-tuned timm model in eval mode)."""
@@ -122,7 +131,7 @@ def finetune(args: argparse.Namespace, stop: StopSignals | None = None) -> tuple
 
     from img2vec.export import run_info, timm_encoder
 
-    t0, accelerator = time.perf_counter(), start(args.seed)
+    t0, accelerator, key = time.perf_counter(), start(args.seed), settings(args)
     run = run_info(args.path)
     recipe, size = recipe_for(run["arch"]), run["img_size"]
     data, plan = train_data(accelerator, args, train_transform(size), recipe.epochs, recipe.warmup_epochs, recipe.blr,
@@ -143,15 +152,14 @@ def finetune(args: argparse.Namespace, stop: StopSignals | None = None) -> tuple
     def evaluate() -> dict:
         model.eval()
         result = top1(accelerator, accelerator.unwrap_model(model), args.val_shards, size, plan.classes, plan.batch_size,
-                      args.workers)
+                      args.workers, partial(halt, stop))
         model.train()
         return result
 
     accelerator.print(f"fine-tuning {info['arch']} from {info['checkpoint']} ({recipe.source}): {plan}, AdamW, layer "
                       f"decay {recipe.layer_decay}, drop path {recipe.drop_path}")
     model.train()
-    identity = run_identity("finetune", info, args, plan, recipe=dataclasses.asdict(recipe), **MAE_FINETUNE)
-    history = train_epochs(accelerator, data, step, scheduler, plan, evaluate, args, identity, stop)
+    history = train_epochs(accelerator, data, step, scheduler, plan, evaluate, args, run_identity(key, args, plan), stop)
     result = result_fields(info, evaluate(), plan, history, t0, protocol="finetune (MAE main_finetune.py)",
                            recipe=dataclasses.asdict(recipe), **{k: v for k, v in MAE_FINETUNE.items() if k != "batch"})
     return result, accelerator.unwrap_model(model).eval()
@@ -168,7 +176,7 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, prog: str = "img2vec finetune") -> int:
-    return run_command(finetune, parse_args(argv, prog), "finetune", prog)
+    return run_command(finetune, settings, parse_args(argv, prog), "finetune", prog)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,8 @@ from torch import nn
 
 from common.augment import IMAGENET_MEAN, IMAGENET_STD
 from common.signals import StopSignals
-from img2vec.evalrun import (check_arguments, make_parser, result_fields, run_command, run_identity, start,
-                             train_epochs, update)
+from img2vec.evalrun import (check_arguments, halt, make_parser, result_fields, run_command, run_identity,
+                             run_settings, start, train_epochs, update)
 from img2vec.supervised import cosine_schedule, top1, train_data
 
 LINPROBE = {"blr": 0.1, "epochs": 90, "warmup_epochs": 10, "weight_decay": 0.0, "min_lr": 0.0, "head_std": 0.01}
@@ -79,12 +80,17 @@ def train_transform(img_size: int):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def settings(args: argparse.Namespace) -> dict:
+    """What decides the probe's result, known before the shards are read (img2vec/evalrun.py run_settings)."""
+    return run_settings("linprobe", args, pool=args.pool, optimizer="LARS", **LINPROBE)
+
+
 def probe(args: argparse.Namespace, stop: StopSignals | None = None) -> tuple[dict, nn.Module]:
     """Train the probe as `args` say, resuming from --out's newest checkpoint (img2vec/evalrun.py), stopping when
     `stop` is; -> (the result, the classifier: frozen encoder + head, in eval mode)."""
     from img2vec.export import run_info, timm_encoder
 
-    t0, accelerator = time.perf_counter(), start(args.seed)
+    t0, accelerator, key = time.perf_counter(), start(args.seed), settings(args)
     size = run_info(args.path)["img_size"]
     data, plan = train_data(accelerator, args, train_transform(size), LINPROBE["epochs"], LINPROBE["warmup_epochs"],
                                LINPROBE["blr"])
@@ -105,14 +111,13 @@ def probe(args: argparse.Namespace, stop: StopSignals | None = None) -> tuple[di
         head.eval()
         bare = accelerator.unwrap_model(head)  # no DDP: processes classify different numbers of batches
         result = top1(accelerator, lambda x: bare(features(x)), args.val_shards, size, plan.classes, plan.batch_size,
-                      args.workers)
+                      args.workers, partial(halt, stop))
         head.train()
         return result
 
     accelerator.print(f"linear probe of {info['arch']} ({args.pool} pooled) from {info['checkpoint']}: {plan}, LARS")
     head.train()
-    identity = run_identity("linprobe", info, args, plan, pool=args.pool, optimizer="LARS", **LINPROBE)
-    history = train_epochs(accelerator, data, step, scheduler, plan, evaluate, args, identity, stop)
+    history = train_epochs(accelerator, data, step, scheduler, plan, evaluate, args, run_identity(key, args, plan), stop)
     result = result_fields(info, evaluate(), plan, history, t0, protocol="linprobe (MAE main_linprobe.py)", pool=args.pool,
                            optimizer="LARS", weight_decay=LINPROBE["weight_decay"])
     return result, nn.Sequential(encoder, accelerator.unwrap_model(head)).eval()
@@ -130,7 +135,7 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, prog: str = "img2vec linprobe") -> int:
-    return run_command(probe, parse_args(argv, prog), "linprobe", prog)
+    return run_command(probe, settings, parse_args(argv, prog), "linprobe", prog)
 
 
 if __name__ == "__main__":

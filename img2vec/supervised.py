@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from common.augment import IMAGENET_MEAN, IMAGENET_STD
 from common.config import ConfigError
+from common.faults import fault_point
 from common.runtime import seed_from
 from common.signals import ignore_stop_signals
 from shards.source import IMAGE_EXTS, iter_members, iter_samples
@@ -154,9 +155,12 @@ class FullBatches:
         if at:
             data.epoch, self.used = at["pass"], list(at["used"])
             data.skip = (data.epoch, [n * batch_size for n in self.used])
-        self.got, self.batches = 0, iter(loader(data, batch_size, workers, collate_tagged))
+        self.batches = iter(loader(data, batch_size, workers, collate_tagged))
+        # has this pass given an image? (one without any: _next_pass raises) At a resume: did the stopped run use any
+        # of its loader batches (read again below undecoded; all of whose images may have failed to decode, and then
+        # a pass without any image is found one pass later)
+        self.had_image = bool(at and (sum(self.used) or at["drop"]))
         if at:
-            self.got = sum(self.used) + at["drop"]  # images of this pass were used before the stop
             for _ in range(sum(self.used)):  # the used loader batches, read again without decoding
                 next(self.batches)
             self._fill(at["drop"])
@@ -181,17 +185,17 @@ class FullBatches:
             except StopIteration:
                 self._next_pass()
                 continue
-            self.got += len(y)
+            self.had_image = self.had_image or bool(len(y))
             self.pending.append([worker, len(y), len(y)])
             self.images, self.labels = (torch.cat([self.images, x]), torch.cat([self.labels, y])) if len(
                 self.labels) else (x, y)
 
     def _next_pass(self) -> None:
-        if not self.got:
+        if not self.had_image:
             raise ConfigError(f"process {self.data.rank} of {self.data.world}: its share of the train shards holds "
                               "no labelled image that decodes")
         self.data.epoch += 1
-        self.carry, self.got, self.used = len(self.labels), 0, [0] * len(self.used)
+        self.carry, self.had_image, self.used = len(self.labels), False, [0] * len(self.used)
         self.pending.clear()
         self.batches = iter(loader(self.data, self.batch_size, self.workers, collate_tagged))
 
@@ -305,13 +309,16 @@ def cosine_schedule(optimizer, steps_per_epoch: int, epochs: int, warmup_epochs:
 
 @torch.no_grad()
 def top1(accelerator, classify: Callable[[torch.Tensor], torch.Tensor], shards, img_size: int, classes: int,
-         batch_size: int, workers: int) -> dict:
+         batch_size: int, workers: int, between: Callable[[], None] = lambda: None) -> dict:
     """Top-1 (and top-5 when there are more than 5 classes) in % of `classify` (images -> logits) on the val
-    shards, each image classified by one process, the counts summed over processes."""
+    shards, each image classified by one process, the counts summed over processes; `between()` before every batch
+    (a stop signal raises there: img2vec/evalrun.py halt)."""
     urls = labelled_shards(shards, "--val-shards")
     data = LabelledImages(urls, eval_transform(img_size), accelerator.process_index, accelerator.num_processes)
     counts = torch.zeros(4, dtype=torch.long, device=accelerator.device)  # top-1, top-5 right; images; skipped
-    for images, labels, _, skipped in loader(data, batch_size, workers):
+    for n, (images, labels, _, skipped) in enumerate(loader(data, batch_size, workers)):
+        fault_point("eval", str(n))
+        between()
         counts[3] += skipped
         if not len(labels):
             continue

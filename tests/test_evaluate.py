@@ -28,7 +28,7 @@ from img2vec.supervised import (FullBatches, LabelledImages, cosine_schedule, co
                                 shard_labels)
 from shards.source import expand_shards, iter_samples
 from common import faults
-from common.signals import PREEMPTED
+from common.signals import INTERRUPTED, PREEMPTED
 from tests.conftest import run_cli, train_py_flags, train_py_model
 from train.model import STUDENTS
 
@@ -68,6 +68,28 @@ def fork_in_own_group(main, argv: list[str], stderr: Path, **env: str) -> int:
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter in /proc/PID/stat (T: stopped, Z: ended, not reaped); None when gone. The name before it, in
+    parentheses, may hold spaces and parentheses."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:  # gone, or going while read (ESRCH)
+        return None
+
+
+def wait_exit(pid: int, seconds: float, log: Path) -> int:
+    """The exit status of child `pid` (its own process group) within `seconds`; past that, its group is SIGKILLed and
+    the test fails with the tail of `log`."""
+    deadline = time.time() + seconds
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.time() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"pid {pid} did not exit within {seconds} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+    return os.waitstatus_to_exitcode(done[1])
 
 
 def assert_same_run(a: dict, out_a, b: dict, out_b) -> None:
@@ -299,30 +321,80 @@ def test_linprobe_stopped_by_a_group_sigterm_resumes_to_the_result_of_a_run_neve
     pattern, out = shards(extracted), tmp_path / "stopped"
     argv = [str(student_run), "--train-shards", pattern, "--val-shards", pattern, "--batch-size", "4", "--workers", "2",
             "--epochs", "3", "--log-every", "0"]
-    pid = fork_in_own_group(linprobe_main, [*argv, "--out", str(out)], tmp_path / "stderr", IMG2VEC_FAULT="step:6:STOP")
+    log = tmp_path / "stderr"
+    pid, status = fork_in_own_group(linprobe_main, [*argv, "--out", str(out)], log, IMG2VEC_FAULT="step:6:STOP"), None
     try:
         deadline = time.time() + 120
-        while Path(f"/proc/{pid}/stat").read_text().split()[2] != "T":  # stopped by itself after update 6
-            assert time.time() < deadline, (tmp_path / "stderr").read_text()[-3000:]
+        while proc_state(pid) != "T":  # stopped by itself after update 6
+            assert proc_state(pid) not in (None, "Z") and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.02)
         workers = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         os.killpg(pid, signal.SIGTERM)
         time.sleep(0.2)
-        alive = [w for w in workers if Path(f"/proc/{w}").exists() and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+        alive = [w for w in workers if proc_state(w) not in (None, "Z")]
         os.killpg(pid, signal.SIGCONT)
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == PREEMPTED, (tmp_path / "stderr").read_text()[-3000:]
+        status = wait_exit(pid, 120, log)
     finally:
-        if Path(f"/proc/{pid}").exists():
+        if status is None and proc_state(pid) is not None:  # an assertion above failed: end it, reap it
             os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert status == PREEMPTED, log.read_text()[-3000:]
     assert len(workers) == 2 and alive == workers
-    assert "stopping at update 7 (epoch 2) on SIGTERM" in (tmp_path / "stderr").read_text()
+    assert "stopping at update 7 (epoch 2) on SIGTERM" in log.read_text()
     assert (out / "exit_status").read_text() == f"{PREEMPTED}\n"
-    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step_00000004", "step_00000007"]
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000007"]
 
     assert linprobe_main([*argv, "--out", str(out)]) == 0
     resumed = json.loads((student_run / "linprobe.json").read_text())
     assert linprobe_main([*argv, "--out", str(tmp_path / "whole")]) == 0
     assert_same_run(json.loads((student_run / "linprobe.json").read_text()), tmp_path / "whole", resumed, out)
+
+
+@pytest.mark.slow
+def test_linprobe_default_out_is_per_settings_and_a_stop_during_an_evaluation_resumes(tmp_path, extracted, student_run,
+                                                                                     capsys, monkeypatch):
+    """The default --out is RUN_DIR/linprobe-<digest of the settings>. A SIGINT during the evaluation after epoch 1 of 2
+    (--eval-every 1) stops the run there, exit 130 (was: 0, the signal seen only after the evaluations); the same
+    command finds its dir again and resumes from epoch 1's checkpoint, evaluating it again, to the rows, top-1 and
+    weights of a run never stopped. Another --blr runs in a dir of its own (was: refused, exit 2). Another --workers
+    lands in the same dir and is refused; another seed in that --out is refused before the train shards are counted."""
+    pattern = shards(extracted)
+    argv = [str(student_run), "--train-shards", pattern, "--val-shards", pattern, "--batch-size", "4", "--workers", "0",
+            "--epochs", "2", "--eval-every", "1", "--log-every", "0", "--seed", "3"]
+    monkeypatch.setenv("IMG2VEC_FAULT", "eval:0:INT")
+    assert linprobe_main(argv) == INTERRUPTED
+    monkeypatch.delenv("IMG2VEC_FAULT")
+    printed = capsys.readouterr()
+    out = Path(re.search(r"output dir (\S+) \(of these settings\): a new run\n", printed.out)[1])
+    assert out.parent == student_run and re.fullmatch(r"linprobe-[0-9a-f]{8}", out.name)
+    assert "stopping during an evaluation on SIGINT" in printed.err and "epoch 1/2" not in printed.out
+    assert (out / "exit_status").read_text() == f"{INTERRUPTED}\n"
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["step_00000004"]
+
+    assert linprobe_main(argv) == 0
+    printed = capsys.readouterr()
+    assert f"output dir {out} (of these settings): resuming the run it holds\n" in printed.out
+    assert f"resuming from {out / 'checkpoints' / 'step_00000004'} at update 4" in printed.err
+    resumed = json.loads((student_run / "linprobe.json").read_text())
+    assert linprobe_main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((student_run / "linprobe.json").read_text())
+    assert_same_run(whole, tmp_path / "whole", resumed, out)
+    assert [r.get("top1") for r in resumed["history"]] == [whole["history"][0]["top1"], None]
+
+    assert linprobe_main([*argv, "--blr", "0.2"]) == 0
+    other = Path(re.search(r"output dir (\S+) \(of these settings\): a new run\n", capsys.readouterr().out)[1])
+    assert other.parent == student_run and other != out and json.loads(
+        (student_run / "linprobe.json").read_text())["blr"] == 0.2
+
+    assert linprobe_main([*argv, "--workers", "1"]) == 2
+    assert re.search(r"loader_workers: run dir has 0, this run has 1\n.*another --out", capsys.readouterr().err)
+
+    def not_counted(*a):
+        raise AssertionError("the train shards counted before the settings were checked")
+
+    monkeypatch.setattr("img2vec.supervised.count_labelled", not_counted)
+    assert linprobe_main([*argv, "--seed", "4", "--out", str(out)]) == 2
+    assert re.search(r"seed: run dir has 3, this run has 4\n.*another --out", capsys.readouterr().err)
 
 
 def test_probe_head_is_maes(tmp_path):
@@ -386,3 +458,8 @@ def test_errors_name_what_to_do(tmp_path, extracted, student_run, capsys):
     assert "even" in capsys.readouterr().err
     assert linprobe_main([str(tmp_path), "--train-shards", pattern, "--val-shards", pattern]) == 2
     assert "neither a run dir" in capsys.readouterr().err
+    busy = tmp_path / "busy"  # an --out another host's run holds
+    busy.mkdir()
+    (busy / "lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "nonce": "0"}))
+    assert linprobe_main([str(student_run), "--train-shards", pattern, "--val-shards", pattern, "--out", str(busy)]) == 2
+    assert "is in use by another training (host elsewhere, pid 1): use another --out" in capsys.readouterr().err
