@@ -1,7 +1,7 @@
 """Reading feature shards: one view of any samples, each checked against its crc32 in the index.
 
-Reading one view of a sample reads that view's bytes only (plus Zarr's 4 KiB shard index once per shard file and
-call in zarr), so an epoch reads ~1/V of the cache. Files are read with pread through a per-process LRU of open
+Reading one view of a sample reads that view's bytes only (plus Zarr's shard index, 16 B per sample of the file,
+once per shard file and call in zarr), so an epoch reads ~1/V of the cache. Files are read with pread through a per-process LRU of open
 descriptors, readahead off: the kernel reads what is asked, not the neighbouring samples or views. A training
 process opens every file its loader workers will read once, before they fork (`hold_open`): they inherit the
 descriptors, so a worker opens nothing, in any epoch. Local Zarr shards are read by our own reader of the sharding
@@ -27,20 +27,20 @@ from shards.manifest import Manifest
 from shards.remote import RemoteError, is_url, read_ranges
 from shards.trust import check_index_values
 from shards.urlpath import as_path, zarr_store
-from shards.writer import SHARD_SAMPLES
+from shards.writer import NO_CHUNK
 
 _open_files: OrderedDict[str, int] = OrderedDict()
 _sizes: dict[str, int] = {}  # each open file's size when opened: what pread clamps to (no fstat a read)
 MAX_OPEN_FILES = 0  # per process, 0 = 3/4 of open_file_budget(): ImageNet's 1,282 x (V view files + a source)
 _CRC32C = numcodecs.CRC32C()  # Zarr's crc32c codec: decode checks and strips the 4 checksum bytes
-NO_CHUNK = 2**64 - 1  # a Zarr shard index entry of a chunk never stored (all fill value, zeros)
+LEGACY_SHARD_SAMPLES = 256  # Zarr shard files written before: 256 samples of one view each (now: all N)
 
 
 @functools.lru_cache(maxsize=1)
 def open_file_budget() -> int:
     """Descriptors this process may use: the soft RLIMIT_NOFILE, first raised to the hard limit (at most
     262,144), since a random reader keeps every file it reads open (the LRUs of read descriptors and index maps:
-    ImageNet's wds cache is ~15 k files per rank, its Zarr cache ~54 k)."""
+    ImageNet's wds cache is ~15 k files per rank, its Zarr cache as many; ~54 k before its shard files held all N samples)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -146,6 +146,7 @@ class FeatureShard:
                              f"{record['samples']}; run `img2vec verify`")
         self._check_index(record)
         self._array = None
+        self._per_file = max(len(self.index), 1)  # zarr: samples per shard file, from zarr.json (_zarr_array)
 
     def _check_index(self, record: dict) -> None:
         """Every usable row points inside this shard's files (shards/trust.py): the view files' sizes come from the
@@ -172,7 +173,7 @@ class FeatureShard:
         if self.fmt == "wds":
             return [root / f"v{v:02d}.tar" for v in range(self.views)]
         self._zarr_array()
-        files = -(-len(self.index) // SHARD_SAMPLES)
+        files = -(-len(self.index) // self._per_file)
         return [root / "tokens.zarr" / "tokens" / "c" / str(v) / str(k) / "0" / "0"
                 for v in range(self.views) for k in range(files)]
 
@@ -224,14 +225,15 @@ class FeatureShard:
         if self._array is None:
             root = shard_dir(self.cache, self.name) / "tokens.zarr"
             want = (root, self.views, len(self.index), self.codec.packed_spec(self.tokens, self.channels))
-            if is_url(str(root)):
+            if is_url(str(root)):  # zarr-python reads any shard files
                 import zarr
 
                 array = zarr.open_array(store=zarr_store(str(root)), path="tokens", mode="r")
                 _check_layout((tuple(array.shape), tuple(array.chunks), array.dtype), *want)
                 self._array = array
             else:
-                _check_layout(_local_layout(root), *want)
+                layout, self._per_file = _local_layout(root, len(self.index))
+                _check_layout(layout, *want)
                 self._array = root
         return self._array
 
@@ -255,12 +257,12 @@ class FeatureShard:
     def _zarr_view(self, chunks: Path, i: int, v: int, dest, indexes: dict) -> np.ndarray | CorruptSample:
         """View v of sample i from its local Zarr shard file (docs/FORMAT.md section 9): the file's index (once per
         call, crc32c checked), then the chunk by one pread (crc32c checked), Blosc-decoded (into dest when given)."""
-        path = chunks / str(v) / str(i // SHARD_SAMPLES) / "0" / "0"
+        path = chunks / str(v) / str(i // self._per_file) / "0" / "0"
         try:
             if path not in indexes:
-                indexes[path] = _zarr_shard_index(path)
+                indexes[path] = _zarr_shard_index(path, self._per_file)
             entry = indexes[path]
-            offset, nbytes = (NO_CHUNK, NO_CHUNK) if entry is None else (int(x) for x in entry[i % SHARD_SAMPLES])
+            offset, nbytes = (NO_CHUNK, NO_CHUNK) if entry is None else (int(x) for x in entry[i % self._per_file])
             if offset == NO_CHUNK:  # never stored: the fill value
                 shape, dtype = self.codec.packed_spec(self.tokens, self.channels)
                 out = np.zeros(shape, dtype) if dest is None else dest
@@ -277,8 +279,8 @@ class FeatureShard:
         self._array = None
 
 
-def _zarr_shard_index(path: Path) -> np.ndarray | None:
-    """The (offset, nbytes) entries [SHARD_SAMPLES, 2] of a Zarr shard file, checked by their crc32c; None for a file
+def _zarr_shard_index(path: Path, per_file: int) -> np.ndarray | None:
+    """The (offset, nbytes) entries [per_file, 2] of a Zarr shard file, checked by their crc32c; None for a file
     never written (it held no stored chunk)."""
     try:
         size = file_size(path)
@@ -286,10 +288,10 @@ def _zarr_shard_index(path: Path) -> np.ndarray | None:
         return None
     except OSError as e:
         raise CacheError(f"{path}: {e.strerror or e}; check the file system, then `img2vec verify` the cache") from None
-    n = 16 * SHARD_SAMPLES + 4
+    n = 16 * per_file + 4
     if size < n:
         raise ValueError(f"{size} bytes, shorter than a shard index")
-    return np.frombuffer(_CRC32C.decode(pread(path, n, size - n)), "<u8").reshape(SHARD_SAMPLES, 2)
+    return np.frombuffer(_CRC32C.decode(pread(path, n, size - n)), "<u8").reshape(per_file, 2)
 
 
 def _check_layout(layout: tuple, root, views: int, samples: int, spec) -> None:
@@ -304,9 +306,10 @@ def _check_layout(layout: tuple, root, views: int, samples: int, spec) -> None:
                           f"the manifest and index say {want[0]} {want[2]} in chunks {want[1]}: refused")
 
 
-def _local_layout(root: Path) -> tuple:
-    """(shape, inner chunk shape, dtype) from a local tokens.zarr/tokens/zarr.json, which must describe the shard
-    files docs/FORMAT.md section 9 does (SHARD_SAMPLES samples of one view each, the shard index at the end)."""
+def _local_layout(root: Path, samples: int) -> tuple[tuple, int]:
+    """((shape, inner chunk shape, dtype), samples per shard file) from a local tokens.zarr/tokens/zarr.json, which
+    must describe the shard files docs/FORMAT.md section 9 does: one view of all N samples each (or of 256, as
+    written before), the shard index at the end."""
     path = root / "tokens" / "zarr.json"
     try:
         with open(path, "rb") as f:
@@ -318,11 +321,13 @@ def _local_layout(root: Path) -> tuple:
         raise CacheError(f"{path}: {e.strerror or e}; run `img2vec verify` on the cache") from None
     except (ValueError, KeyError, TypeError) as e:
         raise RefusedFile(f"{path}: not the Zarr metadata docs/FORMAT.md describes ({type(e).__name__}: {e}): refused") from None
-    if codec.get("name") != "sharding_indexed" or shards != (1, SHARD_SAMPLES, *layout[1][2:]) \
-            or conf.get("index_location") != "end":
+    per_file = shards[1] if len(shards) == 4 else -1
+    if codec.get("name") != "sharding_indexed" or per_file not in (max(samples, 1), LEGACY_SHARD_SAMPLES) \
+            or shards != (1, per_file, *layout[1][2:]) or conf.get("index_location") != "end":
         raise RefusedFile(f"{path}: shard files of {shards} with the index at {conf.get('index_location')!r}, not the "
-                          f"layout docs/FORMAT.md describes ([1, {SHARD_SAMPLES}, T, C'], index at the end): refused")
-    return layout
+                          f"layout docs/FORMAT.md describes ([1, N = {samples}, T, C'] or, written before, "
+                          f"[1, {LEGACY_SHARD_SAMPLES}, T, C'], index at the end): refused")
+    return layout, per_file
 
 
 def iter_feature_shard(cache: Path, name: str, manifest: Manifest) -> Iterator[dict]:

@@ -17,7 +17,7 @@ from extract.pipeline import run_extraction
 from shards.manifest import read_manifest
 from shards.reader import iter_feature_shard
 from shards.source import iter_samples
-from tests.conftest import cache_files, epoch_batches, run_cli, write_config
+from tests.conftest import cache_files, epoch_batches, run_cli, write_config, zarr_python_copy
 
 
 def stored_tokens(cache: Path) -> dict[str, np.ndarray]:
@@ -86,12 +86,20 @@ def test_replay_is_exact(tmp_path, source, codec, cut):
 
 
 def test_wds_and_zarr_decode_to_same_tokens(tmp_path, source, extracted):
+    """A Zarr cache decodes to the tars' tokens; each of its shards, streamed by extraction's writer, is byte for
+    byte what zarr-python writes for its array in shard files of all N samples of one view: V files per shard."""
     cfg = load_config(write_config(tmp_path, source, 3, fmt="zarr"))
     run_extraction(cfg, progress=False)
     z, w = stored_tokens(Path(cfg.cache.path)), stored_tokens(Path(extracted[1].cache.path))
     assert list(z) == list(w)
     for k in z:
         np.testing.assert_array_equal(z[k], w[k])
+    for name in read_manifest(Path(cfg.cache.path)).shard_names:
+        array = Path(cfg.cache.path) / name / "tokens.zarr"
+        zarr_python_copy(array, tmp_path / name, 6)
+        assert cache_files(array) == cache_files(tmp_path / name)
+        assert sorted(p.relative_to(array).parts[2:] for p in array.rglob("c/*/*/*/*")) == \
+            [(str(v), "0", "0", "0") for v in range(cfg.augment.views)]
 
 
 @pytest.mark.parametrize("point", ["decode", "write", "commit"])

@@ -15,7 +15,7 @@ from common.config import load_config
 from extract.pipeline import run_extraction
 from shards.manifest import read_manifest
 from shards.reader import iter_feature_shard
-from tests.conftest import REPO, run_cli, write_config
+from tests.conftest import REPO, cache_files, relayout_zarr_shard, run_cli, write_config, zarr_python_copy
 
 READER = REPO / "docs" / "read_cache.py"
 SHARD = "shard-000000"
@@ -115,7 +115,8 @@ def test_damage_is_caught_by_the_checksums_the_format_names(caches, tmp_path, on
     cache = shutil.copytree(caches("zarr", "bf16z-zstd"), tmp_path / "zarr")
     shard_file = cache / SHARD / "tokens.zarr" / "tokens" / "c" / "0" / "0" / "0" / "0"
     data = bytearray(shard_file.read_bytes())
-    first = int(np.frombuffer(bytes(data[-4100:-4084]), "<u8")[0])  # sample 0's chunk, from the shard index
+    n_index = 16 * 6 + 4  # the shard file holds all 6 samples of view 0: its index is 16 B per sample + crc32c
+    first = int(np.frombuffer(bytes(data[-n_index:-n_index + 16]), "<u8")[0])  # sample 0's chunk, from the index
     data[first + 20] ^= 0x01
     shard_file.write_bytes(bytes(data))
     with pytest.raises(reader.FormatError, match="crc32c check failed"):
@@ -124,8 +125,9 @@ def test_damage_is_caught_by_the_checksums_the_format_names(caches, tmp_path, on
 
 def test_unstored_zarr_chunks_and_long_tar_names(tmp_path):
     """Corners a reader from the spec must handle: Zarr stores no all-zero chunk (its shard index entry is
-    2^64 - 1; a shard file of no stored chunk is not written at all), both read as zeros; and a key too long
-    for a tar header gets a GNU long-name member before its own."""
+    2^64 - 1; a shard file of no stored chunk is not written at all), both read as zeros, also in the shard
+    files of 256 samples caches had before; and a key too long for a tar header gets a GNU long-name member
+    before its own."""
     from common.stats import TokenStats
     from shards.writer import FeatureShardWriter
 
@@ -143,8 +145,14 @@ def test_unstored_zarr_chunks_and_long_tar_names(tmp_path):
         for key, sample in zip(keys, tokens):
             writer.add(key, np.zeros((3, 5), np.int32), {"offset": 0, "size": 1, "crc": 0}, (8, 8), 0, sample)
         writer.commit([], "nowhere.tar", TokenStats(16), seekable=False)
-        if fmt == "zarr":
+        if fmt == "zarr":  # as zarr-python leaves them: byte for byte its files for the array
             assert not (cache / SHARD / "tokens.zarr" / "tokens" / "c" / "2").exists()
+            zarr_python_copy(cache / SHARD / "tokens.zarr", tmp_path / "zarr-python", len(keys))
+            assert cache_files(cache / SHARD / "tokens.zarr") == cache_files(tmp_path / "zarr-python")
         for key, sample in zip(keys, tokens):
             for view in range(3):
                 assert np.array_equal(reader.read_view(cache, SHARD, key, view), sample[view])
+    relayout_zarr_shard(tmp_path / "zarr", SHARD, 256)  # shard files as the older writer laid them out
+    for key, sample in zip(keys, tokens):
+        for view in range(3):
+            assert np.array_equal(reader.read_view(tmp_path / "zarr", SHARD, key, view), sample[view])

@@ -115,12 +115,18 @@ def zarr_python(cache: Path, name: str):
     return zarr.open_array(str(cache / name / "tokens.zarr"), path="tokens", mode="r")
 
 
+def shard_index_bytes(shard_file: Path) -> int:
+    """The size of a Zarr shard file's index and its crc32c: 16 B per sample of the file (zarr.json says how many)."""
+    meta = json.loads((shard_file.parents[4] / "zarr.json").read_text())
+    return 16 * meta["chunk_grid"]["configuration"]["chunk_shape"][1] + 4
+
+
 def rewrite_shard_index(shard_file: Path, edit) -> None:
-    """Apply `edit` to a Zarr shard file's index entries [256, 2] and rewrite it with its crc32c."""
-    data = bytearray(shard_file.read_bytes())
-    entries = np.frombuffer(bytes(data[-4100:-4]), "<u8").reshape(-1, 2).copy()
+    """Apply `edit` to a Zarr shard file's index entries [samples of the file, 2] and rewrite it with its crc32c."""
+    data, n = bytearray(shard_file.read_bytes()), shard_index_bytes(shard_file)
+    entries = np.frombuffer(bytes(data[-n:-4]), "<u8").reshape(-1, 2).copy()
     edit(entries)
-    data[-4100:] = bytes(numcodecs.CRC32C().encode(entries.tobytes()))
+    data[-n:] = bytes(numcodecs.CRC32C().encode(entries.tobytes()))
     shard_file.write_bytes(bytes(data))
 
 
@@ -154,19 +160,70 @@ def test_zarr_reader_reads_what_zarr_python_reads(zarr_cache, tmp_path):
     # damage: a chunk byte (sample 2, view 1), a byte of view 2's shard index
     cache = shutil.copytree(zarr_cache, tmp_path / "damaged")
     chunk_file = cache / name / "tokens.zarr/tokens/c/1/0/0/0"
-    entries = np.frombuffer(chunk_file.read_bytes()[-4100:-4], "<u8").reshape(-1, 2)
+    n_index = shard_index_bytes(chunk_file)
+    entries = np.frombuffer(chunk_file.read_bytes()[-n_index:-4], "<u8").reshape(-1, 2)
     data = bytearray(chunk_file.read_bytes())
     data[int(entries[2, 0]) + 20] ^= 1
     chunk_file.write_bytes(bytes(data))
     index_file = cache / name / "tokens.zarr/tokens/c/2/0/0/0"
     data = bytearray(index_file.read_bytes())
-    data[-100] ^= 1
+    data[-10] ^= 1
     index_file.write_bytes(bytes(data))
     got = FeatureShard(cache, name, read_manifest(cache)).read_views(ids, vs)
     bad = {(int(i), int(v)) for i, v, g in zip(ids, vs, got) if isinstance(g, CorruptSample)}
     assert bad == {(2, 1)} | {(i, 2) for i in range(n)}
     assert all("crc32c" in got[j].reason for j in range(len(got)) if isinstance(got[j], CorruptSample))
     assert all(np.array_equal(g, w) for g, w in zip(got, want) if not isinstance(g, CorruptSample))
+
+
+@pytest.mark.slow
+def test_zarr_shard_files_of_all_samples_and_of_256_read_the_same(zarr_cache, tmp_path):
+    """A shard of 300 samples written by the streaming writer: one shard file per view (V files, was 2 V), every
+    file byte for byte what zarr-python writes for the same array in shard files of N, all-zero views not stored
+    as zarr-python does; the same shard as the older writer laid it out (256 samples per file: 2 files per view,
+    the second with 44) reads the same packed bytes; `verify` passes on both layouts and names a flipped chunk byte."""
+    from common.stats import TokenStats
+    from img2vec.verify import verify_cache
+    from shards.writer import FeatureShardWriter
+    from tests.conftest import cache_files, relayout_zarr_shard, zarr_python_copy
+
+    cache = shutil.copytree(zarr_cache, tmp_path / "cache")
+    manifest, n = read_manifest(cache), 300
+    codec, views, (t, c) = manifest.token_codec, manifest.views, manifest.token_grid
+    tokens = np.maximum(np.random.default_rng(0).standard_normal((n, views, t, c), np.float32), 0)
+    tokens[[3, 299], 0] = 0  # unstored chunks, one in each of the older layout's files
+    packed = np.stack([codec.encode(x) for x in tokens])  # [N, V, T, C']
+    writer = FeatureShardWriter(cache, "big", "zarr", codec, views, t, c)
+    for b in range(0, n, 64):
+        keys = [f"k{i:03d}" for i in range(b, min(n, b + 64))]
+        writer.add_batch(keys, [np.tile(np.array([0, 0, 8, 8, 0], np.int32), (views, 1))] * len(keys),
+                         [{"offset": 0, "size": 1, "crc": 0}] * len(keys), [(8, 8)] * len(keys), [0] * len(keys),
+                         packed[b:b + len(keys)])
+    writer.commit([], "nowhere.tar", TokenStats(c), seekable=False)
+    zarr_python_copy(cache / "big" / "tokens.zarr", tmp_path / "zarr-python", n)
+    assert cache_files(cache / "big" / "tokens.zarr") == cache_files(tmp_path / "zarr-python")
+    ids, vs = np.repeat(np.arange(n), views), np.tile(np.arange(views), n)
+    for per_file in (n, 256):
+        if per_file == 256:  # in a copy: the reader keeps the files it read open (a path is not rewritten in place)
+            cache = shutil.copytree(cache, tmp_path / "older")
+            relayout_zarr_shard(cache, "big", 256)
+        fs = FeatureShard(cache, "big", manifest)
+        assert len(fs.token_files()) == views * -(-n // per_file) and all(p.exists() for p in fs.token_files())
+        got = fs.read_views(ids, vs)
+        bad = [(i, v, g) for g, i, v in zip(got, ids, vs) if not np.array_equal(g, packed[i, v])]
+        assert not bad, (per_file, bad[:3])
+        assert np.array_equal(zarr_python(cache, "big")[...], packed.transpose(1, 0, 2, 3))
+
+    for name in manifest.shard_names[1:]:
+        relayout_zarr_shard(cache, name, 256)  # a cache of both layouts
+    assert verify_cache(cache, progress=False).ok
+    name = manifest.shard_names[0]
+    chunk_file = cache / name / "tokens.zarr/tokens/c/1/0/0/0"
+    data, n_index = bytearray(chunk_file.read_bytes()), shard_index_bytes(chunk_file)
+    data[int(np.frombuffer(bytes(data[-n_index:-4]), "<u8").reshape(-1, 2)[4, 0]) + 20] ^= 1
+    chunk_file.write_bytes(bytes(data))
+    problems = {(p.shard, p.key) for p in verify_cache(cache, progress=False).problems}
+    assert problems == {(name, None), (name, FeatureShard(cache, name, manifest).key(4))}
 
 
 def test_zarr_metadata_of_another_layout_is_refused(zarr_cache, tmp_path):
