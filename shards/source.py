@@ -21,7 +21,7 @@ import braceexpand
 from tqdm import tqdm
 from webdataset.gopen import gopen
 
-from shards.pipes import Command
+from shards.pipes import Command, CommandFailed
 from shards.remote import RemoteError, is_url, open_stream, probe_range
 from shards.trust import name_problem
 
@@ -148,6 +148,8 @@ def iter_members(url: str, stall_timeout: float | None = None) -> Iterator[tuple
             raise ShardError(url, f"stalled: its command sent nothing for {stream.timeout:g} s "
                                   "(extract.stall_timeout) and was stopped; check that the source is reachable, "
                                   "then rerun: complete shards are skipped") from None
+        if isinstance(e, CommandFailed):
+            raise ShardError(url, f"{e} (its own messages, if any, are above)") from None
         raise ShardError(url, f"{type(e).__name__}: {e} (truncated or not a tar?)") from None
     finally:
         if stream is not None:
