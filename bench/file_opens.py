@@ -56,9 +56,9 @@ def child(cache: Path, epochs: int, workers: int, batch: int) -> None:
 
     manifest = read_manifest(cache)
     index = data.CacheIndex(cache, manifest, source_urls(manifest))
-    deal = data.Deal(index.counts, 0, 1, 0, batch, "random", workers)
+    deal = data.Deal(index.counts, seed=0, world=1, rank=0, batch_size=batch, mode="random", workers=workers)
     want = epochs * data.steps_per_epoch(len(index), 1, batch)
-    for i, _ in enumerate(data.make_loader(data.RunData(index, deal, 0), workers)):
+    for i, _ in enumerate(data.make_loader(data.RunData(index, deal, epoch=0), workers)):
         if i + 1 == want:
             break
 

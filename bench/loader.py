@@ -37,16 +37,19 @@ def loader(cache: Path, epoch: int, workers: int, batch: int, mode: str, with_to
     """One epoch's loader (the bytes-read count)."""
     manifest = read_manifest(cache)
     index = data.CacheIndex(cache, manifest, source_urls(manifest))
-    plan = data.epoch_plan(index.counts, epoch, 0, 1, 0, batch, mode, workers, buffer=256)
-    return data.make_loader(data.EpochData(index, plan, epoch, 0, 0, mode, with_tokens), workers)
+    plan = data.epoch_plan(index.counts, epoch=epoch, seed=0, world=1, rank=0, batch_size=batch, mode=mode,
+                           workers=workers, buffer=256)
+    return data.make_loader(data.EpochData(index, plan, epoch=epoch, seed=0, mode=mode, with_tokens=with_tokens),
+                            workers)
 
 
 def run_loader(cache: Path, seed: int, workers: int, batch: int, mode: str, with_tokens: bool = True):
     """The loader as training runs it: epoch after epoch, its workers persisting (seed: another order per round)."""
     manifest = read_manifest(cache)
     index = data.CacheIndex(cache, manifest, source_urls(manifest))
-    deal = data.Deal(index.counts, seed, 1, 0, batch, mode, workers, buffer=256)
-    return data.make_loader(data.RunData(index, deal, 0, with_tokens=with_tokens), workers)
+    deal = data.Deal(index.counts, seed=seed, world=1, rank=0, batch_size=batch, mode=mode, workers=workers,
+                     buffer=256)
+    return data.make_loader(data.RunData(index, deal, epoch=0, with_tokens=with_tokens), workers)
 
 
 def cpu_seconds() -> float:

@@ -37,7 +37,8 @@ def test_the_rest_of_an_epoch_is_dealt_from_its_permutation(world, batch, consum
     counts = np.array(UNEVEN)
     n = int(counts.sum())
     perm = np.random.default_rng(seed_from(5, 3, "samples")).permutation(n)
-    plans = [epoch_plan(counts, 3, 5, world, r, batch, consumed=consumed) for r in range(world)]
+    plans = [epoch_plan(counts, epoch=3, seed=5, world=world, rank=r, batch_size=batch, consumed=consumed)
+             for r in range(world)]
     steps = (n - consumed) // (world * batch)
     assert all(p.shape == (steps, batch) for p in plans)
     for s in range(steps):
@@ -45,7 +46,7 @@ def test_the_rest_of_an_epoch_is_dealt_from_its_permutation(world, batch, consum
         np.testing.assert_array_equal(dealt, perm[consumed + s * world * batch:consumed + (s + 1) * world * batch])
     assert n - consumed - steps * world * batch < world * batch
     if consumed % (world * batch) == 0:
-        full = [epoch_plan(counts, 3, 5, world, r, batch) for r in range(world)]
+        full = [epoch_plan(counts, epoch=3, seed=5, world=world, rank=r, batch_size=batch) for r in range(world)]
         for p, f in zip(plans, full):
             np.testing.assert_array_equal(p, f[consumed // (world * batch):])
 

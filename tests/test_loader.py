@@ -29,9 +29,9 @@ from file_opens import strace_opens  # noqa: E402 - the one parser of strace's l
 
 def run_batches(cache: Path, epoch: int, consumed: int, count: int, mode: str, workers: int, bs: int = 4) -> list[dict]:
     index = CacheIndex(cache, read_manifest(cache), source_urls(read_manifest(cache)))
-    deal = Deal(index.counts, 0, 1, 0, bs, mode, workers, buffer=5)
+    deal = Deal(index.counts, seed=0, world=1, rank=0, batch_size=bs, mode=mode, workers=workers, buffer=5)
     out = []
-    for batch in make_loader(RunData(index, deal, epoch, consumed), workers):
+    for batch in make_loader(RunData(index, deal, epoch=epoch, consumed=consumed), workers):
         out.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
         if len(out) == count:
             return out
@@ -45,8 +45,9 @@ def epoch_by_epoch(cache: Path, epochs: int, mode: str, workers: int, bs: int = 
     index = CacheIndex(cache, read_manifest(cache), source_urls(read_manifest(cache)))
     out = []
     for e in range(epochs):
-        plan = epoch_plan(index.counts, e, 0, 1, 0, bs, mode, workers, buffer=5)
-        out += list(make_loader(EpochData(index, plan, e, 0, mode=mode), 0))
+        plan = epoch_plan(index.counts, epoch=e, seed=0, world=1, rank=0, batch_size=bs, mode=mode, workers=workers,
+                          buffer=5)
+        out += list(make_loader(EpochData(index, plan, epoch=e, seed=0, mode=mode), 0))
     return out
 
 

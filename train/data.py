@@ -21,7 +21,7 @@ import hashlib
 import random
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +116,7 @@ def steps_per_epoch(samples: int, world: int, batch_size: int) -> int:
     return samples // (world * batch_size)
 
 
-def epoch_plan(counts: np.ndarray, epoch: int, seed: int, world: int, rank: int, batch_size: int,
+def epoch_plan(counts: np.ndarray, *, epoch: int, seed: int, world: int, rank: int, batch_size: int,
                mode: str = "random", workers: int = 0, buffer: int = 1000, consumed: int = 0) -> np.ndarray:
     """This rank's batches of one epoch: [steps, batch_size] global sample ids, in loader order. Random mode: after k
     steps the epoch has used exactly perm[:k * world * batch_size], so a resume `consumed` samples into the epoch,
@@ -171,6 +171,7 @@ class Deal:
     """How this rank's batches are dealt each epoch: epoch_plan's arguments besides the epoch."""
 
     counts: np.ndarray
+    _: KW_ONLY
     seed: int
     world: int
     rank: int
@@ -184,8 +185,9 @@ class Deal:
         re-deals the rest of the epoch's permutation over this world and batch size; stream mode starts at that
         batch of the same plan (it resumes with the deal it started with: train/rundir.py)."""
         random_mode = self.mode == "random"
-        plan = epoch_plan(self.counts, epoch, self.seed, self.world, self.rank, self.batch_size, self.mode,
-                          self.workers, self.buffer, consumed=consumed if random_mode else 0)
+        plan = epoch_plan(self.counts, epoch=epoch, seed=self.seed, world=self.world, rank=self.rank,
+                          batch_size=self.batch_size, mode=self.mode, workers=self.workers, buffer=self.buffer,
+                          consumed=consumed if random_mode else 0)
         return plan if random_mode else plan[consumed // (self.world * self.batch_size):]
 
 
@@ -195,7 +197,7 @@ class RunData(IterableDataset):
     """Batches (train/batches.py: decode_batch) of one rank from `consumed` samples into `epoch` on, epoch after
     epoch, without end: the dataset of the run's one DataLoader (see the module's docstring)."""
 
-    def __init__(self, index: CacheIndex, deal: Deal, epoch: int, consumed: int = 0, with_tokens: bool = True,
+    def __init__(self, index: CacheIndex, deal: Deal, *, epoch: int, consumed: int = 0, with_tokens: bool = True,
                  on_corrupt: str = "error"):
         self.index, self.deal, self.epoch, self.consumed = index, deal, epoch, consumed
         self.seed, self.mode, self.with_tokens, self.on_corrupt = deal.seed, deal.mode, with_tokens, on_corrupt
@@ -235,7 +237,7 @@ class RunData(IterableDataset):
 class EpochData(RunData):
     """The batches of one given plan of one epoch, from batch `start` on (tests and benches; training runs RunData)."""
 
-    def __init__(self, index: CacheIndex, plan: np.ndarray, epoch: int, seed: int, start: int = 0,
+    def __init__(self, index: CacheIndex, plan: np.ndarray, *, epoch: int, seed: int, start: int = 0,
                  mode: str = "random", with_tokens: bool = True, on_corrupt: str = "error"):
         self.index, self.plan, self.epoch, self.seed, self.start = index, plan, epoch, seed, start
         self.mode, self.with_tokens, self.on_corrupt = mode, with_tokens, on_corrupt

@@ -269,10 +269,10 @@ def micro_batches(run: Run):
     (dropped), the position moves to the next epoch's start, as the loader's sequence does."""
     t, accelerator, pos = run.cfg.train, run.accelerator, run.pos
     per_batch = accelerator.num_processes * t.batch_size
-    deal = data.Deal(run.index.counts, t.seed, accelerator.num_processes, accelerator.process_index, t.batch_size,
-                     run.mode, t.workers, t.shuffle_buffer)
-    dataset = data.RunData(run.index, deal, pos.epoch, pos.consumed, with_tokens=run.targets.teacher is None,
-                           on_corrupt=t.on_corrupt)
+    deal = data.Deal(run.index.counts, seed=t.seed, world=accelerator.num_processes, rank=accelerator.process_index,
+                     batch_size=t.batch_size, mode=run.mode, workers=t.workers, buffer=t.shuffle_buffer)
+    dataset = data.RunData(run.index, deal, epoch=pos.epoch, consumed=pos.consumed,
+                           with_tokens=run.targets.teacher is None, on_corrupt=t.on_corrupt)
     for batch in data.make_loader(dataset, t.workers):
         pos.micro, pos.consumed = pos.micro + 1, pos.consumed + per_batch
         if len(run.index) - pos.consumed < per_batch:
