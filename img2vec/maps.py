@@ -48,11 +48,13 @@ def similarity_map(tokens: torch.Tensor, query: tuple[int, int] | None = None):
 
 
 def teacher_label(spec: str) -> str:
-    """`resnet50=/ckpt/dir/dino_resnet50_pretrain.pth` -> `resnet50 (dino_resnet50_pretrain)`: no paths in titles."""
+    """`resnet50=/ckpt/dir/dino_resnet50_pretrain.pth` -> `resnet50 (dino_resnet50_pretrain)`: no paths in titles;
+    per-teacher options follow (`vit_b=mae.pth,norm=false` -> `vit_b (mae, norm=false)`)."""
     from common.teacher import split_teacher_spec
 
-    arch, weights = split_teacher_spec(spec)
-    return f"{arch} (random init)" if weights == "random" else f"{arch} ({Path(weights).stem})"
+    arch, weights, options = split_teacher_spec(spec)
+    what = ["random init" if weights == "random" else Path(weights).stem]
+    return f"{arch} ({', '.join(what + [f'{k}={str(v).lower()}' for k, v in options.items()])})"
 
 
 def short_key(key: str, width: int = 28) -> str:

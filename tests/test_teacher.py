@@ -4,6 +4,7 @@ packaged real EfficientNet-Lite0 (skipped when its package is not installed)."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import timm
@@ -181,16 +182,41 @@ def test_published_checkpoint_layouts_load_to_equal_weights(tmp_path, layout):
     assert teacher.fingerprint["sha256"] == state_dict_sha256(expected)
 
 
-def test_mae_finetuned_layout_has_no_token_norm(tmp_path):
-    """MAE's fine-tuned files norm the pooled feature (fc_norm), not the tokens: loads with teacher.norm=false."""
+def test_mae_finetuned_layout_has_no_token_norm(tmp_path, source, capsys):
+    """MAE's fine-tuned files norm the pooled feature (fc_norm), not the tokens: loads with teacher.norm=false, and in
+    `img2vec diversity` with the teacher's own `,norm=false` (and `,layer=N`), which its error names."""
+    from img2vec.cli import main as img2vec
+
     sd = _vit_state(num_classes=10)
     ckpt = {k: v for k, v in sd.items() if not k.startswith("norm.")}
     ckpt |= {"fc_norm.weight": sd["norm.weight"], "fc_norm.bias": sd["norm.bias"]}
-    torch.save({"model": ckpt}, tmp_path / "mae_finetuned.pth")
-    with pytest.raises(ConfigError, match="teacher.norm=false"):
-        build_teacher(Teacher(arch="test_vit", weights=str(tmp_path / "mae_finetuned.pth")))
-    teacher = build_teacher(Teacher(arch="test_vit", weights=str(tmp_path / "mae_finetuned.pth"), norm=False))
+    mae = tmp_path / "mae_finetuned.pth"
+    torch.save({"model": ckpt}, mae)
+    with pytest.raises(ConfigError, match=f"teacher.norm=false; in img2vec diversity, .* --teacher test_vit={mae},norm=false"):
+        build_teacher(Teacher(arch="test_vit", weights=str(mae)))
+    teacher = build_teacher(Teacher(arch="test_vit", weights=str(mae), norm=False))
     assert torch.equal(teacher.model.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])
+
+    def diversity(*args) -> tuple[int, str]:
+        rc = img2vec(["diversity", "--shards", f"{source}/shard-000000.tar", "--size", "64", "--samples", "3",
+                      "--students", "none", "--device", "cpu", "--no-progress", *map(str, args)])
+        out = capsys.readouterr()
+        return rc, out.out + out.err
+
+    rc, out = diversity("--teacher", f"test_vit={mae}")
+    assert rc == 2 and f"--teacher test_vit={mae},norm=false" in out, out
+    rc, out = diversity("--teacher", f"test_vit={mae},norm=false", "--teacher", f"test_vit={mae},layer=2 , NORM=False",
+                        "--json", tmp_path / "d.json")
+    assert rc == 2 and "unknown option 'NORM'" in out, out
+    assert diversity("--teacher", f"test_vit={mae},norm=false", "--teacher", f"test_vit={mae}, layer=2,norm=false",
+                     "--json", tmp_path / "d.json")[0] == 0
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert [(r["layer"], r["norm"], r["sha256"]) for r in rows] == [(-1, False, teacher.fingerprint["sha256"]),
+                                                                      (2, False, teacher.fingerprint["sha256"])]
+    # the teacher's own layer is the command's --layer for it alone: the same tokens, so the same diversity
+    assert diversity("--teacher", f"test_vit={mae},norm=false", "--layer", "2", "--json", tmp_path / "l.json")[0] == 0
+    by_layer = json.loads((tmp_path / "l.json").read_text())["rows"][0]
+    assert by_layer["token_diversity"] == rows[1]["token_diversity"] != rows[0]["token_diversity"]
 
 
 def test_checkpoint_at_another_grid_is_resampled_to_the_architectures(tmp_path):

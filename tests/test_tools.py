@@ -198,6 +198,7 @@ def test_similarity_map_queries_and_titles():
             assert sim[r, c].item() == pytest.approx((a @ b / (a.norm() * b.norm())).item(), abs=1e-5)
     assert teacher_label("resnet50=/ckpt/dir/dino_resnet50_pretrain.pth") == "resnet50 (dino_resnet50_pretrain)"
     assert teacher_label("resnet18") == "resnet18 (random init)"
+    assert teacher_label("vit_b=/ckpt/mae_ft.pth,norm=false,layer=8") == "vit_b (mae_ft, norm=false, layer=8)"
 
 
 def test_diversity_argument_errors(source, capsys):
