@@ -1,12 +1,12 @@
 """Reading feature shards: one view of any samples, each checked against its crc32 in the index.
 
-Reading one view of a sample reads that view's bytes only (plus Zarr's shard index, 16 B per sample of the file,
-once per shard file and call in zarr), so an epoch reads ~1/V of the cache. Files are read with pread through a per-process LRU of open
-descriptors, readahead off: the kernel reads what is asked, not the neighbouring samples or views. A training
-process opens every file its loader workers will read once, before they fork (`hold_open`): they inherit the
-descriptors, so a worker opens nothing, in any epoch. Local Zarr shards are read by our own reader of the sharding
-codec (docs/FORMAT.md section 9: the shard index, then the chunk, each checked by its crc32c): zarr-python's
-asynchronous machinery cost ~1 ms per (shard, call) there.
+Reading one view of a sample reads that view's bytes only (plus, in zarr, the shard file's index, 16 B per sample of
+the file, once per file and call), so an epoch reads ~1/V of the cache. Files are read with pread through a
+per-process LRU of open descriptors, readahead off: the kernel reads what is asked, not the neighbouring samples
+or views. A training process opens every file its loader workers will read once, before they fork (`hold_open`):
+they inherit the descriptors, so a worker opens nothing, in any epoch. Local Zarr shards are read by our own
+reader of the sharding codec (docs/FORMAT.md section 9: the shard index, then the chunk, each checked by its
+crc32c): zarr-python's asynchronous machinery cost ~1 ms per (shard, call) there.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ LEGACY_SHARD_SAMPLES = 256  # Zarr shard files written before: 256 samples of on
 def open_file_budget() -> int:
     """Descriptors this process may use: the soft RLIMIT_NOFILE, first raised to the hard limit (at most
     262,144), since a random reader keeps every file it reads open (the LRUs of read descriptors and index maps:
-    ImageNet's wds cache is ~15 k files per rank, its Zarr cache as many; ~54 k before its shard files held all N samples)."""
+    ImageNet's wds cache is ~15 k files per rank, its Zarr cache as many; ~54 k when its shard files held 256
+    samples)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
