@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from common.codecs import check_codec_name, codec_for, get_codec
 from common.compiled import compile_forward
-from common.config import Config, check_crop_size, validate
+from common.config import Config, ConfigError, check_crop_size, check_student_patch, validate
 from common import faults
 from common.faults import fault_point
 from common.runtime import pick_device
@@ -173,6 +173,12 @@ def run_extraction(cfg: Config, progress: bool = True) -> dict:
         torch.cuda.set_device(device)  # this rank's GPU is the current one: streams, events, pinned memory
     teacher = build_teacher(cfg.teacher, device)
     check_crop_size(cfg.augment.size, teacher.stride, cfg.teacher.layer)
+    try:  # training refuses a student whose patch does not tile the tokens: said now, not after the extraction
+        check_student_patch(cfg.student.arch, teacher.stride)
+    except ConfigError as e:
+        if rank == 0:  # the cache is right for any student: a warning
+            print(f"extract-features: warning: {e}; the cache is right as it is, training refuses this student",
+                  file=sys.stderr)
     cfg.cache.codec = codec_for(cfg.cache.codec, teacher.kind).name  # "auto" -> the teacher kind's codec
     with torch.no_grad():
         token_shape = tuple(teacher(torch.zeros(1, 3, cfg.augment.size, cfg.augment.size, dtype=torch.uint8,

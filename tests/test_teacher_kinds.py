@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -142,8 +143,16 @@ def test_real_teacher_cache_trains_with_two_processes(kinds, tmp_path):
 
 
 @pytest.mark.slow  # the module's caches
-def test_student_whose_patch_does_not_tile_the_teachers_tokens_is_refused_before_any_work(kinds, tmp_path):
+def test_student_whose_patch_does_not_tile_the_teachers_tokens_is_refused_before_any_work(kinds, tmp_path, capsys):
+    """Training refuses it; extraction, whose cache is right for any student, warns at its start."""
     path, cache, _ = kind(kinds, "vit14")
+    from extract.cli import main as extract
+
+    assert extract(["--config", str(path), "--set", "student.arch=vit_tiny_patch16", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert re.match(r"extract-features: warning: 'student.arch' vit_tiny_patch16 has 16-pixel patches, which do not "
+                    r"tile the teacher's 14-pixel tokens .*use a /14 student \(e.g. vit_tiny_patch14\); the cache is "
+                    r"right as it is, training refuses this student\nextract-features: nothing to do", err), err
     cfg = load_config(path, ["student.arch=vit_tiny_patch16", f"train.run_dir={json.dumps(str(tmp_path / 'r'))}"])
     from train.loop import train
 
