@@ -109,10 +109,11 @@ def test_every_kind_extracts_verifies_and_trains_as_online(kinds, name, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vit", "vit14"])
-def test_export_and_knn_of_a_vit_teacher_run(kinds, name, tmp_path, capsys):
-    """The student trained on a ViT teacher's cache exports under timm's keys (a /14 student as timm's ViT with
-    14-pixel patches, loaded with strict keys by export's own check) and k-NN runs on its exported weights."""
+@pytest.mark.parametrize("name", list(KINDS))
+def test_export_and_knn_of_a_run_on_every_teacher_kind(kinds, name, tmp_path, capsys):
+    """The student trained on a ViT teacher's cache, or the real EfficientNet-Lite0's, exports under timm's keys (a /14
+    student as timm's ViT with 14-pixel patches, loaded with strict keys by export's own check) and k-NN runs on its
+    exported weights."""
     _, cache, cached = kind(kinds, name)
     size = read_manifest(cache).augment.size
     info = export_encoder(cached, tmp_path / "e.safetensors")
