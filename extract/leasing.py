@@ -60,10 +60,11 @@ def extract_shared(cache: Path, todo: list[str], names: dict[str, str], e: Extra
                    extract: Callable[[list[str], dict[str, Lease]], dict]) -> dict:
     """Run `extract(urls, leases)` on the shards of `todo` this job can lease, then wait for the ones other jobs
     hold (up to e.wait_for_others seconds) and do any that come free unfinished. Returns the passes' results
-    summed, with `shards_busy_elsewhere` (still held by live jobs) and `waited_s`."""
+    summed, with `shards_not_done` (of `todo`: failed, stopped in flight, or another job's), `shards_busy_elsewhere`
+    (held by other live jobs when last looked at: never the ones this job held when it stopped) and `waited_s`."""
     total = {"preempted": None, "shards_done": 0, "shards_failed": [], "images": 0, "views": 0, "skipped_samples": 0,
              "seconds": 0.0}
-    deadline, said, t0 = None, -SAY_EVERY, time.monotonic()
+    deadline, said, t0, pending = None, -SAY_EVERY, time.monotonic(), todo
     with Heartbeat(beat_interval(e.lease_ttl)) as heartbeat, StopSignals() as stop:
         while todo:
             leases = take_leases(cache, todo, names, e.lease_ttl, heartbeat)
@@ -74,9 +75,9 @@ def extract_shared(cache: Path, todo: list[str], names: dict[str, str], e: Extra
                     for lease in leases.values():
                         lease.release()
                 _add(total, result)
-                if result["preempted"]:
-                    break
-            todo = [u for u in todo if names[u] not in leases and not complete(cache, names[u])]
+            todo = [u for u in todo if names[u] not in leases and not complete(cache, names[u])]  # others' only
+            if total["preempted"]:  # what it leased and did not finish is not done, not busy elsewhere
+                break
             now = time.monotonic()
             deadline = deadline or now + e.wait_for_others
             if not todo or stop.requested or now >= deadline:
@@ -88,7 +89,8 @@ def extract_shared(cache: Path, todo: list[str], names: dict[str, str], e: Extra
         total["preempted"] = total["preempted"] or stop.received
     waited = time.monotonic() - t0 - total["seconds"]
     total["images_per_s"] = round(total["images"] / total["seconds"], 2) if total["seconds"] > 0 else 0.0
-    return {**total, "shards_busy_elsewhere": [Lease(cache, names[u]).describe() for u in todo],
+    return {**total, "shards_not_done": [names[u] for u in pending if not complete(cache, names[u])],
+            "shards_busy_elsewhere": [Lease(cache, names[u]).describe() for u in todo],
             "waited_s": round(max(waited, 0.0), 1)}
 
 

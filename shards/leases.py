@@ -35,9 +35,12 @@ class Lease(LockFile):
 
     def describe(self) -> str:
         """Who holds it, and when it last beat: for the messages of a job that waits for it."""
-        h = self.holder()
-        age = time.time() - mtime(self.path)
-        return f"{self.name} (host {h.get('host')} pid {h.get('pid')}, last heartbeat {age:.0f} s ago)"
+        h, beat = self.holder(), mtime(self.path)
+        if not beat:  # gone: released, or never taken
+            return f"{self.name} (no lease: no job holds it now)"
+        if not h:
+            return f"{self.name} (a lease being written or torn, last touched {time.time() - beat:.0f} s ago)"
+        return f"{self.name} (host {h.get('host')} pid {h.get('pid')}, last heartbeat {time.time() - beat:.0f} s ago)"
 
 
 def remove_partial(cache: Path, name: str) -> None:

@@ -407,6 +407,8 @@ def test_sigterm_to_the_group_in_extraction_keeps_finished_shards_and_the_rerun_
     gate.touch()
     code, out, err = finish(p, tmp_path / "1")
     assert code == PREEMPTED and "stopped on SIGTERM" in err and "Traceback" not in err, err[-3000:]
+    summary = json.loads(out)  # a stopped run's unfinished shard is not done, not "busy elsewhere" (no one holds it)
+    assert summary["shards_busy_elsewhere"] == [] and summary["shards_not_done"] == ["shard-000002"], out
     assert sorted(x.name for x in cache.glob("*.done.json")) == ["shard-000000.done.json", "shard-000001.done.json"]
     assert not list(cache.glob("*.tmp-*")) and not list(cache.glob("*.lock"))
 
