@@ -391,9 +391,10 @@ def test_a_command_a_stop_signal_killed_before_it_began_is_started_again(source,
 @pytest.mark.slow
 def test_sigterm_to_the_group_in_extraction_keeps_finished_shards_and_the_rerun_completes(tmp_path, source, extracted):
     """extract-features with 2 decode workers; shard-000002 comes through a `pipe:` that waits for a gate file, so
-    the run is caught with shard-000000 recorded, shard-000001 decoded and shard-000002 not begun. SIGTERM to the
-    whole group (workers and the pipe's shell ignore it): exit 75, shards 0 and 1 recorded, 2 not, nothing
-    temporary left; the rerun finishes with the shard files of an uninterrupted extraction."""
+    the run is caught (waited for, no fixed sleep) with shards 0 and 1 recorded and shard-000002's command waiting at
+    its gate. SIGTERM to the whole group (workers and the pipe's shell ignore it): exit 75, shards 0 and 1 recorded,
+    2 not (not done, and not "busy elsewhere": no job holds it), nothing temporary left;
+    the rerun finishes with the shard files of an uninterrupted extraction."""
     gate = tmp_path / "gate"
     shards = [str(source / "shard-000000.tar"), str(source / "shard-000001.tar"),
               f"pipe:while [ ! -e {gate} ]; do sleep 0.05; done; cat {source / 'shard-000002.tar'}"]
@@ -401,8 +402,11 @@ def test_sigterm_to_the_group_in_extraction_keeps_finished_shards_and_the_rerun_
     cache = tmp_path / "cache"
     cmd = [str(BIN / "extract-features"), "--config", str(path), "--no-progress"]
     p = start(cmd, tmp_path / "1")
-    wait_for_lines(p, cache / "shard-000000.done.json", 0, tmp_path / "1")
-    time.sleep(0.5)  # the main process now waits for shard-000002's first batch
+    deadline = time.time() + 240
+    while not ((cache / "shard-000001.done.json").exists()  # shards 0 and 1 recorded, 2 waits at its gate
+               and any(str(gate) in command_line(c) for c in descendants(p.pid))):
+        assert p.poll() is None and time.time() < deadline, (tmp_path / "1" / "stderr").read_text()[-3000:]
+        time.sleep(0.02)
     os.killpg(p.pid, signal.SIGTERM)
     gate.touch()
     code, out, err = finish(p, tmp_path / "1")
