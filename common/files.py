@@ -6,6 +6,7 @@ left behind by a dead process counts as stale.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,7 +14,9 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from common.config import ConfigError
 
@@ -48,14 +51,16 @@ def unique_suffix() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Replace `path` by `data` in one step: written to `<name>.tmp-<unique>`, fsynced, renamed, the directory
-    fsynced. On an error (a full disk) the temporary is removed and the old file stays."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """`with atomic_file(path) as f:` what is written to `f` replaces `path` in one step when the block ends: written
+    to `<name>.tmp-<unique>` (a name no other writer shares), fsynced, renamed, the directory fsynced. On an error
+    (a full disk, a download cut short) the temporary is removed and the old file, if any, stays."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{unique_suffix()}")
     try:
-        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
-            f.write(data)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,6 +68,12 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace `path` by `data` in one step (atomic_file)."""
+    with atomic_file(path, "w" if isinstance(data, str) else "wb") as f:
+        f.write(data)
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -43,6 +43,7 @@ from torch import nn
 from common.augment import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels, pixel_scale
 from common.config import ConfigError
 from common.config import Teacher as TeacherConfig
+from common.files import atomic_file
 
 _DROP_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 # checkpoint keys that are not part of the backbone (classifier and projection heads, MAE's decoder):
@@ -127,10 +128,8 @@ def read_checkpoint(path: str) -> dict:
         # keyed by the whole URL: two URLs that end in one file name never share a download
         local = cache_dir / f"{hashlib.sha256(path.encode()).hexdigest()[:16]}-{Path(path).name}"
         if not local.exists():
-            tmp = local.with_name(f"{local.name}.part-{os.getpid()}")
-            with urllib.request.urlopen(path, timeout=60) as r, open(tmp, "wb") as f:  # a stalled server: an error
+            with urllib.request.urlopen(path, timeout=60) as r, atomic_file(local) as f:  # a stalled server: an error
                 shutil.copyfileobj(r, f)
-            tmp.rename(local)
         path = str(local)
     if not Path(path).is_file():
         raise ConfigError(f"teacher.weights: no such file {path!r} (give a local checkpoint path, a URL, a packaged "

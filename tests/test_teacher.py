@@ -4,7 +4,10 @@ packaged real EfficientNet-Lite0 (skipped when its package is not installed)."""
 from __future__ import annotations
 
 import argparse
+import http.client
+import http.server
 import json
+import threading
 
 import pytest
 import timm
@@ -20,6 +23,7 @@ from common.teacher import (
     build_teacher,
     layer_stride,
     map_by_order,
+    read_checkpoint,
     state_dict_sha256,
 )
 from tests.conftest import grace_hopper
@@ -181,6 +185,46 @@ def test_published_checkpoint_layouts_load_to_equal_weights(tmp_path, layout):
         assert torch.equal(got[k], v), k
     assert teacher.fingerprint["sha256"] == state_dict_sha256(expected)
 
+
+
+class _CheckpointServer(http.server.BaseHTTPRequestHandler):
+    """GET /whole.pth: `body`; GET /cut.pth: `body` chunked, the connection closed halfway through the chunk."""
+    protocol_version = "HTTP/1.1"
+    body, asked = b"", []
+
+    def do_GET(self):
+        self.asked.append(self.path)
+        self.send_response(200)
+        cut = self.path == "/cut.pth"
+        self.send_header(*(("Transfer-Encoding", "chunked") if cut else ("Content-Length", str(len(self.body)))))
+        self.end_headers()
+        self.wfile.write(b"%x\r\n" % len(self.body) + self.body[:len(self.body) // 2] if cut else self.body)
+        self.close_connection = cut
+
+    def log_message(self, *args):
+        pass
+
+
+def test_weights_at_a_url_are_downloaded_once_and_whole(tmp_path, monkeypatch):
+    """Into TORCH_HOME/img2vec, atomically (common/files.py atomic_file): the served tensors, asked for once; a
+    download cut short is an error that leaves neither the file nor a temporary (the next run downloads again)."""
+    sd = {"w": torch.arange(6.0)}
+    torch.save(sd, tmp_path / "ckpt.pth")
+    _CheckpointServer.body, _CheckpointServer.asked = (tmp_path / "ckpt.pth").read_bytes(), []
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CheckpointServer)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        for _ in range(2):
+            assert torch.equal(read_checkpoint(f"{url}/whole.pth")["w"], sd["w"])
+        with pytest.raises(http.client.IncompleteRead):
+            read_checkpoint(f"{url}/cut.pth")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _CheckpointServer.asked == ["/whole.pth", "/cut.pth"]
+    assert [p.name.split("-", 1)[1] for p in (tmp_path / "home" / "img2vec").iterdir()] == ["whole.pth"]
 
 def test_mae_finetuned_layout_has_no_token_norm(tmp_path, source, capsys):
     """MAE's fine-tuned files norm the pooled feature (fc_norm), not the tokens: loads with teacher.norm=false, and in
