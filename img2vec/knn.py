@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from common.augment import CENTER_CROP
 from common.config import ConfigError
 from common.runtime import pick_device, write_json_output
 from shards.source import ShardError
@@ -99,7 +100,8 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
     enc.add_argument("--seed", type=int, default=0, help="init seed for --random without --run; split seed")
     p.add_argument("-k", "--k", type=int, default=20, help="neighbours (20)")
     p.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (0.07)")
-    p.add_argument("--crop-pct", type=float, default=0.875, help="center crop side / short side (0.875)")
+    p.add_argument("--crop-pct", type=float, default=CENTER_CROP,
+                   help=f"center crop side / short side ({CENTER_CROP})")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images")
     p.add_argument("--device", default="auto")

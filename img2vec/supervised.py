@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from common.augment import IMAGENET_MEAN, IMAGENET_STD
+from common.augment import CENTER_CROP, IMAGENET_MEAN, IMAGENET_STD
 from common.config import ConfigError
 from common.faults import fault_point
 from common.runtime import seed_from
@@ -48,7 +48,7 @@ SHUFFLE_BUFFER = 1000  # samples (their encoded bytes) per DataLoader worker, sh
 
 def eval_crop_pct(img_size: int) -> float:
     """MAE's evaluation crop (util/datasets.py): resize to size / 0.875 (256 for 224), center crop; above 224, none."""
-    return 0.875 if img_size <= 224 else 1.0
+    return CENTER_CROP if img_size <= 224 else 1.0
 
 
 def eval_transform(img_size: int):

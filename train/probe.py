@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from common.augment import CUTS, center_view, decode_samples, normalize_pixels, replay
+from common.augment import CENTER_CROP, CUTS, center_view, decode_samples, normalize_pixels, replay
 from common.config import ConfigError
 from common.config import Train as TrainConfig
 from common.runtime import seed_from, worker_slice
@@ -36,7 +36,7 @@ from shards.source import expand_shards, iter_samples
 # pure parts: the eval crop, the split, the vote
 
 
-def center_box(height: int, width: int, crop_pct: float = 0.875) -> list[int]:
+def center_box(height: int, width: int, crop_pct: float = CENTER_CROP) -> list[int]:
     """A centered square view record [top, left, side, side, flip=0]: `crop_pct` of the short side."""
     return center_view(height, width, crop_pct)[0].tolist()
 
@@ -132,7 +132,7 @@ def labelled_shards(shards, what: str = "shards") -> list[str]:
     return urls
 
 
-def extract_features(encoder, shards, img_size: int, crop_pct: float = 0.875, batch_size: int = 64,
+def extract_features(encoder, shards, img_size: int, crop_pct: float = CENTER_CROP, batch_size: int = 64,
                      workers: int = 2, split: str | None = None, val_fraction: float = 0.0, seed: int = 0,
                      progress: bool = False, desc: str = "features") -> Features:
     from tqdm import tqdm
@@ -171,7 +171,7 @@ def knn_scores(train: Features, val: Features, k: int = 20, temperature: float =
 
 
 def knn_accuracy(encoder, train_shards, val_shards=None, img_size: int = 224, k: int = 20,
-                 temperature: float = 0.07, crop_pct: float = 0.875, batch_size: int = 64, workers: int = 2,
+                 temperature: float = 0.07, crop_pct: float = CENTER_CROP, batch_size: int = 64, workers: int = 2,
                  val_fraction: float = 0.0, seed: int = 0, progress: bool = False) -> dict:
     """k-NN top-1 of `encoder` (anything with a timm-style `forward_features`): memory bank = `train_shards`,
     queries = `val_shards`, or a `val_fraction` of `train_shards` split by key hash when `val_shards` is None."""
@@ -221,7 +221,7 @@ class KnnProbe:
     queries: list[str] = field(default_factory=list)
     bank: list[str] | None = None  # None: the queries' shards, split by key hash
     img_size: int = 224
-    crop_pct: float = 0.875
+    crop_pct: float = CENTER_CROP
     batch_size: int = 64
     workers: int = 0
 
