@@ -68,17 +68,50 @@ MAX_JSON_BYTES = 64 << 20     # a manifest or completion record (ImageNet's mani
 
 
 def read_json(path, what: str):
-    """The JSON in a cache's file (a local Path or a RemotePath); a RefusedFile naming it if it is torn or larger
-    than any such file."""
+    """The JSON in a cache's file (a local Path or a RemotePath); a RefusedFile naming it if it is torn, nested
+    past Python's recursion limit, larger than any such file, or not a regular file (a FIFO would block the reader
+    forever, a link to /dev/zero fill its memory)."""
+    data = _read_local(path, what) if isinstance(path, (str, os.PathLike)) else _read_remote(path, what)
+    if len(data) > MAX_JSON_BYTES:  # grown since its size was read, or of no stated size
+        raise refuse(path, f"more than {MAX_JSON_BYTES} bytes, more than any {what}")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RefusedFile(f"{path}: {what} is not valid JSON ({e}): torn or damaged") from None
+    except RecursionError:
+        raise refuse(path, f"nests arrays or objects deeper than any {what} (Python's recursion limit)") from None
+
+
+def _read_local(path, what: str) -> bytes:
+    """At most MAX_JSON_BYTES + 1 bytes of a regular file: its kind is checked before it is opened (opening some
+    devices acts) and again on the open file (it may have been replaced meanwhile), which is opened non-blocking
+    (opening a FIFO for reading waits for a writer)."""
+    _check_regular(path, os.stat(path), what)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as f:
+        _check_regular(path, os.fstat(fd), what)
+        return f.read(MAX_JSON_BYTES + 1)
+
+
+def _check_regular(path, st: os.stat_result, what: str) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise refuse(path, f"is a directory, not a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise refuse(path, f"is not a regular file (a FIFO, device or socket: reading it could block or never end), "
+                           f"not a {what}")
+    if st.st_size > MAX_JSON_BYTES:
+        raise refuse(path, f"{st.st_size} bytes, more than any {what} ({MAX_JSON_BYTES})")
+
+
+def _read_remote(path, what: str) -> bytes:
+    """A RemotePath's bytes: its stated size checked first; a server that states none is read to the bound."""
     size = path.stat().st_size
     if size > MAX_JSON_BYTES:
         raise refuse(path, f"{size} bytes, more than any {what} ({MAX_JSON_BYTES})")
-    try:
-        return json.loads(path.read_bytes())
-    except IsADirectoryError:
-        raise refuse(path, f"is a directory, not a {what}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RefusedFile(f"{path}: {what} is not valid JSON ({e}): torn or damaged") from None
+    if size:
+        return path.read_bytes()
+    with path.open() as f:
+        return f.read(MAX_JSON_BYTES + 1)
 
 
 def refuse(path, what: str) -> RefusedFile:

@@ -5,8 +5,12 @@ runs or is read."""
 from __future__ import annotations
 
 import json
+import os
+import resource
 import shutil
+import signal
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,26 @@ def edit_index(cache: Path, shard: str, edit) -> None:
     for row in index:
         row["row_crc"] = zlib.crc32(row.tobytes()[:-4])
     np.save(path, index, allow_pickle=False)
+
+
+@contextmanager
+def bounded(seconds: int = 20, memory: int = 1 << 30):
+    """A call that could block (SIGALRM after `seconds`) or fill memory (address space capped at this process's own
+    plus `memory`) fails instead of hanging or OOM-killing the test run."""
+    def timeout(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize:")).split()[1]) << 10
+    before = signal.signal(signal.SIGALRM, timeout)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + memory, limits[1]))
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        resource.setrlimit(resource.RLIMIT_AS, limits)
+        signal.signal(signal.SIGALRM, before)
 
 
 def tool(capsys, *args) -> tuple[int, str]:
@@ -155,6 +179,19 @@ def test_a_torn_manifest_is_exit_2_naming_it(tmp_path, extracted, capsys):
     assert rc == 2 and "shard-000001.done.json: is a directory, not a completion record" in out, out
     assert "Traceback" not in out, out
     assert "shard-000001.done.json" in train_refuses(tmp_path, capsys)
+
+    # a manifest.json that no reader may open as JSON (tar can make a FIFO; before: verify hung at the FIFO, read
+    # /dev/zero until OOM-killed, and ended on a RecursionError traceback, exit 1)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for make, says in ((os.mkfifo, "is not a regular file"),
+                       (lambda p: p.symlink_to("/dev/zero"), "is not a regular file"),
+                       (lambda p: p.write_text("[" * 200_000 + "]" * 200_000), "nests arrays or objects deeper")):
+        (bare / "manifest.json").unlink(missing_ok=True)
+        make(bare / "manifest.json")
+        with bounded():
+            rc, out = tool(capsys, "verify", bare)
+        assert rc == 2 and f"{bare / 'manifest.json'}: {says}" in out and "Traceback" not in out, out
 
 
 def test_a_bad_token_shape_is_named_as_such(tmp_path):
