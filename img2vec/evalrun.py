@@ -63,12 +63,12 @@ SETTINGS = ("command", "student", "train_shards", "val_shards", "seed", "args", 
 def out_dir(args: argparse.Namespace, identity: dict) -> Path:
     """--out, or `<the student's run dir>/<command>-<8 hex digits of the identity's SETTINGS>` (not of the processes
     nor the loader workers: another number of those in the same dir is refused, as a resume it cannot be)."""
-    from img2vec.export import run_info
+    from img2vec.evalsource import source_info
 
     if args.out:
         return Path(args.out)
     settings = json.dumps({k: identity[k] for k in SETTINGS}, sort_keys=True).encode()
-    return Path(run_info(args.path)["run_dir"]) / f"{identity['command']}-{hashlib.sha256(settings).hexdigest()[:8]}"
+    return Path(source_info(args.path)["run_dir"]) / f"{identity['command']}-{hashlib.sha256(settings).hexdigest()[:8]}"
 
 
 def main_process() -> bool:
@@ -111,15 +111,11 @@ def error_status(e: BaseException) -> int:
 def run_settings(command: str, args: argparse.Namespace, **recipe) -> dict:
     """What decides the result and is known before the shards are read (SETTINGS): the command, the student checkpoint,
     the shards' names (not where they are now), the seed, the arguments that set the recipe's numbers, the recipe.
-    args.path is pinned to the student checkpoint: the run dir's latest one now, not one pretraining writes later."""
-    from img2vec.export import run_info
+    args.path is pinned to the student checkpoint: the run dir's latest one now, not one pretraining writes later
+    (an exported file: itself, identified by its digest; img2vec/evalsource.py)."""
+    from img2vec.evalsource import student_identity
 
-    args.path = run_info(args.path)["checkpoint"]
-    info = run_info(args.path)
-    position = Path(args.path) / "position.json"
-    at = position.read_bytes() if position.is_file() else None
-    student = {"arch": info["arch"], "step": json.loads(at).get("step") if at else None,
-               "checkpoint": Path(args.path).name, "position_sha256": hashlib.sha256(at).hexdigest() if at else None}
+    args.path, student = student_identity(args.path)
     given = {k: getattr(args, k) for k in ("epochs", "warmup_epochs", "batch_size", "blr", "num_classes")}
     return json.loads(json.dumps({  # as run.json gives it back (a tuple is a list)
         "command": command, "student": student, "train_shards": _names(args.train_shards),
@@ -285,9 +281,10 @@ def _lr(scheduler) -> float:
 def make_parser(prog: str, description: str, doc: str, batch_size: int) -> argparse.ArgumentParser:
     """The arguments both commands take; `doc` (the module's docstring) ends with the usage examples."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n" + "\n".join(doc.splitlines()[-3:]))
+                                epilog="examples:\n" + doc.rstrip().rsplit("\n\n", 1)[1])
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="a training run dir (its latest complete checkpoint) or a checkpoints/step_XXXXXXXX dir")
+                   help="a training run dir (its latest complete checkpoint), a checkpoints/step_XXXXXXXX dir or a file "
+                        "written by `img2vec export` (then its folder stands in for RUN_DIR below)")
     p.add_argument("--train-shards", required=True, metavar="PATTERN", help="labelled (.cls) train shards, brace pattern")
     p.add_argument("--val-shards", required=True, metavar="PATTERN", help="labelled (.cls) val shards, brace pattern")
     p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")

@@ -184,18 +184,27 @@ def timm_encoder(path: str | Path, global_pool: str = "avg", num_classes: int = 
     """Run dir or checkpoint dir -> (the timm ViT that `img2vec export` writes its file for, built in memory and
     holding the student's encoder, info). With num_classes > 0 its classifier `head` is timm's fresh one, the only
     tensors not from the student; create_kwargs go to timm.create_model (drop_path_rate=...)."""
+    student, info = load_student(path)
+    model = filled_timm_model(timm_keys(student.encoder_state_dict(), global_pool), info, global_pool, num_classes,
+                              info["arch"], **create_kwargs)
+    return model, info
+
+
+def filled_timm_model(tensors: dict[str, torch.Tensor], info: dict, global_pool: str, num_classes: int, source: str,
+                      **create_kwargs):
+    """timm's ViT of info's arch and img_size with `global_pool`, holding `tensors` (timm's keys; every tensor but a
+    new head's); info gets timm_model, timm_kwargs, global_pool. `source` names the tensors in the error."""
     import timm
 
-    student, info = load_student(path)
     name, kwargs = timm_model_args(info["arch"], info["img_size"], global_pool)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs, **create_kwargs)
-    result = model.load_state_dict(timm_keys(student.encoder_state_dict(), global_pool), strict=False)
+    result = model.load_state_dict(tensors, strict=False)
     fresh = {"head.weight", "head.bias"} if num_classes else set()
     if result.unexpected_keys or set(result.missing_keys) != fresh:
-        raise ExportError(f"{info['arch']} does not fill timm {name}: missing {result.missing_keys[:5]}, unexpected "
+        raise ExportError(f"{source} does not fill timm {name}: missing {result.missing_keys[:5]}, unexpected "
                           f"{result.unexpected_keys[:5]}")
     info.update(timm_model=name, timm_kwargs=kwargs, global_pool=global_pool)
-    return model, info
+    return model
 
 
 def export_encoder(path: str | Path, out: str | Path, check: bool = True, global_pool: str = "avg") -> dict:

@@ -24,6 +24,7 @@ patch timm, uses TIMM_AA instead.
 
     img2vec finetune runs/img2vec --train-shards 'in1k/train-{000000..001281}.tar' --val-shards 'in1k/val-{000000..000049}.tar'
     accelerate launch --num_processes 8 -m img2vec.cli finetune runs/img2vec --train-shards ... --val-shards ...
+    img2vec finetune encoder.safetensors --train-shards ... --val-shards ...  # a file img2vec export wrote
 """
 from __future__ import annotations
 
@@ -116,9 +117,9 @@ def adamw(model: nn.Module, lr: float, layer_decay: float):
 
 def settings(args: argparse.Namespace) -> dict:
     """What decides the fine-tuning's result, known before the shards are read (img2vec/evalrun.py run_settings)."""
-    from img2vec.export import run_info
+    from img2vec.evalsource import source_info
 
-    recipe = dataclasses.asdict(recipe_for(run_info(args.path)["arch"]))
+    recipe = dataclasses.asdict(recipe_for(source_info(args.path)["arch"]))
     return run_settings("finetune", args, recipe=recipe, **MAE_FINETUNE)
 
 
@@ -129,14 +130,14 @@ def finetune(args: argparse.Namespace, stop: StopSignals | None = None) -> tuple
     from timm.layers import trunc_normal_
     from timm.loss import SoftTargetCrossEntropy
 
-    from img2vec.export import run_info, timm_encoder
+    from img2vec.evalsource import source_info, source_model
 
     t0, accelerator, key = time.perf_counter(), start(args.seed), settings(args)
-    run = run_info(args.path)
+    run = source_info(args.path)
     recipe, size = recipe_for(run["arch"]), run["img_size"]
     data, plan = train_data(accelerator, args, train_transform(size), recipe.epochs, recipe.warmup_epochs, recipe.blr,
                                multiple=2)  # mixup pairs a batch's images
-    model, info = timm_encoder(args.path, "avg", num_classes=plan.classes, drop_path_rate=recipe.drop_path)
+    model, info = source_model(args.path, "avg", num_classes=plan.classes, drop_path_rate=recipe.drop_path)
     trunc_normal_(model.head.weight, std=MAE_FINETUNE["head_std"])
     nn.init.zeros_(model.head.bias)
     model, optimizer = accelerator.prepare(model, adamw(model, plan.lr, recipe.layer_decay))

@@ -13,6 +13,7 @@ scaled linearly from the base lr.
 
     img2vec linprobe runs/img2vec --train-shards 'in1k/train-{000000..001281}.tar' --val-shards 'in1k/val-{000000..000049}.tar'
     accelerate launch --num_processes 8 -m img2vec.cli linprobe runs/img2vec --train-shards ... --val-shards ...
+    img2vec linprobe encoder.safetensors --train-shards ... --val-shards ...  # a file img2vec export wrote
 """
 from __future__ import annotations
 
@@ -88,13 +89,13 @@ def settings(args: argparse.Namespace) -> dict:
 def probe(args: argparse.Namespace, stop: StopSignals | None = None) -> tuple[dict, nn.Module]:
     """Train the probe as `args` say, resuming from --out's newest checkpoint (img2vec/evalrun.py), stopping when
     `stop` is; -> (the result, the classifier: frozen encoder + head, in eval mode)."""
-    from img2vec.export import run_info, timm_encoder
+    from img2vec.evalsource import source_info, source_model
 
     t0, accelerator, key = time.perf_counter(), start(args.seed), settings(args)
-    size = run_info(args.path)["img_size"]
+    size = source_info(args.path)["img_size"]
     data, plan = train_data(accelerator, args, train_transform(size), LINPROBE["epochs"], LINPROBE["warmup_epochs"],
                                LINPROBE["blr"])
-    encoder, info = timm_encoder(args.path, POOLS[args.pool])
+    encoder, info = source_model(args.path, POOLS[args.pool])
     encoder.requires_grad_(False).eval().to(accelerator.device)
     head = probe_head(encoder.num_features, plan.classes)
     head, optimizer = accelerator.prepare(head, LARS(head.parameters(), lr=plan.lr, weight_decay=LINPROBE["weight_decay"]))

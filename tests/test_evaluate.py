@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from timm.data.auto_augment import rand_augment_transform
 
 from common.augment import decode_image
+from img2vec.evalsource import source_model
 from img2vec.export import export_encoder, finetune_command, load_student, timm_encoder, timm_model_args
 from img2vec.finetune import (HEAD_INIT_SCALE, MAE_FINETUNE, RECIPES, TIMM_AA, adamw, posterize_any_bits, recipe_for,
                               train_transform)
@@ -285,6 +286,34 @@ def test_timm_encoder_is_the_exported_model(tmp_path, student_run):
 
 
 @pytest.mark.slow
+def test_the_exported_file_is_the_run_dirs_encoder_and_linprobe_takes_it(tmp_path, student_run, extracted, capsys):
+    """An exported file (either pool) gives the model a run dir gives, for either pool (the cls feature reads the
+    final norm back from an avg file's fc_norm): tensor for tensor, and the same features on a batch. `img2vec
+    linprobe FILE` (was: exit 2, "neither a run dir") runs with its default --out, in the file's folder, per settings."""
+    files = {pool: export_encoder(student_run, tmp_path / f"{pool}.safetensors", check=False, global_pool=pool)["out"]
+             for pool in ("avg", "token")}
+    models = {pool: timm_encoder(student_run, pool)[0].eval() for pool in ("token", "avg")}
+    for pool, model in models.items():
+        for exported in files.values():
+            loaded, info = source_model(exported, pool)
+            assert loaded.state_dict().keys() == model.state_dict().keys()
+            assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+            assert (info["arch"], info["img_size"], info["step"]) == ("vit_tiny_patch16", 64, 2)
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # linprobe's default: the cls feature, from the avg file (its final norm back in place)
+        assert torch.equal(source_model(files["avg"], "token")[0].eval()(images), models["token"](images))
+
+    pattern, file = shards(extracted), files["avg"]
+    assert linprobe_main([file, "--train-shards", pattern, "--val-shards", pattern, "--batch-size", "6", "--workers",
+                          "0", "--epochs", "1", "--log-every", "0"]) == 0
+    out = Path(re.search(r"output dir (\S+) \(of these settings\): a new run\n", capsys.readouterr().out)[1])
+    assert out.parent == tmp_path and re.fullmatch(r"linprobe-[0-9a-f]{8}", out.name)
+    r = json.loads((tmp_path / "linprobe.json").read_text())
+    assert (r["checkpoint"], r["run_dir"], r["step"], r["pool"]) == (file, str(tmp_path), 2, "cls")
+    assert json.loads((out / "run.json").read_text())["student"]["checkpoint"] == "avg.safetensors"
+
+
+@pytest.mark.slow
 def test_linprobe_trains_only_the_head_and_its_top1_is_the_count(tmp_path, extracted, student_run, capsys):
     pattern = shards(extracted)
     r = run_tool(linprobe_main, student_run, pattern, tmp_path / "lp.json", "--epochs", "2")
@@ -458,6 +487,9 @@ def test_errors_name_what_to_do(tmp_path, extracted, student_run, capsys):
     assert "even" in capsys.readouterr().err
     assert linprobe_main([str(tmp_path), "--train-shards", pattern, "--val-shards", pattern]) == 2
     assert "neither a run dir" in capsys.readouterr().err
+    (tmp_path / "notes.safetensors").write_text("not a safetensors file")
+    assert finetune_main([str(tmp_path / "notes.safetensors"), "--train-shards", pattern, "--val-shards", pattern]) == 2
+    assert "is a file but not one `img2vec export` writes" in capsys.readouterr().err
     busy = tmp_path / "busy"  # an --out another host's run holds
     busy.mkdir()
     (busy / "lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "nonce": "0"}))
