@@ -78,7 +78,9 @@ def test_a_live_hosts_lease_is_waited_for_then_exit_75_or_done_when_it_finishes(
     rc, summary, err = extract(tmp_path, source, capsys, *FAST, "extract.wait_for_others=2")
     stop.set()
     t.join()
-    assert rc == 75 and summary["shards_busy_elsewhere"] and not summary["cache_complete"], err[-2000:]
+    assert rc == 75 and not summary["cache_complete"], err[-2000:]
+    (busy,) = summary["shards_busy_elsewhere"]
+    assert busy.startswith("shard-000001 (host another-node pid 1") and summary["shards_not_done"] == ["shard-000001"]
     assert "still held by other live jobs after waiting" in err and "another-node" in err and "Rerun" in err
     assert summary["waited_s"] >= 2 and "Traceback" not in err
 
@@ -95,7 +97,9 @@ def test_a_live_hosts_lease_is_waited_for_then_exit_75_or_done_when_it_finishes(
     t.join()
     assert rc == 0 and summary["shards_done"] == 0 and summary["cache_complete"], err[-2000:]
     assert 0 < summary["waited_s"] < 10  # it waited for the other job, and did not redo its shard
+    assert summary["shards_busy_elsewhere"] == summary["shards_not_done"] == []
     assert cache_files(cache) == cache_files(Path(extracted[1].cache.path))
+    assert Lease(cache, "shard-000001").describe() == "shard-000001 (no lease: no job holds it now)"  # not host None
 
 
 def test_a_clock_ahead_of_ours_only_delays_the_takeover(tmp_path):
