@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
@@ -278,9 +279,16 @@ def _ranges(cfg: Config, stage: str) -> list[tuple[bool, str, str, object]]:
             (math.isfinite(e.lease_ttl) and e.lease_ttl > 0, "extract.lease_ttl", "a number of seconds > 0", e.lease_ttl),
             (e.wait_for_others >= 0, "extract.wait_for_others", "a number of seconds >= 0", e.wait_for_others),
             (e.stall_timeout > 0, "extract.stall_timeout", "a number of seconds > 0 (inf = never)", e.stall_timeout),
+            (not is_url(cfg.cache.path), "cache.path", "a local or shared file system path for extraction, which "
+             "writes the cache (a cache at a URL is read only: extract to a file system, then upload it, e.g. `aws s3 "
+             "sync cache s3://bucket/cache`, and train or verify from the URL; README, 'Sources at URLs')",
+             cfg.cache.path),
         ]
     finite = math.isfinite
     return [
+        (not is_url(t.run_dir), "train.run_dir", "a local or shared file system path (training writes its checkpoints, "
+         "metrics and lock there; a URL would be written as a local folder named like it): train into a folder, "
+         "then upload it, e.g. `aws s3 sync runs/x s3://bucket/runs/x`", t.run_dir),
         (t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size),
         (t.grad_accum >= 1, "train.grad_accum", "an integer >= 1", t.grad_accum),
         (t.checkpoint_every >= 1, "train.checkpoint_every", "an integer >= 1 (steps)", t.checkpoint_every),
@@ -311,6 +319,12 @@ def _ranges(cfg: Config, stage: str) -> list[tuple[bool, str, str, object]]:
         (finite(lo.global_weight) and lo.global_weight >= 0, "loss.global_weight", "a finite number >= 0",
          lo.global_weight),
     ]
+
+
+def is_url(where: str) -> bool:
+    """`scheme://...` (http(s), s3, gs, hf, ...): a place no local file operation reaches (pathlib would make
+    `./s3:/bucket/...` of it)."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(where)) is not None
 
 
 def validate(cfg: Config, stage: str) -> None:

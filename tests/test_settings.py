@@ -82,3 +82,18 @@ def test_missing_source_shard_points_at_data_shards(tmp_path, extracted, capsys)
     assert extract_main(["--config", str(path), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "shard-000002.tar: file not found" in err and "is data.shards right?" in err, err
+
+
+@pytest.mark.parametrize("stage,key,url", [("extract", "cache.path", "http://127.0.0.1:9/cache"),
+                                           ("train", "train.run_dir", "s3://bucket/run")])
+def test_a_url_to_write_into_is_refused_before_any_work(tmp_path, source, request, capsys, monkeypatch, stage, key,
+                                                        url):
+    """pathlib would write `http://host/cache` into a local folder `./http:/host/cache` and report success; the
+    stage that writes there refuses the URL (exit 2), naming the way round (a file system, then an upload)."""
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path, source, 3) if stage == "extract" else request.getfixturevalue("extracted")[0]
+    main = extract_main if stage == "extract" else train_main
+    assert main(["--config", str(path), "--no-progress", "--set", f"{key}={json.dumps(url)}"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{key}' must be a local or shared file system path" in err and "aws s3 sync" in err, err
+    assert list(tmp_path.iterdir()) == ([path] if stage == "extract" else [])  # no ./http: nor ./s3: folder
