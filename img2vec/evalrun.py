@@ -294,7 +294,9 @@ def make_parser(prog: str, description: str, doc: str, batch_size: int) -> argpa
                    help=f"images per process and update ({batch_size}); the lr scales with processes x batch / 256")
     p.add_argument("--blr", type=float, help="base lr per 256 images (default: the recipe's)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: the train shards' largest label + 1)")
-    p.add_argument("--workers", type=int, default=10, help="DataLoader workers per process (10, as MAE)")
+    p.add_argument("--workers", type=int, default=usable_workers(10),
+                   help=f"DataLoader workers per process ({usable_workers(10)}: MAE's 10, at most one per CPU this "
+                        "process may use)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, metavar="EPOCHS",
                    help="also evaluate every N epochs (0: only after the last)")

@@ -225,9 +225,10 @@ def shard_labels(url: str) -> list[int]:
 
 
 def count_labelled(urls: list[str], workers: int) -> tuple[int, int]:
-    """(labelled samples, classes = largest label + 1) of the shards, read by `workers` DataLoader workers."""
-    counts = DataLoader(urls, batch_size=None, collate_fn=shard_labels, num_workers=min(workers, len(urls)),
-                        worker_init_fn=ignore_stop_signals)
+    """(labelled samples, classes = largest label + 1) of the shards, read by usable_workers(workers) DataLoader workers
+    (at most one a shard)."""
+    counts = DataLoader(urls, batch_size=None, collate_fn=shard_labels,
+                        num_workers=min(usable_workers(workers), len(urls)), worker_init_fn=ignore_stop_signals)
     n, top = 0, -1
     for labels in counts:
         n, top = n + len(labels), max([top, *labels])

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,17 @@ def test_labelled_images_deal_every_sample_to_one_process(extracted):
     batches = FullBatches(LabelledImages(urls, lambda img: torch.zeros(1), shuffle=True), batch_size=4, workers=0)
     sizes = [len(next(batches)[1]) for _ in range(10)]  # 40 images: two and a bit passes over the 18
     assert sizes == [4] * 10
+
+
+def test_workers_default_to_the_usable_cpus_and_the_label_count_takes_no_more(extracted, monkeypatch):
+    """On a process allowed 1 CPU: --workers defaults to 1 (was: 10) and counting the labels of 3 shards with
+    --workers 10 starts 1 worker (was: 3, and torch's 'excessive worker creation' warning, twice)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    pattern = shards(extracted)
+    assert parse_args(["run", "--train-shards", pattern, "--val-shards", pattern], "t").workers == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert count_labelled(expand_shards(pattern), workers=10) == (18, 4)
 
 
 def _nothing(img) -> torch.Tensor:
