@@ -1,7 +1,9 @@
 """The typed config: one dataclass per TOML section, `--set section.key=value` overrides.
 
 Every key is checked before any work starts: an unknown section or key, or a value of the
-wrong type, is a ConfigError that names it.
+wrong type, is a ConfigError that names it. One coercion: a key typed list[str] (train.log_with) takes a
+single string as the one-item list (`--set train.log_with=tensorboard`, as accelerate's log_with takes
+a name); "" is the empty list.
 """
 from __future__ import annotations
 
@@ -198,6 +200,8 @@ def _set(cfg: Config, dotted: str, value, origin: str) -> None:
         raise ConfigError(f"{origin}: unknown key '{dotted}' (keys of [{section}]: {', '.join(hints)})")
     if isinstance(value, float) and hints[key] is int and value.is_integer():
         value = int(value)
+    if isinstance(value, str) and hints[key] == list[str]:  # the module doc's one coercion: a name is its list
+        value = [value] if value else []
     if not _type_ok(value, hints[key]):
         raise ConfigError(f"{origin}: '{dotted}' must be {_type_name(hints[key])}, got {value!r}")
     if isinstance(value, int) and hints[key] is float:

@@ -141,6 +141,8 @@ def test_tracker_names_and_packages_are_checked_before_any_step(tmp_path, extrac
     assert load_config(path, ["train.tensorboard=true"]).train.log_with == ["tensorboard"]
     assert "'train.tensorboard' is deprecated: use train.log_with" in capsys.readouterr().err
     assert load_config(path, ["train.tensorboard=false"]).train.log_with == []
+    assert [load_config(path, [f"train.log_with={v}"]).train.log_with for v in ('tensorboard', '"wandb"', '""')] == [
+        ["tensorboard"], ["wandb"], []]  # a single name, as accelerate takes it
 
 
 @pytest.mark.slow
