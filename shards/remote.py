@@ -69,6 +69,13 @@ def backend_options(proto: str) -> dict:
     return {}
 
 
+def install_hint(package: str) -> str:
+    """How to install a backend: the package itself, or this checkout's `remote` extra that holds it (PyPI's
+    "img2vec" is another project)."""
+    extra = " (or pip install -e '.[remote]' in this checkout)" if package in ("s3fs", "gcsfs") else ""
+    return f"pip install {package}{extra}"
+
+
 _filesystems: dict[tuple[int, str], object] = {}  # (pid, scheme) -> filesystem: a forked worker makes its own
 
 
@@ -85,8 +92,8 @@ def filesystem(url: str):
 
             fs = fsspec.filesystem(proto, **backend_options(proto))
         except ImportError as e:
-            raise RemoteError(url, f"reading {proto}:// needs {PACKAGES[proto]} ({e}): "
-                                   "pip install 'img2vec[remote]'") from None
+            raise RemoteError(url, f"reading {proto}:// needs the {PACKAGES[proto]} package ({e}): "
+                                   f"{install_hint(PACKAGES[proto])}") from None
         _filesystems[key] = fs
     return fs, fs._strip_protocol(url)
 
