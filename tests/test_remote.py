@@ -4,9 +4,11 @@ server when it is installed. Every server listens on 127.0.0.1 and is started he
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import json
 import re
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -181,6 +183,37 @@ def test_a_server_that_keeps_failing_is_a_named_error(served, fast_retries):
             read_sources([(str(src / SHARDS[1]), 0, 512), (url, 0, 4096)])
     finally:
         server.drops[path] = 0
+
+
+SCHEMES = [  # (URL, the package that reads it, its filesystem class, the path inside it)
+    ("gs://bucket/in1k/shard-000000.tar", "gcsfs", "GCSFileSystem", "bucket/in1k/shard-000000.tar"),
+    ("gcs://bucket/in1k/shard-000000.tar", "gcsfs", "GCSFileSystem", "bucket/in1k/shard-000000.tar"),
+    ("hf://datasets/org/in1k/train/shard-000000.tar", "huggingface_hub", "HfFileSystem",
+     "datasets/org/in1k/train/shard-000000.tar"),
+    ("s3://bucket/in1k/shard-000000.tar", "s3fs", "S3FileSystem", "bucket/in1k/shard-000000.tar"),
+]
+
+
+@pytest.mark.parametrize("url,package,cls,inside", SCHEMES)
+def test_each_scheme_gets_its_filesystem_and_a_missing_package_is_named(monkeypatch, url, package, cls, inside):
+    """Without network: the scheme's fsspec filesystem (gcsfs anonymous: NO_GCE_CHECK skips its probe of the GCE
+    metadata server, ~15 s off Google Cloud) with the path inside it; with its package missing, a RemoteError that
+    names the package to install (not PyPI's unrelated "img2vec")."""
+    registry = importlib.import_module("fsspec.registry")
+    monkeypatch.setattr(remote, "_filesystems", {})
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    if importlib.util.find_spec(package):
+        fs, path = remote.filesystem(url)
+        assert cls in {c.__name__ for c in type(fs).__mro__} and type(fs).__module__.startswith(package)
+        assert path == inside
+    monkeypatch.setitem(sys.modules, package, None)  # an import of it now fails, as when it is not installed
+    monkeypatch.delitem(registry._registry, remote.scheme(url), raising=False)
+    remote._filesystems.clear()
+    with pytest.raises(remote.RemoteError, match=re.escape(f"{url}: reading {remote.scheme(url)}:// needs the "
+                                                           f"{package} package") + ".*" + re.escape(
+                                                               f": pip install {package}")) as e:
+        remote.filesystem(url)
+    assert ("'.[remote]'" in str(e.value)) == (package in ("s3fs", "gcsfs")) and "img2vec[" not in str(e.value)
 
 
 def _cache_bytes(cache: Path) -> dict[str, bytes]:
