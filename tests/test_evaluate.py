@@ -353,6 +353,17 @@ def test_linprobe_trains_only_the_head_and_its_top1_is_the_count(tmp_path, extra
 
 
 @pytest.mark.slow
+def test_linprobe_learns_the_tiny_classes_with_a_base_lr_for_its_batch(tmp_path, extracted, student_run):
+    """MAE's base lr 0.1 is for batch 16,384: at batch 6 LARS moves the head by ~lr x 0.001 of its size an update and
+    the probe stays at chance (measured: 22% of 18, loss 1.40 after 30 epochs); --blr 2000 (lr 47) learns the 4
+    synthetic classes (measured: 56-61% over seeds 0-3; 33-61% after 15 epochs)."""
+    pattern = shards(extracted)
+    r = run_tool(linprobe_main, student_run, pattern, tmp_path / "lp.json", "--batch-size", "6", "--epochs", "30",
+                 "--blr", "2000", "--log-every", "0")
+    assert r["lr"] == pytest.approx(2000 * 6 / 256) and r["top1"] > 40.0, r["top1"]  # >= 8 of 18; chance: 25%
+
+
+@pytest.mark.slow
 def test_linprobe_stopped_by_a_group_sigterm_resumes_to_the_result_of_a_run_never_stopped(tmp_path, extracted,
                                                                                           student_run):
     """SIGTERM to the whole process group (as SLURM, `kill -- -PGID` and `timeout` send it) of `img2vec linprobe`
