@@ -218,8 +218,8 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="img2vec-demo", help="working folder (default: ./img2vec-demo)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer images and 150 steps: checks the chain in about a minute; too short for the student "
-                        "to beat its initialisation on k-NN")
+                   help="fewer images and 150 steps: checks the chain in about a minute; may be too short for the "
+                        "student to beat its initialisation on k-NN (the demo says whether it did)")
     p.add_argument("--force", action="store_true", help="replace what an earlier demo left in --out")
     p.add_argument("--steps", type=int, help="training steps (default 1000, --quick 150)")
     p.add_argument("--lr", type=float, default=4e-3, help="base lr, scaled by batch / 256 (default 4e-3)")
