@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +20,7 @@ from extract.pipeline import run_extraction
 from shards import remote
 from shards.source import ShardError, is_seekable, iter_samples
 from tests.conftest import make_source, run_cli, write_config
+from train.data import CacheIndex
 
 SHARDS = ("shard-000000.tar", "shard-000001.tar")
 FAST_RETRIES = {"IMG2VEC_REMOTE_TRIES": "3", "IMG2VEC_REMOTE_BACKOFF": "0.01"}
@@ -148,6 +150,13 @@ def test_ranged_reads_streams_and_probes(served, fast_retries):
     assert remote.open_stream(url).read() == data
     assert _members(url) == _members(str(src / SHARDS[0]))
     assert is_seekable(url) and not is_seekable(f"{plain.url}/{SHARDS[0]}")  # no Range support: stream mode
+    why = CacheIndex.not_seekable  # what train.reader = "auto" says when it streams: the first source and why
+    local = str(src / SHARDS[0])
+    assert why(SimpleNamespace(urls={"0": local, "1": url})) is None
+    assert why(SimpleNamespace(urls={"0": local, "1": f"{plain.url}/{SHARDS[1]}", "2": "pipe:cat x"})) == (
+        f"source {plain.url}/{SHARDS[1]} is served without ranged reads (a Range request got the whole file)")
+    assert why(SimpleNamespace(urls={"0": f"pipe:cat {local}"})) == f"source pipe:cat {local} is a pipe: command, " \
+                                                                    "read once from start to end"
     assert _members(f"{plain.url}/{SHARDS[0]}") == _members(str(src / SHARDS[0]))
     with pytest.raises(ShardError, match=re.escape(f"{ranged.url}/nope.tar") + ".*not found"):
         list(iter_samples(f"{ranged.url}/nope.tar"))
@@ -259,14 +268,17 @@ def test_extract_and_train_from_http_in_random_mode(tmp_path, served, local_cach
 
     # the same cache over a server without ranged reads: auto streams, random is refused with a reason
     plain = f"data.shards=\"{served[2].url}/shard-{{000000..000001}}.tar\""
+    capsys.readouterr()
     c = _train(path, tmp_path / "plain", plain)
     assert c["run"]["data"]["reader"] == "stream" and len(c["losses"]) == 3
+    assert (f"train.reader = 'auto' chose the stream reader (batches only as mixed as train.shuffle_buffer): source "
+            f"{served[2].url}/{SHARDS[0]} is served without ranged reads") in capsys.readouterr().err
 
     from train.loop import main
 
     args = ["--config", str(path), "--no-progress", "--set", f"train.run_dir=\"{tmp_path / 'fail'}\""]
     assert main([*args, "--set", plain, "--set", "train.reader=\"random\""]) == 2
-    assert "byte ranges" in capsys.readouterr().err
+    assert "byte ranges" in (err := capsys.readouterr().err) and "is served without ranged reads" in err, err
     server.drops.update({f"/{n}": 100 for n in SHARDS})  # a server that keeps cutting every body
     try:
         assert main([*args, "--set", "train.reader=\"random\""]) == 2

@@ -18,7 +18,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import KW_ONLY, dataclass
@@ -107,7 +109,20 @@ class CacheIndex:
 
     def seekable(self) -> bool:
         """Random access needs every source to be an uncompressed tar, local or at a URL read by ranges."""
-        return all(u is not None and is_seekable(u) for u in self.urls.values())
+        return self.not_seekable() is None
+
+    def not_seekable(self) -> str | None:
+        """Why random access cannot be: the first source that cannot be read at its offsets, and why; None if all can."""
+        for name, url in self.urls.items():
+            if url is None:
+                return f"shard {name} has no source in data.shards"
+            if not is_seekable(url):
+                if is_url(url):
+                    return f"source {url} is served without ranged reads (a Range request got the whole file)"
+                if ":" in url.split("/")[0]:
+                    return f"source {url[:100]} is a {url.split(':')[0]}: command, read once from start to end"
+                return f"source {url} is not an uncompressed tar (compressed?)"
+        return None
 
 
 # ---------------------------------------------------------------- the epoch plan
@@ -306,11 +321,18 @@ def make_loader(dataset: RunData, workers: int) -> Loader:
                   generator=torch.Generator().manual_seed(seed_from(dataset.seed, dataset.epoch) % 2**63))
 
 
+RANDOM_NEEDS = ("every source shard to be an uncompressed tar, local or at a URL whose server reads byte ranges "
+                "(HTTP Range, S3/GCS ranged GETs)")
+
+
 def reader_mode(index: CacheIndex, wanted: str) -> str:
-    """"auto": random access when every source is an uncompressed tar read by ranges, else streaming."""
-    seekable = wanted != "stream" and index.seekable()
-    if wanted == "random" and not seekable:
-        raise CacheError("train.reader = 'random' needs every source shard to be an uncompressed tar, local or at a "
-                         "URL whose server reads byte ranges; use 'stream' (or 'auto') for pipe: URLs, compressed "
-                         "tars and servers without ranged reads")
-    return ("random" if seekable else "stream") if wanted == "auto" else wanted
+    """"auto": random access when every source is an uncompressed tar read by ranges, else streaming, saying why
+    (on the main process)."""
+    why = index.not_seekable() if wanted != "stream" else None
+    if wanted == "random" and why:
+        raise CacheError(f"train.reader = 'random' needs {RANDOM_NEEDS}, but {why}; use 'stream' (or 'auto') for "
+                         "pipe: URLs, compressed tars and servers without ranged reads")
+    if wanted == "auto" and why and int(os.environ.get("RANK", 0)) == 0:
+        print(f"data: train.reader = 'auto' chose the stream reader (batches only as mixed as train.shuffle_buffer): "
+              f"{why}; the random reader needs {RANDOM_NEEDS}", file=sys.stderr)
+    return ("stream" if why else "random") if wanted == "auto" else wanted
