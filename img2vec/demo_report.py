@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
 
 def plot_curves(metrics: Path, png: Path, knn: dict) -> dict:
     """The student's losses and, beside them, its k-NN top-1 as training probed it (train.eval_every), with the
-    same student at init and the teacher as lines -> the curves' ends, and the k-NN curve as [step, top-1] pairs."""
+    same student at init and the teacher as lines -> the curves' ends, and the k-NN curve: {"step", "knn_top1"} rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +38,7 @@ def plot_curves(metrics: Path, png: Path, knn: dict) -> dict:
     fig.savefig(png)
     plt.close(fig)
     loss = {"first": rows[0]["loss"], "last": rows[-1]["loss"], "steps": rows[-1]["step"]} if rows else {}
-    return {"loss": loss, "knn_curve": [list(p) for p in probed[1:]]}
+    return {"loss": loss, "knn_curve": [{"step": step, "knn_top1": top1} for step, top1 in probed[1:]]}
 
 
 class TeacherEncoder:
@@ -134,6 +135,7 @@ def write_report(report_dir: Path, args: argparse.Namespace, r: dict, got: dict,
         "recipe": r, "lr": args.lr, "seed": args.seed, "encoder": got["exported"]["out"],
         "timm_snippet": got["exported"]["snippet"], "curves_png": str(report_dir / "curves.png"),
         "similarity_maps": {k: v for k, v in maps.items() if k != "token_diversity"}, "resumed": got["resumed"],
+        "next_steps": next_steps(got["exported"]["out"], data),
         "seconds": {k: round(v, 1) for k, v in times.items()},
     }
     write_json_output(report_dir / "report.json", report)
@@ -148,9 +150,26 @@ def write_report(report_dir: Path, args: argparse.Namespace, r: dict, got: dict,
           f"{loss.get('last', float('nan')):.4f} over {loss.get('steps')} steps, and k-NN during training: "
           f"{report_dir / 'curves.png'}\n{maps_line}\nreport: {report_dir / 'report.json'}\n"
           f"wall time {times['total_s']:.0f} s{' (this run, resumed)' if got['resumed'] else ''}", flush=True)
-    if args.quick:
-        print("note: --quick only checks the chain; 150 steps are too few for the student to beat its "
-              "initialisation on k-NN (the default 1000 steps do)", flush=True)
-    elif gain <= 0:
-        print("note: the trained student did not beat its initialisation this time; train longer (--steps)",
-              flush=True)
+    note = quality_note(args.quick, r["steps"], gain)
+    print((f"{note}\n" if note else "") + "next, MAE's evaluations of the exported student (README: Fine-tuning the "
+          "exported encoder):\n" + "\n".join(f"  {c}" for c in report["next_steps"]), flush=True)
+
+
+def quality_note(quick: bool, steps: int, gain: float) -> str:
+    """What the k-NN gain over the init says of a run of `steps` (--quick: a check of the chain, not a result)."""
+    if quick and gain > 0:
+        return (f"note: --quick only checks the chain; the student beat its initialisation here ({gain:+.2f} points "
+                f"after {steps} steps), but so short a run measures little (the default is 1000 steps)")
+    if quick:
+        return (f"note: --quick only checks the chain; {steps} steps were too few for the student to beat its "
+                "initialisation on k-NN this time (the default 1000 steps do)")
+    return "" if gain > 0 else "note: the trained student did not beat its initialisation this time; train longer (--steps)"
+
+
+def next_steps(encoder: str, data: dict) -> list[str]:
+    """`img2vec linprobe` and `img2vec finetune` on the exported student and the demo's shards, as they run: the probe
+    with --blr raised for its small batch (MAE's base lr is for batch 16,384; README: Fine-tuning the exported
+    encoder)."""
+    shards = ["--train-shards", data["train_pattern"], "--val-shards", data["val_pattern"]]
+    return [shlex.join(["img2vec", "linprobe", encoder, *shards, "--epochs", "10", "--batch-size", "64", "--blr", "20"]),
+            shlex.join(["img2vec", "finetune", encoder, *shards, "--epochs", "10", "--batch-size", "64"])]

@@ -54,8 +54,13 @@ def test_demo_stopped_mid_training_resumes_with_the_same_command(tmp_path):
     td = report["token_diversity"]
     assert td["cache"]["size_px"] == 64 and td["cache"]["tokens_per_view"] == 4 and "train images" in td["cache"]["images"]
     assert td["maps"]["size_px"] == 224 and td["maps"]["tokens_per_view"] == 49 and "val images" in td["maps"]["images"]
-    assert report["knn_during_training"][-1][0] == 40 and report["resumed"] is True
-    assert report["knn_during_training"][-1][1] == pytest.approx(report["knn"]["trained"]["top1"])  # the same probe
+    assert report["knn_during_training"][-1]["step"] == 40 and report["resumed"] is True
+    assert report["knn_during_training"][-1]["knn_top1"] == pytest.approx(report["knn"]["trained"]["top1"])  # same probe
+    beat = report["knn_gain_top1"] > 0  # the --quick note says what this run did
+    assert ("the student beat its initialisation here" in text) == beat and ("were too few" in text) == (not beat)
+    assert [c.split()[:3] for c in report["next_steps"]] == [["img2vec", cmd, report["encoder"]]
+                                                             for cmd in ("linprobe", "finetune")]
+    assert all(f"\n  {c}\n" in f"{text}\n" for c in report["next_steps"])  # printed, to be run as they stand
     assert Path(report["curves_png"]).is_file()
 
     refused = run_cli(["img2vec", "demo", "--quick", "--steps", "41", "--out", str(out)])
