@@ -283,14 +283,14 @@ def _ranges(cfg: Config, stage: str) -> list[tuple[bool, str, str, object]]:
             (math.isfinite(e.lease_ttl) and e.lease_ttl > 0, "extract.lease_ttl", "a number of seconds > 0", e.lease_ttl),
             (e.wait_for_others >= 0, "extract.wait_for_others", "a number of seconds >= 0", e.wait_for_others),
             (e.stall_timeout > 0, "extract.stall_timeout", "a number of seconds > 0 (inf = never)", e.stall_timeout),
-            (not is_url(cfg.cache.path), "cache.path", "a local or shared file system path for extraction, which "
+            (not names_a_url(cfg.cache.path), "cache.path", "a local or shared file system path for extraction, which "
              "writes the cache (a cache at a URL is read only: extract to a file system, then upload it, e.g. `aws s3 "
              "sync cache s3://bucket/cache`, and train or verify from the URL; README, 'Sources at URLs')",
              cfg.cache.path),
         ]
     finite = math.isfinite
     return [
-        (not is_url(t.run_dir), "train.run_dir", "a local or shared file system path (training writes its checkpoints, "
+        (not names_a_url(t.run_dir), "train.run_dir", "a local or shared file system path (training writes its checkpoints, "
          "metrics and lock there; a URL would be written as a local folder named like it): train into a folder, "
          "then upload it, e.g. `aws s3 sync runs/x s3://bucket/runs/x`", t.run_dir),
         (t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size),
@@ -325,9 +325,9 @@ def _ranges(cfg: Config, stage: str) -> list[tuple[bool, str, str, object]]:
     ]
 
 
-def is_url(where: str) -> bool:
-    """`scheme://...` (http(s), s3, gs, hf, ...): a place no local file operation reaches (pathlib would make
-    `./s3:/bucket/...` of it)."""
+def names_a_url(where: str) -> bool:
+    """`scheme://...` of any scheme (shards.remote.is_url: the schemes we read): a place no local file operation
+    reaches (pathlib would make `./s3:/bucket/...` of it)."""
     return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(where)) is not None
 
 

@@ -76,6 +76,18 @@ def _spec_option(spec: str, key: str, text: str) -> int | bool:
                       f"{'true or false' if SPEC_OPTIONS[key] is bool else 'a whole number (-1: the last)'}")
 
 
+def _arch_and_weights(spec: str) -> tuple[str, str | None]:
+    """At the first '=' or ':' (timm names hold neither): (arch, weights), or (spec, None) without one."""
+    cut = min((i for i in (spec.find("="), spec.find(":")) if i >= 0), default=-1)
+    return (spec[:cut].strip(), spec[cut + 1:].strip()) if cut >= 0 else (spec, None)
+
+
+def _names_weights(spec: str) -> bool:
+    """A spec's weights are an existing file or a URL, whatever commas their name holds."""
+    weights = _arch_and_weights(spec)[1] or ""
+    return weights.startswith(("http://", "https://")) or (bool(weights) and Path(weights).is_file())
+
+
 def split_teacher_spec(spec: str) -> tuple[str, str, dict]:
     """A command line's teacher -> (timm arch, teacher.weights, {teacher option: value}): `resnet50` (random weights),
     `resnet50=ckpt.pth` or `resnet50:ckpt.pth` (a file, URL or packaged name: at the first '=' or ':', as timm names
@@ -85,15 +97,16 @@ def split_teacher_spec(spec: str) -> tuple[str, str, dict]:
     full, spec, options = spec.strip(), spec.strip(), {}
     while m := re.search(r",\s*([A-Za-z_]\w*)\s*=\s*([^,=]*?)\s*$", spec):
         key = m.group(1)
+        if key not in SPEC_OPTIONS and _names_weights(spec):  # `=run,ep=800.pth`, `=https://h/x?a=1,b=2`: a name
+            break
         if key not in SPEC_OPTIONS:
             raise ConfigError(f"teacher {full!r}: unknown option {key!r} (known: {', '.join(SPEC_OPTIONS)})")
         if key in options:
             raise ConfigError(f"teacher {full!r}: {key} is given twice")
         options[key], spec = _spec_option(full, key, m.group(2)), spec[:m.start()].strip()
-    cut = min((i for i in (spec.find("="), spec.find(":")) if i >= 0), default=-1)
-    arch, weights = (spec[:cut].strip(), spec[cut + 1:].strip()) if cut >= 0 else (spec, "random")
-    if cut < 0 and packaged_name(spec):
-        arch, weights = PACKAGED[packaged_name(spec)][2], spec
+    arch, weights = _arch_and_weights(spec)
+    if weights is None:  # an arch alone (random weights), or a packaged name alone
+        arch, weights = (PACKAGED[packaged_name(spec)][2], spec) if packaged_name(spec) else (spec, "random")
     if not arch or not weights:
         raise ConfigError(f"teacher {full!r}: expected a timm model name (random weights), ARCH=WEIGHTS or "
                           f"ARCH:WEIGHTS (a checkpoint, URL or packaged name: {', '.join(PACKAGED)}), then optionally "

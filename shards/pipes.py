@@ -87,9 +87,11 @@ class Command:
             self.restarted = True
             self._start()
             return True
-        if status not in (0, 141):
-            raise CommandFailed(f"its command exited with status {status}" if status > 0 else
-                                f"its command was killed by {signal.Signals(-status).name}")
+        if status > 0 and status != 141:
+            raise CommandFailed(f"its command exited with status {status}")
+        if status < 0:
+            name = signal.Signals(-status).name if -status in set(signal.Signals) else f"signal {-status}"
+            raise CommandFailed(f"its command was killed by {name}")
         return False
 
     def _stall(self) -> NoReturn:

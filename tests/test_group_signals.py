@@ -362,9 +362,9 @@ def test_pipe_sources_read_in_part_are_stopped_at_once_when_their_readers_close(
     readers[0].close(), readers[1].close()
     del readers[2:]
     while [p for p in started if alive(p)]:  # SIGKILLed: they end as soon as the kernel schedules them
-        assert time.monotonic() - t < 1, [command_line(p) for p in started if alive(p)]
+        assert time.monotonic() - t < 3, [command_line(p) for p in started if alive(p)]
         time.sleep(0.01)
-    assert time.monotonic() - t < 1  # the closes themselves waited for nothing
+    assert time.monotonic() - t < 3  # the closes themselves waited for nothing (before: 5 s, the sleep)
 
 
 def test_a_command_a_stop_signal_killed_before_it_began_is_started_again(source, tmp_path, monkeypatch):
@@ -383,6 +383,8 @@ def test_a_command_a_stop_signal_killed_before_it_began_is_started_again(source,
         list(iter_samples("pipe:kill -TERM $$"))  # twice: no output either time
     with pytest.raises(Exception, match="killed by SIGTERM"):
         list(iter_samples(f"pipe:head -c 3000 {shard}; kill -TERM $$"))
+    with pytest.raises(Exception, match="killed by signal 40"):  # a signal without a name: a message, not a ValueError
+        list(iter_samples("pipe:kill -40 $$"))
 
 
 # ---------------------------------------------------------------------------------------------------- extraction

@@ -342,3 +342,18 @@ def test_real_efficientnet_lite0_from_its_package():
     tokens = teacher(views)
     assert tokens.shape == (1, 49, 1280)
     torch.testing.assert_close(tokens, fmap.flatten(2).transpose(1, 2))
+
+
+def test_a_weights_name_holding_commas_and_equals_stays_a_name(tmp_path):
+    """`,layer=N` / `,norm=false` end a teacher spec; a checkpoint file or URL whose own name holds `,word=...` (a
+    run's `run,ep=800.pth`, a query string) is kept whole, while an unknown option after other weights is refused."""
+    from common.teacher import split_teacher_spec
+
+    ckpt = tmp_path / "run,ep=800.pth"
+    ckpt.write_bytes(b"")
+    assert split_teacher_spec(f"resnet50={ckpt}") == ("resnet50", str(ckpt), {})
+    assert split_teacher_spec(f"resnet50={ckpt},layer=2") == ("resnet50", str(ckpt), {"layer": 2})
+    url = "https://h/x.pth?a=1,b=2"
+    assert split_teacher_spec(f"resnet50={url}") == ("resnet50", url, {})
+    with pytest.raises(ConfigError, match="unknown option 'ep'"):
+        split_teacher_spec(f"resnet50={tmp_path / 'missing'},ep=3")

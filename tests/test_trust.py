@@ -52,7 +52,8 @@ def bounded(seconds: int = 20, memory: int = 1 << 30):
     limits = resource.getrlimit(resource.RLIMIT_AS)
     vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize:")).split()[1]) << 10
     before = signal.signal(signal.SIGALRM, timeout)
-    resource.setrlimit(resource.RLIMIT_AS, (vm + memory, limits[1]))
+    cap = vm + memory if limits[1] == resource.RLIM_INFINITY else min(vm + memory, limits[1])  # under a ulimit -v
+    resource.setrlimit(resource.RLIMIT_AS, (cap, limits[1]))
     signal.alarm(seconds)
     try:
         yield
