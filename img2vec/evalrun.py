@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from common.config import ConfigError
 from common.faults import fault_point
@@ -188,6 +189,8 @@ def train_epochs(accelerator, data: LabelledImages, step: Callable[[torch.Tensor
         close_epoch(accelerator, history[-1], evaluate, args, plan)
     batches = FullBatches(data, plan.batch_size, args.workers, at.get("data"))
     total, t0 = torch.tensor(at.get("loss_sum", 0.0), device=accelerator.device), time.perf_counter()
+    bar = tqdm(total=plan.epochs * per_epoch, initial=i, unit="update", dynamic_ncols=True,
+               disable=args.no_progress or not accelerator.is_main_process)
     while i < plan.epochs * per_epoch:
         epoch = i // per_epoch + 1
         scheduler.step_update(i)
@@ -196,6 +199,7 @@ def train_epochs(accelerator, data: LabelledImages, step: Callable[[torch.Tensor
         stopping = agree(accelerator, loss, stop, i)
         total += loss.detach()
         i += 1
+        bar.update()
         if args.log_every and i % args.log_every == 0:
             accelerator.print(f"  epoch {epoch} update {i}: loss {loss.item():.4f}, lr {_lr(scheduler):.3g}")
         if i % per_epoch == 0:
@@ -209,10 +213,12 @@ def train_epochs(accelerator, data: LabelledImages, step: Callable[[torch.Tensor
             t0 = time.perf_counter()
         fault_point("step", str(i))
         if stopping:
+            bar.close()
             received = stop.received if stop else None
             accelerator.print(f"stopping at update {i} (epoch {epoch}) on {received or 'a signal to another process'}: "
                               f"checkpoint {ckpts.latest()}; rerun the same command to resume", file=sys.stderr)
             raise Stopped(status_of(received))
+    bar.close()
     return history
 
 
@@ -300,6 +306,7 @@ def make_parser(prog: str, description: str, doc: str, batch_size: int) -> argpa
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, metavar="EPOCHS",
                    help="also evaluate every N epochs (0: only after the last)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-every", type=int, default=50, metavar="UPDATES", help="print the loss every N updates (0: off)")
     p.add_argument("--json", metavar="FILE", help="also write the result here (it is always written into the run dir)")
     p.add_argument("--out", metavar="DIR", help=f"the checkpoints, kept so that the same command resumes a stopped run "
