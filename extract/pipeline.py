@@ -29,6 +29,7 @@ from common.teacher import build_teacher
 from extract.leasing import complete, extract_shared
 from extract.views import in_source_order, view_loader
 from shards.errors import CacheError
+from shards.index import ShardRecord
 from shards.leases import Lease
 from shards.manifest import (
     check_replay,
@@ -79,7 +80,7 @@ class ShardJob:
         if keys:
             fault_point("write", self.name)
 
-    def commit(self) -> dict | None:
+    def commit(self) -> ShardRecord | None:
         """The shard recorded; None (ours dropped, with a message) if another job finished it meanwhile or took
         its lease over (this job was paused or cut off for longer than extract.lease_ttl)."""
         writer = self._open()

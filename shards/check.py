@@ -21,7 +21,7 @@ import numpy as np
 
 from common.files import file_sha256
 from shards.errors import CacheError, CorruptSample, RefusedFile
-from shards.index import read_record, record_path, record_problems, row_ok, shard_dir
+from shards.index import ShardRecord, read_record, record_path, record_problems, row_ok, shard_dir
 from shards.manifest import Manifest, check_replay, read_manifest
 from shards.reader import FeatureShard
 
@@ -96,7 +96,7 @@ def check_manifest(cache: Path, report: Checks, replays: bool = False) -> Manife
     return manifest
 
 
-def check_records(cache: Path, manifest: Manifest, report: Checks) -> dict[str, dict]:
+def check_records(cache: Path, manifest: Manifest, report: Checks) -> dict[str, ShardRecord]:
     """Stray files, each shard's completion record, the manifest's merged statistics: {shard: usable record}."""
     check_strays(cache, manifest, report)
     records = {}
@@ -108,7 +108,7 @@ def check_records(cache: Path, manifest: Manifest, report: Checks) -> dict[str, 
     return records
 
 
-def check_record(cache: Path, name: str, manifest: Manifest, report: Checks) -> dict | None:
+def check_record(cache: Path, name: str, manifest: Manifest, report: Checks) -> ShardRecord | None:
     """The record of one shard, or None (with the problem noted) when it cannot be used."""
     try:
         record = read_record(cache, name)
@@ -120,27 +120,27 @@ def check_record(cache: Path, name: str, manifest: Manifest, report: Checks) -> 
                                                    "(extraction unfinished or interrupted): rerun extract-features "
                                                    "with the same config to finish it"))
         return None
-    missing = [f for f in ("samples", "files", "stats", "skipped") if f not in record]
+    missing = [f for f in ("samples", "files", "stats", "skipped") if getattr(record, f) is None]
     bad = [f"record lacks {', '.join(missing)}"] if missing else record_self_problems(record, name, manifest)
     for what in bad:
         report.problems.append(Problem(name, None, what))
     return None if missing else record
 
 
-def record_self_problems(record: dict, name: str, manifest: Manifest) -> list[str]:
+def record_self_problems(record: ShardRecord, name: str, manifest: Manifest) -> list[str]:
     """Where a record (with every field) disagrees with itself or the manifest: name, format, sizes, statistics."""
     views, (tokens, channels) = manifest.views, manifest.token_grid
-    stats, bad = record["stats"], []
-    if record.get("shard", name) != name:
-        bad.append(f"record names shard {record['shard']!r}")
-    if record.get("format", manifest.cache_format) != manifest.cache_format:
-        bad.append(f"record format {record['format']!r} but the manifest says {manifest.cache_format!r}")
-    if not isinstance(record["samples"], int):
-        bad.append(f"record says {record['samples']!r} samples")
+    stats, bad = record.stats, []
+    if record.shard not in (None, name):
+        bad.append(f"record names shard {record.shard!r}")
+    if record.format not in (None, manifest.cache_format):
+        bad.append(f"record format {record.format!r} but the manifest says {manifest.cache_format!r}")
+    if not isinstance(record.samples, int):
+        bad.append(f"record says {record.samples!r} samples")
     if not isinstance(stats, dict) or any(f not in stats for f in STAT_FIELDS):
         bad.append(f"record statistics missing or incomplete (need {', '.join(STAT_FIELDS)})")
-    elif isinstance(record["samples"], int):
-        n = record["samples"]
+    elif isinstance(record.samples, int):
+        n = record.samples
         if stats["td_count"] != n * views or stats["count"] != n * views * tokens:
             bad.append(f"record statistics count {stats['count']} tokens / {stats['td_count']} views, expected "
                        f"{n * views * tokens} / {n * views} for {n} samples x {views} views")
@@ -151,7 +151,7 @@ def record_self_problems(record: dict, name: str, manifest: Manifest) -> list[st
     return bad
 
 
-def check_merged_stats(manifest: Manifest, records: dict[str, dict], report: Checks) -> None:
+def check_merged_stats(manifest: Manifest, records: dict[str, ShardRecord], report: Checks) -> None:
     """The manifest's statistics and counts are the merge of its records' (finalize_manifest)."""
     from common.stats import TokenStats
 
@@ -165,12 +165,12 @@ def check_merged_stats(manifest: Manifest, records: dict[str, dict], report: Che
     stats = TokenStats()
     try:
         for r in records.values():
-            stats.merge(TokenStats.from_dict(r["stats"]))
+            stats.merge(TokenStats.from_dict(r.stats))
     except (KeyError, TypeError, ValueError):
         return  # already reported per shard
     m = manifest.stats
-    want = {"samples": sum(r["samples"] for r in records.values()),
-            "skipped": sum(len(r["skipped"]) for r in records.values())}
+    want = {"samples": sum(r.samples for r in records.values()),
+            "skipped": sum(len(r.skipped) for r in records.values())}
     for k, v in want.items():
         if getattr(manifest, k) != v:
             report.problems.append(Problem(None, None, f"manifest.json says {k} = {getattr(manifest, k)!r}, the records "
@@ -210,7 +210,7 @@ def _head(path: Path, n: int = 200) -> str:
 
 # ---------------------------------------------------------------- layer 2: bytes
 
-def check_shards(cache: Path, manifest: Manifest, records: dict[str, dict], report: Checks,
+def check_shards(cache: Path, manifest: Manifest, records: dict[str, ShardRecord], report: Checks,
                  wanted: dict[str, dict[str, list[int]]] | None = None, progress: bool = False) -> dict:
     """check_shard for every shard of the manifest, a row each in `report.shards`. Returns the captured samples
     {(shard, key): {"views", "tokens", "src_hw"}} of `wanted` ({shard: {key: views}}) that passed."""
@@ -227,18 +227,18 @@ def check_shards(cache: Path, manifest: Manifest, records: dict[str, dict], repo
     return captured
 
 
-def check_shard(cache: Path, name: str, manifest: Manifest, record: dict, wanted: dict[str, list[int]],
+def check_shard(cache: Path, name: str, manifest: Manifest, record: ShardRecord, wanted: dict[str, list[int]],
                 report: Checks, captured: dict) -> dict:
     """Files (size, sha256), the index, then every view of every sample: decodes, finite, crc32 as indexed.
     Samples in `wanted` (key -> views) keep their view records and decoded tokens in `captured` for recompute."""
-    row = {"shard": name, "samples": record["samples"], "skipped": len(record["skipped"]), "sha256": "-",
+    row = {"shard": name, "samples": record.samples, "skipped": len(record.skipped), "sha256": "-",
            "samples_ok": 0, "status": "FAILED"}
     missing = record_problems(cache, name, record)
     if missing:
         report.problems += [Problem(name, None, f"{m} although it is recorded") for m in missing]
         return row
     root = shard_dir(cache, name)
-    changed = [rel for rel, meta in record["files"].items() if file_sha256(root / rel) != meta["sha256"]]
+    changed = [rel for rel, meta in record.files.items() if file_sha256(root / rel) != meta.sha256]
     row["sha256"] = "MISMATCH" if changed else "ok"
     before = len(report.problems)
     try:

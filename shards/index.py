@@ -3,15 +3,18 @@
     <name>/index.npy    one row per sample (`index_dtype`): key, label, where the image lives in its source
                         tar (data offset, size, crc32), decoded size, the V view records, and per view where
                         its tokens lie (offset, size, wds only) and their crc32; the row's own crc32 last
-    <name>.done.json    completion record: samples, skipped keys + reasons, files (size, sha256), stats
+    <name>.done.json    completion record (`ShardRecord`): samples, skipped keys + reasons, files (size, sha256),
+                        stats
 
 Nothing without a record is read: the record is written last, after the shard directory is renamed into place.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +89,60 @@ def _npy_header(f, size: int) -> tuple[tuple, str, np.dtype]:
 
 # ---------------------------------------------------------------- completion records
 
-def read_record(cache: Path, name: str) -> dict | None:
+@dataclass(frozen=True)
+class RecordedFile:
+    """A file under the shard's folder as stored: its size in bytes and sha256 (hex); keys this version does not
+    know in `extra`, written back after them."""
+    size: int
+    sha256: str
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "sha256": self.sha256, **self.extra}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardRecord:
+    """`<name>.done.json`, typed (docs/FORMAT.md section 5). A field the file does not have is None (older records
+    have no source_size; a damaged one may lack any, which record_problems and `img2vec verify` name).
+
+    `from_dict` checks what every reader relies on (shards/trust.py check_record_fields: the shard's name, files
+    inside its folder with sizes, samples a count, skipped a list; a RefusedFile naming the file and field); the
+    other fields are kept as read (verify checks format and stats against the manifest). `to_dict` gives back the
+    same JSON, key for key and in the same order, keys this version does not know (`extra`) after the others."""
+    shard: str | None = None
+    source: str | None = None         # the source shard's URL
+    format: str | None = None         # "wds" or "zarr"
+    format_version: int | None = None
+    samples: int | None = None        # N, the rows of index.npy
+    skipped: list[dict] | None = None  # {"key", "reason"} per source sample without a row
+    seekable: bool | None = None      # a local uncompressed tar: src_offset can be read back with a seek
+    source_size: int | None = None    # the local source tar's bytes (None for pipe: and URL sources, older records)
+    files: dict[str, RecordedFile] | None = None  # every file under <name>/, by path relative to it
+    stats: dict | None = None         # the shard's token sums (common.stats.TokenStats.to_dict)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d, name: str, path) -> ShardRecord:
+        d = check_record_fields(d, name, path)
+        known = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        kw = {k: d[k] for k in known if k in d}
+        if "files" in d:
+            kw["files"] = {rel: RecordedFile(m["size"], m["sha256"], {k: v for k, v in m.items()
+                                                                      if k not in ("size", "sha256")})
+                           for rel, m in d["files"].items()}
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and value is not None:
+                out[f.name] = {rel: m.to_dict() for rel, m in value.items()} if f.name == "files" else value
+        return {**out, **self.extra}
+
+
+def read_record(cache: Path, name: str) -> ShardRecord | None:
     """The shard's completion record, None if it has none; a RefusedFile if it is torn or names anything outside
     the shard (shards/trust.py)."""
     p = record_path(cache, name)
@@ -96,27 +152,27 @@ def read_record(cache: Path, name: str) -> dict | None:
         record = read_json(p, "completion record")
     except RefusedFile as e:
         raise RefusedFile(f"{e}; delete it to redo shard {name}") from None
-    return check_record_fields(record, name, p)
+    return ShardRecord.from_dict(record, name, p)
 
 
-def record_problems(cache: Path, name: str, record: dict) -> list[str]:
+def record_problems(cache: Path, name: str, record: ShardRecord) -> list[str]:
     """Cheap checks that a recorded shard's files are all there with their recorded sizes."""
     root = shard_dir(cache, name)
     problems = []
-    for rel, meta in record.get("files", {}).items():
+    for rel, meta in (record.files or {}).items():
         p = root / rel
         if not p.exists():
             problems.append(f"{p} is missing")
-        elif p.stat().st_size != meta["size"]:
-            problems.append(f"{p} has {p.stat().st_size} bytes, the record says {meta['size']}")
-    if not record.get("files"):
+        elif p.stat().st_size != meta.size:
+            problems.append(f"{p} has {p.stat().st_size} bytes, the record says {meta.size}")
+    if not record.files:
         problems.append(f"{record_path(cache, name)} lists no files (not a format-{FORMAT_VERSION} record)")
-    if "samples" not in record:
+    if record.samples is None:
         problems.append(f"{record_path(cache, name)} has no sample count")
     return problems
 
 
-def check_recorded(cache: Path, name: str, record: dict | None = None) -> dict:
+def check_recorded(cache: Path, name: str, record: ShardRecord | None = None) -> ShardRecord:
     """The record of a shard that is complete (recorded, every file there), or a CacheError saying what to do."""
     record = record or read_record(cache, name)
     if record is None:

@@ -313,11 +313,11 @@ def finalize_manifest(cache: Path) -> Manifest | None:
     before = manifest.to_dict()
     stats = TokenStats()
     for r in records:
-        stats.merge(TokenStats.from_dict(r["stats"]))
+        stats.merge(TokenStats.from_dict(r.stats))
     manifest.stats = CacheStats(views=stats.td_count, tokens=stats.count, mean=stats.mean.tolist(),
                                 var=stats.var.tolist(), token_diversity=stats.diversity)
-    manifest.samples = sum(r["samples"] for r in records)
-    manifest.skipped = sum(len(r["skipped"]) for r in records)
+    manifest.samples = sum(r.samples for r in records)
+    manifest.skipped = sum(len(r.skipped) for r in records)
     if manifest.to_dict() != before:  # a finished cache is not written again (it may be on a read-only mount)
         write_manifest(cache, manifest)
     return manifest

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shards.errors import RefusedFile
-from shards.index import read_index, row_ok
+from shards.index import ShardRecord, read_index, read_record, row_ok
 from shards.remote import is_url
 from shards.trust import source_problem
 
@@ -64,21 +64,21 @@ def source_size(url: str) -> int | None:
     return os.path.getsize(url) if _local(url) and os.path.isfile(url) else None
 
 
-def source_differs(cache: Path, name: str, record: dict, url: str) -> str | None:
+def source_differs(cache: Path, name: str, record: ShardRecord, url: str) -> str | None:
     """Why `url` is not the source the recorded shard `name` was extracted from, or None if it is (or cannot be
     told apart: a `pipe:` command or a compressed tar is recognised by its name only)."""
     from shards.source import absolute_url, is_seekable
 
-    recorded = record.get("source")
+    recorded = record.source
     if recorded is None or absolute_url(url) == recorded:
         return None
     local = _local(url)
     if local and not Path(url).is_file():
         return None  # not there: extraction names it when it reads it
-    size, here = record.get("source_size"), source_size(url)
+    size, here = record.source_size, source_size(url)
     if size is not None and here is not None and here != size:
         return f"{url} has {here} bytes; the shard was extracted from {size} bytes ({recorded})"
-    if not (record.get("seekable") and (local or is_url(url)) and is_seekable(url)):
+    if not (record.seekable and (local or is_url(url)) and is_seekable(url)):
         return None
     return _images_differ(cache, name, url)
 
@@ -103,7 +103,6 @@ def sources_differ(cache: Path, manifest: Manifest, sources: dict[str, str]) -> 
     """"<shard>: why" for each recorded shard of `sources` (name -> the URL given now, data.shards) at another path
     than the manifest's that is not the same shard (source_differs). Each rank checks its own shards (a few
     images read back from each); shards at their recorded URL cost nothing."""
-    from shards.index import read_record
     from shards.source import absolute_url
 
     recorded = {s.name: s.source for s in manifest.shards}

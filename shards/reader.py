@@ -22,7 +22,7 @@ import numpy as np
 
 from common.codecs import view_crc32
 from shards.errors import CacheError, CorruptSample, RefusedFile
-from shards.index import check_recorded, index_dtype, read_index, record_path, row_ok, shard_dir
+from shards.index import ShardRecord, check_recorded, index_dtype, read_index, record_path, row_ok, shard_dir
 from shards.manifest import Manifest
 from shards.remote import RemoteError, is_url, read_ranges
 from shards.trust import check_index_values
@@ -135,21 +135,21 @@ class FeatureShard:
     """Random access to one recorded feature shard: its index (memory-mapped), and one view of any samples.
     Cheap to open (training opens and drops many); `samples` is the recorded count, checked against the index."""
 
-    def __init__(self, cache: Path, name: str, manifest: Manifest, record: dict | None = None):
+    def __init__(self, cache: Path, name: str, manifest: Manifest, record: ShardRecord | None = None):
         self.cache, self.name = as_path(cache), name
         record = record or check_recorded(cache, name)
         self.fmt, self.views = manifest.cache_format, manifest.views
         self.codec = manifest.token_codec
         self.tokens, self.channels = manifest.token_grid
         self.index = read_index(cache, name)
-        if len(self.index) != record["samples"]:
+        if len(self.index) != record.samples:
             raise CacheError(f"cache {cache}: shard {name}: index holds {len(self.index)} samples, its record "
-                             f"{record['samples']}; run `img2vec verify`")
+                             f"{record.samples}; run `img2vec verify`")
         self._check_index(record)
         self._array = None
         self._per_file = max(len(self.index), 1)  # zarr: samples per shard file, from zarr.json (_zarr_array)
 
-    def _check_index(self, record: dict) -> None:
+    def _check_index(self, record: ShardRecord) -> None:
         """Every usable row points inside this shard's files (shards/trust.py): the view files' sizes come from the
         record, whose sizes were checked against the files (check_recorded)."""
         path = shard_dir(self.cache, self.name) / "index.npy"
@@ -157,11 +157,11 @@ class FeatureShard:
         key_bytes = self.index.dtype["key"].itemsize if "key" in names else 0
         sizes = None
         if self.fmt == "wds":
-            missing = [f"v{v:02d}.tar" for v in range(self.views) if f"v{v:02d}.tar" not in record["files"]]
+            missing = [f"v{v:02d}.tar" for v in range(self.views) if f"v{v:02d}.tar" not in record.files]
             if missing:
                 raise CacheError(f"{record_path(self.cache, self.name)} lists no {missing[0]}: the shard is not "
                                  "whole; run `img2vec verify`")
-            sizes = [record["files"][f"v{v:02d}.tar"]["size"] for v in range(self.views)]
+            sizes = [record.files[f"v{v:02d}.tar"].size for v in range(self.views)]
         check_index_values(self.index, index_dtype(self.views, key_bytes), self.fmt, sizes, path)
 
     def key(self, i: int) -> str:

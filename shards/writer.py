@@ -30,7 +30,7 @@ from common.faults import fault_point
 from common.files import fsync_dir, fsync_tree, unique_suffix, write_json_atomic
 from common.stats import TokenStats
 from shards.errors import CacheError
-from shards.index import index_dtype, record_path, shard_dir, tree_files
+from shards.index import RecordedFile, ShardRecord, index_dtype, record_path, shard_dir, tree_files
 
 NO_CHUNK = 2**64 - 1  # a Zarr shard index entry of a chunk not stored (all fill value, zeros)
 _CRC32C = numcodecs.CRC32C()  # Zarr's crc32c codec: appends the 4 checksum bytes (little-endian)
@@ -186,7 +186,7 @@ class FeatureShardWriter:
                 (self.tmp / name).unlink()
 
     def commit(self, skipped: list[dict], source: str, stats: TokenStats, seekable: bool,
-               source_size: int | None = None) -> dict:
+               source_size: int | None = None) -> ShardRecord:
         """Index, fsync, rename into place, then the completion record. A ShardTaken if another job took the shard
         over meanwhile: its copy got there first, or it removed our temporary (ours is dropped)."""
         try:
@@ -203,11 +203,11 @@ class FeatureShardWriter:
             raise
         fsync_dir(self.cache)
         fault_point("commit", self.name)
-        record = {"shard": self.name, "source": source, "format": self.fmt, "format_version": FORMAT_VERSION,
-                  "samples": len(self.rows), "skipped": skipped, "seekable": seekable,
-                  **({"source_size": source_size} if source_size is not None else {}),
-                  "files": tree_files(self.final, self._known()), "stats": stats.to_dict()}
-        write_json_atomic(record_path(self.cache, self.name), record)
+        files = {rel: RecordedFile(**meta) for rel, meta in tree_files(self.final, self._known()).items()}
+        record = ShardRecord(shard=self.name, source=source, format=self.fmt, format_version=FORMAT_VERSION,
+                             samples=len(self.rows), skipped=skipped, seekable=seekable, source_size=source_size,
+                             files=files, stats=stats.to_dict())
+        write_json_atomic(record_path(self.cache, self.name), record.to_dict())
         return record
 
     def _known(self) -> dict[str, dict]:

@@ -1,22 +1,28 @@
 """The typed cache contract against its bytes: manifests written before the typed Manifest existed (commit 8edc966,
 tests/data/manifest-format2-*.json: a 2-shard, V = 2 ResNet-18 cache, wds with bf16z-zstd and zarr with u8-zstd)
 are read and written again byte for byte, keys this version does not know survive, a field of the wrong JSON type
-is refused by name, and index.npy's dtype is the one docs/FORMAT.md section 4 lays out."""
+is refused by name, and index.npy's dtype is the one docs/FORMAT.md section 4 lays out. The same for a completion
+record (tests/data/record-format2-wds.done.json: shard 0 of a 2-shard, V = 3 wds cache of tests/conftest.py's
+CONFIG, 3 samples, written by the writer of commit 84e20ba, before ShardRecord) and section 5's keys."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from shards.errors import RefusedFile
-from shards.index import index_dtype
+from common.files import write_json_atomic
+from shards.index import ShardRecord, index_dtype, read_record
 from shards.manifest import Manifest, read_manifest, write_manifest
 from tests.conftest import REPO
 
 GOLDEN = sorted((REPO / "tests" / "data").glob("manifest-format2-*.json"))
+GOLDEN_RECORD = REPO / "tests" / "data" / "record-format2-wds.done.json"
 
 
 def cache_with(tmp_path: Path, text: str, name: str = "cache") -> Path:
@@ -121,3 +127,35 @@ def test_golden_files_are_the_ones_named():
     assert [(m.cache_format, m.codec.name, m.views, m.token_grid) for m in made] == \
         [("wds", "bf16z-zstd", 2, (4, 512)), ("zarr", "u8-zstd", 2, (4, 512))]
     assert all(m.samples == 8 and m.stats is not None for m in made)
+
+
+def test_a_completion_record_is_written_again_byte_for_byte(tmp_path):
+    """read_record then the writer's write_json_atomic of to_dict gives the file the older writer wrote, to the byte
+    (field order, floats as written); keys this version does not know, at the top and in a file's entry, are kept
+    and written back after the known ones."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(GOLDEN_RECORD, cache / "shard-000000.done.json")
+    record = read_record(cache, "shard-000000")
+    assert (record.shard, record.format, record.format_version, record.samples, record.skipped, record.seekable) == \
+        ("shard-000000", "wds", 2, 3, [], True)
+    assert sorted(record.files) == ["index.npy", "v00.tar", "v01.tar", "v02.tar"] and record.files["v00.tar"].size == 10240
+    assert record.stats["td_count"] == 3 * 3 and len(record.stats["sum"]) == 512 and record.extra == {}
+    write_json_atomic(tmp_path / "again.json", record.to_dict())
+    assert (tmp_path / "again.json").read_bytes() == GOLDEN_RECORD.read_bytes()
+    d = json.loads(GOLDEN_RECORD.read_text())
+    d["files"]["index.npy"]["mtime"] = 1.5
+    d["producer"] = "a newer img2vec"
+    text = json.dumps(d, indent=1)
+    newer = ShardRecord.from_dict(json.loads(text), "shard-000000", cache / "shard-000000.done.json")
+    assert newer.extra == {"producer": "a newer img2vec"} and newer.files["index.npy"].extra == {"mtime": 1.5}
+    assert json.dumps(newer.to_dict(), indent=1) == text
+
+
+def test_the_record_fields_are_the_documented_ones():
+    """ShardRecord's fields are FORMAT.md section 5's keys, in its order (the order the writer writes them)."""
+    text = (REPO / "docs" / "FORMAT.md").read_text()
+    section = text[text.index("## 5. The completion record"):text.index("\n## 6.")]
+    keys = re.findall(r"^\| `(\w+)` \|", section, re.M)
+    assert [f.name for f in dataclasses.fields(ShardRecord) if f.name != "extra"] == keys
+    assert list(json.loads(GOLDEN_RECORD.read_text())) == keys

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from common.runtime import seed_from
 from common.signals import dead_workers, ignore_stop_signals, watch_workers
 from shards.errors import CacheError
-from shards.index import check_recorded, read_record
+from shards.index import ShardRecord, check_recorded, read_record
 from shards.manifest import Manifest
 from shards.reader import FeatureShard, hold_open, open_file_budget
 from shards.remote import is_url
@@ -61,9 +61,9 @@ class CacheIndex:
         recorded = [check_recorded(cache, n, records[n]) for n in self.names]
         # what opening a shard checks its index against: samples and the top-level files' sizes (kept small: the
         # index travels to every DataLoader worker)
-        self.records = [{"samples": r["samples"], "files": {f: m for f, m in r["files"].items() if "/" not in f}}
+        self.records = [ShardRecord(samples=r.samples, files={f: m for f, m in r.files.items() if "/" not in f})
                         for r in recorded]
-        self.counts = np.array([r["samples"] for r in recorded], np.int64)
+        self.counts = np.array([r.samples for r in recorded], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.views = manifest.views
         self.open_shards = open_shards or open_file_budget() // 8
