@@ -146,32 +146,39 @@ def test_slurm_env_and_flags_pick_the_rank(monkeypatch):
 
 
 @pytest.mark.slow
-def test_cache_of_another_recipe_is_refused(tmp_path, source):
+def test_cache_of_another_recipe_is_refused(tmp_path, source, capsys):
+    """extract-features' main in this process (its exit status as the console script's; a process each was ~3.5 s)."""
+    from extract.cli import main as extract_main
+
     path = write_config(tmp_path, source, 1)
     run_extraction(load_config(path), progress=False)
     for override, word in [("augment.views=2", "augment.views"), ("teacher.seed=1", "teacher.sha256"),
                            ("cache.codec=u8-zstd", "codec.name")]:
-        r = run_cli(["extract-features", "--config", str(path), "--set", override, "--no-progress"])
-        assert r.returncode == 2 and word in r.stderr, r.stderr[-1500:]
+        rc = extract_main(["--config", str(path), "--set", override, "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and word in err, err[-1500:]
 
 
 @pytest.mark.slow
-def test_truncated_source_shard_fails_alone_and_rerun_finishes(tmp_path, source):
+def test_truncated_source_shard_fails_alone_and_rerun_finishes(tmp_path, source, capsys):
     import shutil
+
+    from extract.cli import main as extract_main
 
     src = tmp_path / "src"
     shutil.copytree(source, src)
     good = (src / "shard-000001.tar").read_bytes()
     (src / "shard-000001.tar").write_bytes(good[: len(good) // 2 + 100])
     path = write_config(tmp_path, src, 3)
-    r = run_cli(["extract-features", "--config", str(path), "--no-progress"])
-    assert r.returncode == 1 and "shard-000001.tar" in r.stderr
+    args = ["--config", str(path), "--no-progress"]  # main in this process, its exit status as the script's
+    rc, err = extract_main(args), capsys.readouterr().err
+    assert rc == 1 and "shard-000001.tar" in err, err[-1500:]
     assert sorted(p.name for p in (tmp_path / "cache").glob("*.done.json")) == [
         "shard-000000.done.json", "shard-000002.done.json"]
     (src / "shard-000001.tar").write_bytes(good)
-    r = run_cli(["extract-features", "--config", str(path), "--no-progress"])
-    assert r.returncode == 0, r.stderr[-1500:]
-    s = json.loads(r.stdout)
+    rc, out = extract_main(args), capsys.readouterr()
+    assert rc == 0, out.err[-1500:]
+    s = json.loads(out.out)
     assert (s["shards_done"], s["shards_already_complete"], s["cache_complete"]) == (1, 2, True)
 
 
