@@ -1,9 +1,9 @@
 """Teachers of every kind through every stage (issue 17): caches of a ViT teacher (vit_tiny /16 at 64 px: 4 x 4 tokens x
 192), of the real EfficientNet-Lite0 (its packaged ImageNet weights: 2 x 2 x 1280) and of a /14 ViT (DINOv2-small at
 56 px: 4 x 4 x 384, a /14 student) extract with the codec "auto" picks (the ViT's also by 2 ranks, byte for byte),
-verify --recompute, train with cached targets exactly as with the online teacher (the real one also with 2
-processes), and export and k-NN. Where structure matters the real teacher is used: its token diversity against the
-same architecture at random init and a random ViT, and the codecs on its tokens."""
+verify --recompute, train with cached targets exactly as with the online teacher (the ViT's and the real one's also
+with 2 processes), and export and k-NN. Where structure matters the real teacher is used: its token diversity against
+the same architecture at random init and a random ViT, and the codecs on its tokens."""
 from __future__ import annotations
 
 import json
@@ -128,11 +128,11 @@ def test_export_and_knn_of_a_run_on_every_teacher_kind(kinds, name, tmp_path, ca
 
 
 @pytest.mark.slow
-@needs_real
-def test_real_teacher_cache_trains_with_two_processes(kinds, tmp_path):
-    """`accelerate launch` with 2 CPU processes on the EfficientNet-Lite0 cache, cached and online: both ranks take
-    the same steps and the two runs the same losses."""
-    path, _, _ = kind(kinds, "real")
+@pytest.mark.parametrize("name", ["vit", "real"])
+def test_cache_trains_with_two_processes(kinds, name, tmp_path):
+    """`accelerate launch` with 2 CPU processes on the ViT teacher's cache and the EfficientNet-Lite0's, cached and
+    online: both ranks take the same steps and the two runs the same losses."""
+    path, _, _ = kind(kinds, name)
     losses = {}
     for targets in ("cache", "online"):
         run = tmp_path / targets
