@@ -91,17 +91,32 @@ def keys_per_step(run: Path, rank: int) -> dict[int, list[str]]:
     return read_trace(run / f"keys-rank{rank}.txt")
 
 
-@pytest.mark.parametrize("which,workers,steps", [("even", 10, 3), ("uneven", 2, 5)])
+UNEVEN_RUN = ["train.trace_keys=true", "train.max_steps=7", "train.checkpoint_every=3", "train.workers=2"]
+
+
+@pytest.fixture(scope="module")
+def uneven_two_processes(tmp_path_factory, uneven) -> tuple[Path, subprocess.CompletedProcess]:
+    """An uninterrupted `accelerate launch` of 2 ranks x 2 loader workers on the uneven cache, 7 steps, checkpoints
+    at 3 and 6: test_two_processes checks its deal, the SIGKILL test resumes to it (one launch for both, ~9 s)."""
+    path, _ = uneven
+    run = tmp_path_factory.mktemp("uneven-2p") / "run"
+    return run, launch(path, f"train.run_dir={json.dumps(str(run))}", *UNEVEN_RUN)
+
+
+@pytest.mark.parametrize("which,workers,steps", [("even", 10, 3), ("uneven", 2, 7)])
 @pytest.mark.slow
-def test_two_processes(tmp_path, extracted, uneven, which, workers, steps):
-    """2 ranks x 10 workers on 3 shards (20 loader slots, 18 samples), and 2 x 2 on 5 uneven shards: both ranks
-    take the same steps, an epoch's batches over the ranks are disjoint and cover all but < one global batch of
-    the samples, and every rank draws its own masks."""
+def test_two_processes(tmp_path, extracted, uneven, request, which, workers, steps):
+    """2 ranks x 10 workers on 3 shards (20 loader slots, 18 samples), and 2 x 2 on 5 uneven shards (the shared
+    run): both ranks take the same steps, an epoch's batches over the ranks are disjoint and cover all but < one
+    global batch of the samples, and every rank draws its own masks."""
     path, cfg = extracted if which == "even" else uneven
     cache = Path(cfg.cache.path)
-    run = tmp_path / "run"
-    r = launch(path, f"train.run_dir={json.dumps(str(run))}", "train.trace_keys=true", f"train.max_steps={steps}",
-               f"train.workers={workers}")
+    if which == "even":
+        run = tmp_path / "run"
+        r = launch(path, f"train.run_dir={json.dumps(str(run))}", "train.trace_keys=true", f"train.max_steps={steps}",
+                   f"train.workers={workers}")
+    else:
+        run, r = request.getfixturevalue("uneven_two_processes")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == steps
 
@@ -128,13 +143,13 @@ def test_two_processes(tmp_path, extracted, uneven, which, workers, steps):
 
 
 @pytest.mark.slow
-def test_two_processes_resume_after_sigkill(tmp_path, uneven):
+def test_two_processes_resume_after_sigkill(tmp_path, uneven, uneven_two_processes):
     """Two ranks x 2 loader workers, SIGKILLed at step 5 (checkpoint at 3): the rerun resumes at 3, and every
-    rank's batches and masks, and the losses, match an uninterrupted 2-process run."""
+    rank's batches and masks, and the losses, match an uninterrupted 2-process run (the module's, A)."""
     path, _ = uneven
-    sets = ["train.trace_keys=true", "train.max_steps=7", "train.checkpoint_every=3", "train.workers=2"]
-    a, b = tmp_path / "A", tmp_path / "B"
-    assert launch(path, f"train.run_dir={json.dumps(str(a))}", *sets).returncode == 0
+    sets = UNEVEN_RUN
+    (a, done), b = uneven_two_processes, tmp_path / "B"
+    assert done.returncode == 0, done.stderr[-3000:]
     os.environ["IMG2VEC_FAULT"] = "step:5"
     try:
         killed = launch(path, f"train.run_dir={json.dumps(str(b))}", *sets)
