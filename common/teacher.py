@@ -83,9 +83,9 @@ def _arch_and_weights(spec: str) -> tuple[str, str | None]:
 
 
 def _names_weights(spec: str) -> bool:
-    """A spec's weights are an existing file or a URL, whatever commas their name holds."""
+    """A spec's weights are an existing file, or a URL with a query string, whatever commas they hold."""
     weights = _arch_and_weights(spec)[1] or ""
-    return weights.startswith(("http://", "https://")) or (bool(weights) and Path(weights).is_file())
+    return (weights.startswith(("http://", "https://")) and "?" in weights) or (bool(weights) and Path(weights).is_file())
 
 
 def split_teacher_spec(spec: str) -> tuple[str, str, dict]:

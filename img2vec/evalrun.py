@@ -201,7 +201,8 @@ def train_epochs(accelerator, data: LabelledImages, step: Callable[[torch.Tensor
         i += 1
         bar.update()
         if args.log_every and i % args.log_every == 0:
-            accelerator.print(f"  epoch {epoch} update {i}: loss {loss.item():.4f}, lr {_lr(scheduler):.3g}")
+            (accelerator.print if bar.disable else bar.write)(  # above the bar, not through it
+                f"  epoch {epoch} update {i}: loss {loss.item():.4f}, lr {_lr(scheduler):.3g}")
         if i % per_epoch == 0:
             history.append({"epoch": epoch, "loss": accelerator.reduce(total, "mean").item() / per_epoch,
                             "lr": _lr(scheduler), "seconds": round(time.perf_counter() - t0, 2)})
@@ -340,7 +341,8 @@ def result_fields(info: dict, evaluation: dict, plan: Plan, history: list[dict],
 
 
 def finish(result: dict, name: str, json_out: str | None) -> None:
-    """Print the top-1 and write the result as `<run dir>/<name>.json` (and --json), from the main process."""
+    """Print the top-1 and write the result as `<run dir>/<name>.json` (for an exported file `<its stem>.<name>.json`
+    beside it) and --json, from the main process."""
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
@@ -349,9 +351,12 @@ def finish(result: dict, name: str, json_out: str | None) -> None:
     print(f"{name} of {result['arch']} (pretraining step {result['step']}): top-1 {result['top1']:.2f}%{top5} "
           f"({result['val_samples']} val images, {result['classes']} classes; {result['epochs']} epochs of "
           f"{result['steps_per_epoch']} updates, batch {result['global_batch']})")
-    for path in [Path(result["run_dir"]) / f"{name}.json", *([json_out] if json_out else [])]:
+    exported = Path(result["checkpoint"])  # an exported file: its own result, beside it (two in a folder: two)
+    own = exported.with_name(f"{exported.stem}.{name}.json") if exported.is_file() else \
+        Path(result["run_dir"]) / f"{name}.json"
+    for path in [own, *([json_out] if json_out else [])]:
         write_json_output(path, result)
-    print(f"  -> {Path(result['run_dir']) / f'{name}.json'}")
+    print(f"  -> {own}")
 
 
 def run_command(train: Callable[..., tuple[dict, torch.nn.Module]], settings: Callable[[argparse.Namespace], dict],

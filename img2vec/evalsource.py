@@ -23,7 +23,7 @@ def is_exported(path: str | Path) -> bool:
 def _metadata(path: Path) -> dict:
     from safetensors import safe_open
 
-    from img2vec.export import ExportError
+    from img2vec.export import GLOBAL_POOLS, ExportError
 
     try:
         with safe_open(str(path), "pt") as f:
@@ -34,6 +34,10 @@ def _metadata(path: Path) -> dict:
     if not {"student_arch", "img_size", "global_pool"} <= meta.keys():
         raise ExportError(f"{path}: its safetensors metadata has no student_arch, img_size and global_pool: not a "
                           "file written by `img2vec export` (re-export the run: img2vec export RUN_DIR --out FILE)")
+    numbers = [meta["img_size"], *([meta["step"]] if meta.get("step", "None") != "None" else [])]
+    if not all(n.isdigit() for n in numbers) or meta["global_pool"] not in GLOBAL_POOLS:
+        raise ExportError(f"{path}: its metadata (img_size {meta['img_size']!r}, step {meta.get('step')!r}, "
+                          f"global_pool {meta['global_pool']!r}) is not what `img2vec export` writes (re-export the run)")
     return meta
 
 

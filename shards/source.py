@@ -171,18 +171,27 @@ def _member_bytes(url: str, tar: tarfile.TarFile, info: tarfile.TarInfo) -> byte
 
 def is_seekable(url: str) -> bool:
     """An uncompressed tar, local or at a URL whose server reads ranges: samples can be read at their recorded
-    offsets. A URL is probed with one ranged read of its tar magic (bytes 257-262)."""
+    offsets."""
+    return seek_problem(url) is None
+
+
+def seek_problem(url: str) -> str | None:
+    """Why the source cannot be read at its samples' offsets, or None if it can. A URL is probed with one ranged
+    read of its tar magic (bytes 257-262)."""
     if is_url(url):
         try:
             head = probe_range(url, 257, 5)
         except RemoteError as e:
             raise ShardError(url, e.reason) from None
-        return head == b"ustar"
+        return None if head == b"ustar" else \
+            f"source {url} is served without ranged reads (a Range request got the whole file)" if head is None else \
+            f"source {url} is not an uncompressed tar (compressed?)"
     if url.startswith("pipe:") or ":" in url.split("/")[0]:
-        return False
+        return f"source {url[:100]} is a {url.split(':')[0]}: command, read once from start to end"
     with open(url, "rb") as f:
         head = f.read(512)
-    return len(head) == 512 and head[257:262] == b"ustar"
+    return None if len(head) == 512 and head[257:262] == b"ustar" else \
+        f"source {url} is not an uncompressed tar (compressed?)"
 
 
 def iter_groups(url: str, wanted: Callable[[int], bool] | None = None, stall_timeout: float | None = None

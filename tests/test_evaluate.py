@@ -320,7 +320,7 @@ def test_the_exported_file_is_the_run_dirs_encoder_and_linprobe_takes_it(tmp_pat
                           "0", "--epochs", "1", "--log-every", "0"]) == 0
     out = Path(re.search(r"output dir (\S+) \(of these settings\): a new run\n", capsys.readouterr().out)[1])
     assert out.parent == tmp_path and re.fullmatch(r"linprobe-[0-9a-f]{8}", out.name)
-    r = json.loads((tmp_path / "linprobe.json").read_text())
+    r = json.loads((tmp_path / "avg.linprobe.json").read_text())  # beside the file: another export has its own
     assert (r["checkpoint"], r["run_dir"], r["step"], r["pool"]) == (file, str(tmp_path), 2, "cls")
     assert json.loads((out / "run.json").read_text())["student"]["checkpoint"] == "avg.safetensors"
 
@@ -513,6 +513,12 @@ def test_errors_name_what_to_do(tmp_path, extracted, student_run, capsys):
     (tmp_path / "notes.safetensors").write_text("not a safetensors file")
     assert finetune_main([str(tmp_path / "notes.safetensors"), "--train-shards", pattern, "--val-shards", pattern]) == 2
     assert "is a file but not one `img2vec export` writes" in capsys.readouterr().err
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, tmp_path / "odd.safetensors",
+              metadata={"student_arch": "vit_tiny_patch16", "img_size": "6x4", "global_pool": "avg"})
+    assert finetune_main([str(tmp_path / "odd.safetensors"), "--train-shards", pattern, "--val-shards", pattern]) == 2
+    assert "img_size '6x4'" in capsys.readouterr().err  # a message, not a ValueError traceback
     busy = tmp_path / "busy"  # an --out another host's run holds
     busy.mkdir()
     (busy / "lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "nonce": "0"}))

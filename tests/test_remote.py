@@ -3,6 +3,7 @@ without (stream mode), dropped connections retried, a server that keeps failing 
 server when it is installed. Every server listens on 127.0.0.1 and is started here."""
 from __future__ import annotations
 
+import gzip
 import http.server
 import importlib.util
 import json
@@ -157,6 +158,9 @@ def test_ranged_reads_streams_and_probes(served, fast_retries):
         f"source {plain.url}/{SHARDS[1]} is served without ranged reads (a Range request got the whole file)")
     assert why(SimpleNamespace(urls={"0": f"pipe:cat {local}"})) == f"source pipe:cat {local} is a pipe: command, " \
                                                                     "read once from start to end"
+    (src / "packed.tar.gz").write_bytes(gzip.compress(data))  # ranges served, but no tar at its offsets
+    assert why(SimpleNamespace(urls={"0": f"{ranged.url}/packed.tar.gz"})) == (
+        f"source {ranged.url}/packed.tar.gz is not an uncompressed tar (compressed?)")
     assert _members(f"{plain.url}/{SHARDS[0]}") == _members(str(src / SHARDS[0]))
     with pytest.raises(ShardError, match=re.escape(f"{ranged.url}/nope.tar") + ".*not found"):
         list(iter_samples(f"{ranged.url}/nope.tar"))

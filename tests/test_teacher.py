@@ -357,3 +357,5 @@ def test_a_weights_name_holding_commas_and_equals_stays_a_name(tmp_path):
     assert split_teacher_spec(f"resnet50={url}") == ("resnet50", url, {})
     with pytest.raises(ConfigError, match="unknown option 'ep'"):
         split_teacher_spec(f"resnet50={tmp_path / 'missing'},ep=3")
+    with pytest.raises(ConfigError, match="unknown option 'lyer'"):  # a typo after a URL without a query
+        split_teacher_spec("resnet50=https://h/x.pth,lyer=2")

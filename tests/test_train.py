@@ -91,7 +91,9 @@ def keys_per_step(run: Path, rank: int) -> dict[int, list[str]]:
     return read_trace(run / f"keys-rank{rank}.txt")
 
 
-UNEVEN_RUN = ["train.trace_keys=true", "train.max_steps=7", "train.checkpoint_every=3", "train.workers=2"]
+UNEVEN_WORKERS, UNEVEN_STEPS = 2, 7  # the shared uneven run's (test_two_processes' uneven case checks these)
+UNEVEN_RUN = ["train.trace_keys=true", f"train.max_steps={UNEVEN_STEPS}", "train.checkpoint_every=3",
+              f"train.workers={UNEVEN_WORKERS}"]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def uneven_two_processes(tmp_path_factory, uneven) -> tuple[Path, subprocess.Com
     return run, launch(path, f"train.run_dir={json.dumps(str(run))}", *UNEVEN_RUN)
 
 
-@pytest.mark.parametrize("which,workers,steps", [("even", 10, 3), ("uneven", 2, 7)])
+@pytest.mark.parametrize("which,workers,steps", [("even", 10, 3), ("uneven", UNEVEN_WORKERS, UNEVEN_STEPS)])
 @pytest.mark.slow
 def test_two_processes(tmp_path, extracted, uneven, request, which, workers, steps):
     """2 ranks x 10 workers on 3 shards (20 loader slots, 18 samples), and 2 x 2 on 5 uneven shards (the shared

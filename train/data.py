@@ -37,7 +37,7 @@ from shards.index import ShardRecord, check_recorded, read_record
 from shards.manifest import Manifest
 from shards.reader import FeatureShard, hold_open, open_file_budget
 from shards.remote import is_url
-from shards.source import ShardError, is_seekable
+from shards.source import ShardError, seek_problem
 from shards.urlpath import as_path
 from train.batches import decode_batch, read_batch, stream_batches
 
@@ -116,12 +116,8 @@ class CacheIndex:
         for name, url in self.urls.items():
             if url is None:
                 return f"shard {name} has no source in data.shards"
-            if not is_seekable(url):
-                if is_url(url):
-                    return f"source {url} is served without ranged reads (a Range request got the whole file)"
-                if ":" in url.split("/")[0]:
-                    return f"source {url[:100]} is a {url.split(':')[0]}: command, read once from start to end"
-                return f"source {url} is not an uncompressed tar (compressed?)"
+            if why := seek_problem(url):
+                return why
         return None
 
 
