@@ -107,10 +107,6 @@ class CacheIndex:
         return {"reader": mode, "samples_per_shard_sha256": counts,
                 **({"workers": max(workers, 1), "shuffle_buffer": buffer} if mode == "stream" else {})}
 
-    def seekable(self) -> bool:
-        """Random access needs every source to be an uncompressed tar, local or at a URL read by ranges."""
-        return self.not_seekable() is None
-
     def not_seekable(self) -> str | None:
         """Why random access cannot be: the first source that cannot be read at its offsets, and why; None if all can."""
         for name, url in self.urls.items():
